@@ -1,0 +1,38 @@
+# phenoscale — every target sets up what it needs; `make help` lists them.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+export PHENOSCALE_SHARED ?= $(abspath ../shared)
+GRID   ?= configs/scaling/cpu.yaml
+
+.PHONY: help install demo test test-fast bench scaling clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -U pip
+	$(PY) -m pip install -q -e '.[test]'
+	@touch $(STAMP)
+
+install: $(STAMP)  ## create .venv and install phenoscale with its test extras (quick when nothing changed)
+
+demo: install  ## synthesise the demo screen, train MAE / CA-MAE / WSL, evaluate, print the table (runs/demo/)
+	$(VENV)/bin/phenoscale demo --out runs/demo
+
+test: install  ## the whole test suite, slow and DDP tests included
+	$(PY) -m pytest -q
+
+test-fast: install  ## tests not marked slow or ddp
+	$(PY) -m pytest -q -m "not slow and not ddp"
+
+bench: install  ## speed and memory benchmarks -> benchmarks/results/*.json and README.md
+	$(PY) -m benchmarks
+
+scaling: install  ## fit and evaluate a grid of model sizes x training crops (GRID=configs/scaling/cpu.yaml)
+	$(VENV)/bin/phenoscale scaling $(GRID) --out runs/scaling
+
+clean:  ## remove runs and caches (keeps .venv)
+	rm -rf runs .pytest_cache

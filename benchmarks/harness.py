@@ -1,0 +1,142 @@
+"""Shared measuring tools for the benchmarks: timing, peak memory, machine facts, result files."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+@dataclass
+class Measurement:
+    """One benchmark figure: what was measured, its value, the same-run baseline and a target."""
+
+    name: str
+    value: float
+    unit: str
+    baseline_name: str | None = None
+    baseline_value: float | None = None
+    ratio: float | None = None  # value / baseline_value, oriented so that > 1 means "better"
+    target: str | None = None
+    met: bool | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def machine() -> dict[str, Any]:
+    """What the numbers were measured on."""
+    import torch
+
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+
+
+def best_time(fn: Callable[[], Any], repeats: int = 3, warmup: int = 1) -> float:
+    """Best wall-clock seconds of `repeats` calls after `warmup` calls (best-of filters noise)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def run_isolated(code: str, timeout: float = 1800) -> dict[str, Any]:
+    """Run `code` in a fresh interpreter; it must print one JSON object on its last line.
+
+    Used for peak-memory figures: ru_maxrss of a child is only meaningful in its own process.
+    The child's peak RSS (GB) is added as `peak_rss_gb`.
+    """
+    wrapper = (
+        code
+        + "\nimport resource as _r, json as _j, sys as _s\n"
+        + "_s.stdout.flush()\n"
+        + "print(_j.dumps({'peak_rss_gb': _r.getrusage(_r.RUSAGE_SELF).ru_maxrss / 2**20}))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", wrapper], capture_output=True, text=True, timeout=timeout, check=False
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"isolated benchmark failed:\n{proc.stderr[-4000:]}")
+    lines = [ln for ln in proc.stdout.strip().splitlines() if ln.startswith("{")]
+    result = json.loads(lines[-2]) if len(lines) >= 2 else {}
+    result.update(json.loads(lines[-1]))
+    return result
+
+
+def peak_rss_gb() -> float:
+    """Peak resident memory of this process so far, in GB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def write_results(bench: str, measurements: list[Measurement]) -> Path:
+    """Write benchmarks/results/<bench>.json atomically."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / f"{bench}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(
+        json.dumps(
+            {"benchmark": bench, "machine": machine(), "measurements": [asdict(m) for m in measurements]},
+            indent=2,
+        )
+    )
+    tmp.replace(path)
+    return path
+
+
+def write_table() -> Path:
+    """Collect every results/*.json into results/README.md, one markdown table."""
+    rows = []
+    machine_desc = None
+    for path in sorted(RESULTS_DIR.glob("*.json")):
+        data = json.loads(path.read_text())
+        machine_desc = machine_desc or data["machine"]
+        for m in data["measurements"]:
+            ratio = f"{m['ratio']:.2f}x" if m.get("ratio") is not None else ""
+            base = (
+                f"{m['baseline_value']:.4g} ({m['baseline_name']})"
+                if m.get("baseline_value") is not None
+                else ""
+            )
+            met = {True: "yes", False: "**no**", None: ""}[m.get("met")]
+            rows.append(
+                f"| {data['benchmark']} | {m['name']} | {m['value']:.4g} {m['unit']} | {base} | {ratio} "
+                f"| {m.get('target') or ''} | {met} |"
+            )
+    lines = ["# Benchmark results", ""]
+    if machine_desc:
+        lines += ["Machine: " + ", ".join(f"{k}={v}" for k, v in machine_desc.items()), ""]
+    lines += [
+        "| benchmark | measurement | value | same-run baseline | ratio | target | met |",
+        "|---|---|---|---|---|---|---|",
+        *rows,
+        "",
+    ]
+    out = RESULTS_DIR / "README.md"
+    out.write_text("\n".join(lines))
+    return out

@@ -1,0 +1,1 @@
+"""Subcommands of `phenoscale`: one module each (HELP, add_arguments, run)."""

@@ -1,0 +1,30 @@
+"""Shared fixtures: the real data in ../shared and small, fast torch settings."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def shared_root() -> Path:
+    """../shared (or $PHENOSCALE_SHARED): real images, annotations and profiles, read in place."""
+    return Path(os.environ.get("PHENOSCALE_SHARED", REPO.parent / "shared")).resolve()
+
+
+@pytest.fixture(scope="session")
+def shared() -> Path:
+    root = shared_root()
+    if not (root / "data").is_dir():
+        pytest.fail(f"shared data not found at {root}; set PHENOSCALE_SHARED")
+    return root
+
+
+@pytest.fixture(scope="session")
+def shared_data(shared: Path) -> Path:
+    return shared / "data"
