@@ -1,1 +1,4 @@
-"""datamodules package."""
+"""datamodules: microscope files -> WebDataset shards -> training and evaluation batches."""
+from datamodules.shards import ShardWriter, read_manifest
+
+__all__ = ["ShardWriter", "read_manifest"]
