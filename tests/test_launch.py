@@ -1,0 +1,89 @@
+"""Launcher detection from the environment each launcher really sets, and the mismatch errors."""
+from __future__ import annotations
+
+import pytest
+
+from phenoscale.launch import LaunchEnv, LaunchMismatchError, detect_launch, resolve_topology
+
+# what torchrun 2.x exports to each worker (rank 3 of 2 nodes x 2 processes)
+TORCHRUN = {
+    "TORCHELASTIC_RUN_ID": "none", "RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4",
+    "LOCAL_WORLD_SIZE": "2", "GROUP_RANK": "1", "GROUP_WORLD_SIZE": "2", "ROLE_RANK": "3",
+    "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500",
+}
+# `fabric run --accelerator cpu --devices 2`: LT_* from the fabric CLI, then torchrun's variables
+FABRIC = {
+    "LT_CLI_USED": "1", "LT_ACCELERATOR": "cpu", "LT_DEVICES": "2", "LT_NUM_NODES": "1",
+    "TORCHELASTIC_RUN_ID": "none", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2",
+    "LOCAL_WORLD_SIZE": "2", "GROUP_RANK": "0",
+}
+# `sbatch --nodes 3 --ntasks-per-node 4` then `srun python train.py ...` (task 5)
+SLURM = {
+    "SLURM_JOB_ID": "1234", "SLURM_JOB_NAME": "train", "SLURM_NTASKS": "12",
+    "SLURM_NTASKS_PER_NODE": "4(x3)", "SLURM_NNODES": "3", "SLURM_PROCID": "5",
+    "SLURM_LOCALID": "1", "SLURM_NODEID": "1", "SLURM_NODELIST": "gpu[01-03]",
+}
+
+
+def test_torchrun_multi_node() -> None:
+    env = detect_launch(TORCHRUN)
+    assert env == LaunchEnv("torchrun", world_size=4, devices=2, num_nodes=2, global_rank=3,
+                            local_rank=1, node_rank=1)
+    assert resolve_topology("auto", "auto", env) == (2, 2)
+    assert resolve_topology("2", "2", env) == (2, 2)
+
+
+def test_fabric_run_is_told_apart_from_torchrun() -> None:
+    env = detect_launch(FABRIC)
+    assert (env.launcher, env.world_size, env.devices, env.num_nodes) == ("fabric", 2, 2, 1)
+    assert env.accelerator == "cpu"
+    assert resolve_topology("auto", "1", env) == (2, 1)
+
+
+def test_slurm_srun() -> None:
+    env = detect_launch(SLURM)
+    assert env == LaunchEnv("slurm", world_size=12, devices=4, num_nodes=3, global_rank=5,
+                            local_rank=1, node_rank=1)
+    assert resolve_topology("auto", "auto", env) == (4, 3)
+
+
+def test_slurm_interactive_allocation_is_not_a_launch() -> None:
+    env = detect_launch({**SLURM, "SLURM_JOB_NAME": "interactive"})
+    assert env.launcher == "none" and env.world_size == 1
+
+
+def test_slurm_ntasks_without_per_node_is_refused() -> None:
+    bad = {k: v for k, v in SLURM.items() if k != "SLURM_NTASKS_PER_NODE"}
+    with pytest.raises(LaunchMismatchError, match="--ntasks-per-node"):
+        detect_launch(bad)
+
+
+def test_plain_python_is_single_process() -> None:
+    env = detect_launch({"PATH": "/usr/bin"})
+    assert env == LaunchEnv("none", world_size=1, devices=1, num_nodes=1)
+    assert resolve_topology("auto", "auto", env) == (1, 1)
+    # without a launcher Lightning may spawn devices itself, but nodes need a launcher
+    assert resolve_topology("2", "auto", env) == (2, 1)
+    with pytest.raises(LaunchMismatchError, match="no launcher"):
+        resolve_topology("auto", "2", env)
+
+
+def test_devices_mismatch_names_both_numbers() -> None:
+    env = detect_launch(TORCHRUN)
+    # devices=1 under a 2-process launcher is the "N silent copies" case: must fail loudly
+    with pytest.raises(LaunchMismatchError) as info:
+        resolve_topology("1", "auto", env)
+    message = str(info.value)
+    assert "trainer.devices=1" in message and "started 2" in message and "torchrun" in message
+
+
+def test_num_nodes_mismatch_under_slurm() -> None:
+    with pytest.raises(LaunchMismatchError, match=r"trainer.num_nodes=2 .*slurm launcher started 3"):
+        resolve_topology("auto", "2", detect_launch(SLURM))
+
+
+def test_non_integer_devices() -> None:
+    with pytest.raises(LaunchMismatchError, match="'auto' or a positive integer"):
+        resolve_topology("two", "auto", detect_launch(FABRIC))
+    with pytest.raises(LaunchMismatchError, match="'auto' or a positive integer"):
+        resolve_topology("0", "auto", detect_launch({}))
