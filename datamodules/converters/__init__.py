@@ -1,0 +1,8 @@
+"""Converters from microscope layouts to shards: each describes its sites as a polars frame and
+`common.write_sites` does the reading and writing, so all layouts behave alike."""
+from datamodules.converters.common import parse_channel_map, read_site, write_sites
+from datamodules.converters.folder import folder_sites
+from datamodules.converters.jump import jump_sites
+from datamodules.converters.rxrx import rxrx1_sites, rxrx3_sites
+
+__all__ = ["parse_channel_map", "read_site", "write_sites", "folder_sites", "jump_sites", "rxrx1_sites", "rxrx3_sites"]
