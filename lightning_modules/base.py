@@ -1,0 +1,109 @@
+"""What every phenoscale LightningModule shares: configs as hyperparameters, optimisation, embed()."""
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import timm
+import torch
+from torch import Tensor
+
+from lightning_modules.config import ModelConfig, OptimConfig
+from lightning_modules.optim import build_optimizer, build_scheduler
+
+
+class PhenoModule(L.LightningModule):
+    """Base of MAEModule, CAMAEModule and WSLModule.
+
+    The constructor takes plain dicts (not dataclasses) so `save_hyperparameters()` writes a
+    checkpoint that rebuilds with `Module.load_from_checkpoint(path)` and safe (weights-only)
+    unpickling.
+    """
+
+    def __init__(self, model_cfg: dict[str, Any], optim_cfg: dict[str, Any], in_chans: int,
+                 num_classes: int = 0, total_steps: int = 1) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.model_cfg = ModelConfig(**model_cfg)
+        self.optim_cfg = OptimConfig(**optim_cfg)
+        if in_chans < 1:
+            raise ValueError(f"in_chans must be >= 1, got {in_chans}")
+        self.in_chans = in_chans
+        self.num_classes = num_classes
+        self.total_steps = total_steps
+
+    def create_backbone(self, **overrides: Any) -> torch.nn.Module:
+        """timm.create_model(model.backbone) with the data's channels and no classifier head.
+
+        The crop size and drop-path rate are offered to every backbone and withdrawn from those
+        whose constructor does not take them (CNNs have no position grid; DenseNet no drop path).
+        """
+        cfg = self.model_cfg
+        if not timm.is_model(cfg.backbone):
+            raise ValueError(f"model.backbone {cfg.backbone!r} is not a registered timm model "
+                             "(import lightning_modules registers the papers' ViTs)")
+        kwargs: dict[str, Any] = {"num_classes": 0, "in_chans": self.in_chans, **cfg.backbone_kwargs, **overrides}
+        if cfg.patch_size is not None:
+            kwargs.setdefault("patch_size", cfg.patch_size)
+        optional = {"img_size": cfg.img_size, "drop_path_rate": cfg.drop_path}
+        while True:
+            try:
+                return timm.create_model(cfg.backbone, **optional, **kwargs)
+            except TypeError as err:
+                rejected = [name for name in optional if f"'{name}'" in str(err)]
+                if not rejected:
+                    raise
+                del optional[rejected[0]]
+
+    # --- embeddings -------------------------------------------------------------------------
+    @property
+    def num_blocks(self) -> int:
+        """How many layers `embed(block=i)` accepts (i in [0, num_blocks), negatives from the end)."""
+        raise NotImplementedError
+
+    def embed(self, images: Tensor, pooling: str | None = None, block: int | None = None) -> Tensor:
+        """Raw integer images (B, C, H, W) -> float32 embeddings (B, D); see ARCHITECTURE.md."""
+        raise NotImplementedError
+
+    def resolve_block(self, block: int | None) -> int:
+        """Validate an embed() block index; None -> the configured default (last block)."""
+        block = self.model_cfg.embed_block if block is None else block
+        if block is None:
+            return self.num_blocks - 1
+        if not -self.num_blocks <= block < self.num_blocks:
+            raise ValueError(f"block {block} out of range for a model with {self.num_blocks} blocks")
+        return block % self.num_blocks
+
+    # --- optimisation -----------------------------------------------------------------------
+    def compute_losses(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """{"loss": total, <term>: value, ...} for one training batch; no logging (used by flops)."""
+        raise NotImplementedError
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        losses = self.compute_losses(batch)
+        batch_size = batch["image"].shape[0]
+        self.log_dict({f"train/{k}": v.detach() for k, v in losses.items()},
+                      on_step=True, prog_bar=False, batch_size=batch_size)
+        self.log("train/loss", losses["loss"].detach(), prog_bar=True, batch_size=batch_size)
+        return losses["loss"]
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        if "label" not in batch:  # evaluation loaders (site_index) are the EFAAR callback's job
+            return
+        losses = self.compute_losses(batch)
+        self.log_dict({f"val/{k}": v for k, v in losses.items()}, sync_dist=True,
+                      batch_size=batch["image"].shape[0])
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = build_optimizer(self, self.optim_cfg)
+        scheduler = build_scheduler(optimizer, self.optim_cfg, self.total_steps)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer,
+                                    gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        """Clip by the Trainer's gradient_clip_val if it sets one, else by optim.gradient_clip_val."""
+        value = gradient_clip_val if gradient_clip_val is not None else self.optim_cfg.gradient_clip_val
+        if value:
+            self.clip_gradients(optimizer, gradient_clip_val=value,
+                                gradient_clip_algorithm=gradient_clip_algorithm or "norm")

@@ -1,0 +1,35 @@
+"""build_module: typed configs -> the LightningModule of the configured family."""
+from __future__ import annotations
+
+from dataclasses import asdict, is_dataclass
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from lightning_modules.base import PhenoModule
+from lightning_modules.config import ModelConfig, OptimConfig
+from lightning_modules.mae import CAMAEModule, MAEModule
+from lightning_modules.wsl import WSLModule
+
+MODULES: dict[str, type[PhenoModule]] = {"mae": MAEModule, "camae": CAMAEModule, "wsl": WSLModule}
+
+
+def as_plain_dict(cfg: Any, schema: type) -> dict[str, Any]:
+    """Dataclass, DictConfig or dict -> a validated plain dict of `schema`'s fields."""
+    if isinstance(cfg, DictConfig):
+        cfg = OmegaConf.to_container(cfg, resolve=True)
+    elif is_dataclass(cfg):
+        cfg = asdict(cfg)
+    unknown = set(cfg) - set(schema.__dataclass_fields__)
+    if unknown:
+        raise ValueError(f"unknown {schema.__name__} keys {sorted(unknown)}; allowed: {sorted(schema.__dataclass_fields__)}")
+    return asdict(schema(**cfg))
+
+
+def build_module(model_cfg: ModelConfig | DictConfig | dict, optim_cfg: OptimConfig | DictConfig | dict, *,
+                 in_chans: int, num_classes: int = 0, total_steps: int = 1) -> PhenoModule:
+    """The LightningModule for `model_cfg.family` (mae | camae | wsl), ready for a Trainer."""
+    model = as_plain_dict(model_cfg, ModelConfig)
+    optim = as_plain_dict(optim_cfg, OptimConfig)
+    return MODULES[model["family"]](model, optim, in_chans=in_chans, num_classes=num_classes,
+                                    total_steps=total_steps)

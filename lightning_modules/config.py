@@ -1,0 +1,79 @@
+"""Typed settings of the models and their optimisation (OmegaConf structured-config friendly).
+
+`phenoscale/config.py` composes these; YAML under configs/ overrides them field by field.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+FAMILIES = ("mae", "camae", "wsl")
+POOLINGS = ("mean", "cls", "channelwise")
+OPTIMIZERS = ("lion", "adamw")
+SCHEDULES = ("onecycle", "cosine")
+
+
+@dataclass
+class ModelConfig:
+    """What network to build and how it learns and embeds."""
+
+    family: str = "camae"  # mae | camae | wsl
+    # any timm name; camae needs a channel-agnostic one (ca_vit_*), mae a ViT (vit_*_256 here)
+    backbone: str = "ca_vit_small_patch16_256"
+    # extra timm.create_model kwargs (e.g. embed_dim/depth/num_heads for tiny test models)
+    backbone_kwargs: dict[str, Any] = field(default_factory=dict)
+    img_size: int = 256  # crop side the model sees
+    patch_size: Optional[int] = None  # None: the backbone's own
+    max_in_chans: int = 11  # channel-agnostic models: most channels accepted at inference
+    drop_path: float = 0.1
+    # MAE / CA-MAE
+    mask_ratio: float = 0.75
+    decoder_dim: int = 512
+    decoder_depth: int = 8
+    decoder_heads: int = 16
+    fourier_alpha: float = 0.01  # loss = (1-a)·masked MSE + a·Fourier L1
+    norm_pix: bool = False
+    # WSL
+    wsl_hidden_dim: int = 1024
+    wsl_embed_dim: int = 512
+    arcface_scale: float = 30.0
+    arcface_margin: float = 0.5
+    arcface_weight: float = 0.5  # loss = (1-w)·CE(softmax head) + w·CE(ArcFace logits)
+    # embed() defaults
+    embed_pooling: str = "mean"
+    embed_block: Optional[int] = None  # None: last block (MAE) / neck (WSL)
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ValueError(f"model.family must be one of {FAMILIES}, got {self.family!r}")
+        if self.embed_pooling not in POOLINGS:
+            raise ValueError(f"model.embed_pooling must be one of {POOLINGS}, got {self.embed_pooling!r}")
+        if not 0.0 <= self.mask_ratio < 1.0:
+            raise ValueError(f"model.mask_ratio must be in [0, 1), got {self.mask_ratio}")
+        if not 0.0 <= self.fourier_alpha < 1.0:
+            raise ValueError(f"model.fourier_alpha must be in [0, 1), got {self.fourier_alpha}")
+
+
+@dataclass
+class OptimConfig:
+    """Optimiser and learning-rate schedule (reference: Lion, 1e-4, wd 0.05, OneCycle cos, 10%)."""
+
+    name: str = "lion"  # lion | adamw
+    lr: float = 1e-4
+    weight_decay: float = 0.05  # never applied to norms, biases, tokens and position embeddings
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
+    schedule: str = "onecycle"  # onecycle | cosine (linear warmup then cosine)
+    warmup_fraction: float = 0.1  # OneCycle pct_start / cosine warmup share of total steps
+    min_lr_ratio: float = 0.0  # cosine: final lr = lr·min_lr_ratio
+    # Applied in configure_gradient_clipping unless the Trainer sets its own gradient_clip_val.
+    gradient_clip_val: Optional[float] = 1.0
+
+    def __post_init__(self) -> None:
+        if self.name not in OPTIMIZERS:
+            raise ValueError(f"optim.name must be one of {OPTIMIZERS}, got {self.name!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"optim.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if len(self.betas) != 2:
+            raise ValueError(f"optim.betas must hold two values, got {list(self.betas)}")
+        if not 0.0 <= self.warmup_fraction < 1.0:
+            raise ValueError(f"optim.warmup_fraction must be in [0, 1), got {self.warmup_fraction}")

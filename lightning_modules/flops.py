@@ -1,0 +1,37 @@
+"""Model FLOPs per crop, counted by torch's FlopCounterMode (matmuls, convolutions, attention).
+
+Works on real or meta-device modules (`with torch.device("meta"): build_module(...)`), so a
+ViT-L/8 plan costs no memory. These are the "model FLOPs" of MFU: recomputation is not counted.
+"""
+from __future__ import annotations
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from lightning_modules.base import PhenoModule
+
+
+def _example_batch(module: PhenoModule, batch_size: int) -> dict[str, torch.Tensor]:
+    device = next(module.parameters()).device
+    side = module.model_cfg.img_size
+    return {"image": torch.zeros(batch_size, module.in_chans, side, side, dtype=torch.uint8, device=device),
+            "label": torch.zeros(batch_size, dtype=torch.long, device=device)}
+
+
+def training_flops_per_crop(module: PhenoModule, batch_size: int = 2) -> float:
+    """Forward + backward FLOPs of one training step, divided by the crops in the batch."""
+    batch = _example_batch(module, batch_size)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        module.compute_losses(batch)["loss"].backward()
+    module.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / batch_size
+
+
+def embedding_flops_per_crop(module: PhenoModule, batch_size: int = 2, **embed_kwargs: object) -> float:
+    """FLOPs of `module.embed()` per crop (inference, no backward)."""
+    batch = _example_batch(module, batch_size)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        module.embed(batch["image"], **embed_kwargs)
+    return counter.get_total_flops() / batch_size

@@ -1,0 +1,150 @@
+"""Masked autoencoders on timm ViTs: MAEModule (all channels per token) and CAMAEModule.
+
+The encoder wraps the timm backbone's own patch_embed / _pos_embed / blocks / norm; nothing of
+the ViT is re-implemented. Submodule names (`encoder.vit_backbone`, `decoder`,
+`encoder_decoder_proj`, `decoder_pred`) are those of the public OpenPhenom checkpoint.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from timm.models.vision_transformer import VisionTransformer
+from torch import Tensor, nn
+
+from lightning_modules.backbones import is_channel_agnostic
+from lightning_modules.base import PhenoModule
+from lightning_modules.decoders import CAMAEDecoder, MAEDecoder
+from lightning_modules.losses import mae_loss, norm_pix
+from lightning_modules.standardize import self_standardize
+from lightning_modules.tokens import TokenMask, gather_tokens, patchify, random_token_mask
+
+
+class MaskedEncoder(nn.Module):
+    """A timm VisionTransformer run on a random subset of its patch tokens (CLS always kept)."""
+
+    def __init__(self, vit_backbone: VisionTransformer) -> None:
+        super().__init__()
+        if not isinstance(vit_backbone, VisionTransformer):
+            raise TypeError(f"MAE encoders need a timm VisionTransformer, got {type(vit_backbone).__name__}")
+        self.vit_backbone = vit_backbone
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.vit_backbone.embed_dim)
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return int(self.vit_backbone.num_prefix_tokens)
+
+    def tokens(self, images: Tensor) -> Tensor:
+        """Standardised images -> (B, prefix + L, D) tokens with position embeddings added."""
+        vit = self.vit_backbone
+        return vit.norm_pre(vit._pos_embed(vit.patch_embed(images)))
+
+    def forward_masked(self, images: Tensor, mask_ratio: float,
+                       generator: torch.Generator | None = None) -> tuple[Tensor, TokenMask]:
+        """Encode the visible tokens: (B, prefix + K, D) after the final norm, and the mask used."""
+        x = self.tokens(images)
+        prefix, patches = x[:, : self.num_prefix_tokens], x[:, self.num_prefix_tokens:]
+        mask = random_token_mask(patches.shape[0], patches.shape[1], mask_ratio, patches.device, generator)
+        x = torch.cat([prefix, gather_tokens(patches, mask.keep)], dim=1)
+        return self.vit_backbone.norm(self.vit_backbone.blocks(x)), mask
+
+    def forward_blocks(self, images: Tensor, last_block: int) -> Tensor:
+        """All tokens after blocks[0..last_block], no final norm (the OpenPhenom embedding layer)."""
+        x = self.tokens(images)
+        for block in self.vit_backbone.blocks[: last_block + 1]:
+            x = block(x)
+        return x
+
+
+class MaskedAutoencoderModule(PhenoModule):
+    """Shared training and embedding logic of MAE and CA-MAE; subclasses pick the decoder."""
+
+    channel_agnostic: bool = False
+
+    def __init__(self, model_cfg: dict[str, Any], optim_cfg: dict[str, Any], in_chans: int,
+                 num_classes: int = 0, total_steps: int = 1) -> None:
+        super().__init__(model_cfg, optim_cfg, in_chans, num_classes, total_steps)
+        cfg = self.model_cfg
+        extra = {"max_in_chans": cfg.max_in_chans} if self.channel_agnostic else {}
+        backbone = self.create_backbone(**extra)
+        if is_channel_agnostic(backbone) != self.channel_agnostic:
+            kind = "a channel-agnostic (ca_vit_*)" if self.channel_agnostic else "a per-image (not ca_*)"
+            raise ValueError(f"{type(self).__name__} needs {kind} backbone, got model.backbone={cfg.backbone!r}")
+        self.encoder = MaskedEncoder(backbone)
+        self.patch_size = int(backbone.patch_embed.patch_size[0])
+        self.grid = int(backbone.patch_embed.grid_size[0])
+        self.decoder = self.build_decoder()
+        self.encoder_decoder_proj = nn.Linear(self.encoder.embed_dim, cfg.decoder_dim)
+        pixels_per_token = self.patch_size ** 2 * (1 if self.channel_agnostic else in_chans)
+        self.decoder_pred = nn.Linear(cfg.decoder_dim, pixels_per_token)
+
+    def build_decoder(self) -> nn.Module:
+        raise NotImplementedError
+
+    def forward(self, images: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, TokenMask]:
+        """Raw images -> (pixel predictions (B, L, P), standardised pixel targets (B, L, P), mask)."""
+        x = self_standardize(images)
+        latent, mask = self.encoder.forward_masked(x, self.model_cfg.mask_ratio, generator)
+        decoded = self.decoder(self.encoder_decoder_proj(latent), mask.restore)
+        pred = self.decoder_pred(decoded[:, self.encoder.num_prefix_tokens:])
+        target = patchify(x, self.patch_size, self.channel_agnostic)
+        if self.model_cfg.norm_pix:
+            target = norm_pix(target)
+        return pred, target, mask
+
+    def compute_losses(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        pred, target, mask = self(batch["image"])
+        loss, mse, fourier = mae_loss(pred, target, mask.mask, self.patch_size, self.model_cfg.fourier_alpha)
+        return {"loss": loss, "mse": mse, "fourier": fourier}
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.encoder.vit_backbone.blocks)
+
+    @torch.no_grad()
+    def embed(self, images: Tensor, pooling: str | None = None, block: int | None = None) -> Tensor:
+        """Mean of patch tokens ('mean'), class token ('cls') or per-channel means concatenated
+        ('channelwise', CA only) of block `block`'s output without final norm (default: last)."""
+        pooling = pooling or self.model_cfg.embed_pooling
+        tokens = self.encoder.forward_blocks(self_standardize(images), self.resolve_block(block))
+        prefix = self.encoder.num_prefix_tokens
+        if pooling == "mean":
+            out = tokens[:, prefix:].mean(dim=1)
+        elif pooling == "cls":
+            if prefix == 0:
+                raise ValueError("pooling='cls' needs a backbone with a class token")
+            out = tokens[:, 0]
+        elif pooling == "channelwise":
+            if not self.channel_agnostic:
+                raise ValueError("pooling='channelwise' needs a channel-agnostic model (CAMAEModule)")
+            patches = tokens[:, prefix:]
+            out = patches.reshape(patches.shape[0], images.shape[1], -1, patches.shape[-1]).mean(dim=2).flatten(1)
+        else:
+            raise ValueError(f"pooling must be 'mean', 'cls' or 'channelwise', got {pooling!r}")
+        return out.float()
+
+
+class MAEModule(MaskedAutoencoderModule):
+    """MAE: every token holds all channels of a patch; ViT decoder (reference MAEDecoder)."""
+
+    def build_decoder(self) -> nn.Module:
+        cfg = self.model_cfg
+        return MAEDecoder(self.grid * self.grid, self.grid, cfg.decoder_dim, cfg.decoder_depth, cfg.decoder_heads)
+
+
+class CAMAEModule(MaskedAutoencoderModule):
+    """Channel-agnostic MAE: one token per channel-patch; CAMAEDecoder with one stack per channel.
+
+    Trains on exactly `in_chans` channels (one decoder stack each); embeds any number and order
+    of channels up to `max_in_chans`.
+    """
+
+    channel_agnostic = True
+
+    def build_decoder(self) -> nn.Module:
+        cfg = self.model_cfg
+        return CAMAEDecoder(self.in_chans, self.grid * self.grid, self.grid, cfg.decoder_dim,
+                            cfg.decoder_depth, cfg.decoder_heads)

@@ -1,0 +1,121 @@
+"""load_pretrained: public OpenPhenom checkpoints and phenoscale's own Lightning checkpoints.
+
+OpenPhenom ('MAEModel') ships `config.json` and a `model.safetensors` that is really a
+`torch.save({"state_dict": sd})` pickle. Its 765 keys map 1:1 onto CAMAEModule, so loading is
+strict: every key used, every shape checked, and a mismatch names the keys.
+"""
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_modules.base import PhenoModule
+from lightning_modules.build import MODULES, as_plain_dict
+from lightning_modules.config import ModelConfig, OptimConfig
+
+#: The settings of the public OpenPhenom (CA-MAE ViT-S/16) when no config.json is at hand.
+OPENPHENOM_CONFIG: dict[str, Any] = {
+    "mask_ratio": 0.0, "norm_pix_loss": False, "fourier_loss_weight": 0.0,
+    "encoder": {"channel_agnostic": True, "max_in_chans": 11,
+                "vit_backbone": {"vit_backbone": {"_target_": "vit.vit_small_patch16_256"}}},
+    "decoder": {"_target_": "mae_modules.CAMAEDecoder", "depth": 8, "embed_dim": 512, "num_heads": 16,
+                "num_modalities": 6, "tokens_per_modality": 256},
+    "optimizer": {"_target_": "timm.optim.lion.Lion", "lr": 1e-4, "weight_decay": 0.05, "betas": [0.9, 0.95]},
+    "lr_scheduler": {"pct_start": 0.1},
+}
+
+MAX_KEYS_LISTED = 25
+
+
+def reference_config_to_phenoscale(config: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], int]:
+    """An OpenPhenom/maes_microscopy config dict -> (ModelConfig dict, OptimConfig dict, in_chans)."""
+    try:
+        encoder, decoder = config["encoder"], config["decoder"]
+        vit_target = encoder["vit_backbone"]["vit_backbone"]["_target_"]
+    except (KeyError, TypeError) as err:
+        raise ValueError(f"not an OpenPhenom/maes_microscopy config: missing {err}") from err
+    channel_agnostic = bool(encoder.get("channel_agnostic", False))
+    backbone = ("ca_" if channel_agnostic else "") + vit_target.rsplit(".", 1)[-1]
+    in_chans = int(decoder.get("num_modalities", 6)) if channel_agnostic else 6
+    optimizer = config.get("optimizer") or {}
+    model = ModelConfig(
+        family="camae" if channel_agnostic else "mae", backbone=backbone,
+        max_in_chans=int(encoder.get("max_in_chans", 11)), mask_ratio=float(config.get("mask_ratio", 0.75)),
+        decoder_dim=int(decoder["embed_dim"]), decoder_depth=int(decoder["depth"]),
+        decoder_heads=int(decoder["num_heads"]), fourier_alpha=float(config.get("fourier_loss_weight", 0.0)),
+        norm_pix=bool(config.get("norm_pix_loss", False)),
+    )
+    optim = OptimConfig(
+        name="lion" if "lion" in str(optimizer.get("_target_", "lion")).lower() else "adamw",
+        lr=float(optimizer.get("lr", 1e-4)), weight_decay=float(optimizer.get("weight_decay", 0.05)),
+        betas=list(optimizer.get("betas", [0.9, 0.95])),
+        warmup_fraction=float((config.get("lr_scheduler") or {}).get("pct_start", 0.1)),
+    )
+    return as_plain_dict(model, ModelConfig), as_plain_dict(optim, OptimConfig), in_chans
+
+
+def _listing(keys: list[str]) -> str:
+    shown = ", ".join(keys[:MAX_KEYS_LISTED])
+    return shown + (f", … ({len(keys) - MAX_KEYS_LISTED} more)" if len(keys) > MAX_KEYS_LISTED else "")
+
+
+def load_state_dict_strictly(module: torch.nn.Module, state_dict: dict[str, Tensor], source: str) -> None:
+    """Load every key with its exact shape, or raise one error naming all the problems."""
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    mismatched = [f"{k} {tuple(state_dict[k].shape)} (model {tuple(expected[k].shape)})"
+                  for k in sorted(set(expected) & set(state_dict)) if state_dict[k].shape != expected[k].shape]
+    problems = [f"{title} ({len(keys)}): {_listing(keys)}" for title, keys in
+                (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched)) if keys]
+    if problems:
+        raise ValueError(f"checkpoint {source} does not fit {type(module).__name__}:\n  " + "\n  ".join(problems))
+    module.load_state_dict(state_dict, strict=True)
+
+
+def _read_checkpoint(path: Path) -> dict[str, Any]:
+    """torch pickle (OpenPhenom's '.safetensors' and Lightning .ckpt) or a real safetensors file."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as pickle_error:
+        try:
+            from safetensors.torch import load_file
+            return {"state_dict": load_file(path)}
+        except Exception:  # noqa: BLE001 - report the pickle error, the likelier format
+            raise ValueError(f"{path} is neither a torch checkpoint nor a safetensors file: {pickle_error}") from None
+
+
+def _reference_config(path: Path, config: dict[str, Any] | str | Path | None) -> dict[str, Any]:
+    if isinstance(config, dict):
+        return config
+    config_path = Path(config) if config is not None else path.with_name("config.json")
+    if config is None and not config_path.exists():
+        return OPENPHENOM_CONFIG
+    return json.loads(config_path.read_text())
+
+
+def load_pretrained(path: str | Path, config: dict[str, Any] | str | Path | None = None) -> PhenoModule:
+    """Checkpoint -> module in eval mode, on CPU.
+
+    A phenoscale Lightning checkpoint (has `hyper_parameters`) rebuilds its own module. Anything
+    else is read as an OpenPhenom-style `{"state_dict": ...}` with `config` (dict or JSON path;
+    default: `config.json` beside the file, else the OpenPhenom settings).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    payload = _read_checkpoint(path)
+    if "hyper_parameters" in payload:
+        hparams = payload["hyper_parameters"]
+        module = MODULES[hparams["model_cfg"]["family"]](**hparams)
+    else:
+        model_cfg, optim_cfg, in_chans = reference_config_to_phenoscale(_reference_config(path, config))
+        module = MODULES[model_cfg["family"]](model_cfg, optim_cfg, in_chans=in_chans)
+    state_dict = payload.get("state_dict", payload)
+    load_state_dict_strictly(module, state_dict, str(path))
+    return module.eval()
