@@ -1,4 +1,6 @@
 """datamodules: microscope files -> WebDataset shards -> training and evaluation batches."""
+from datamodules.config import DataConfig
 from datamodules.shards import ShardWriter, read_manifest
+from datamodules.streaming import ShardDataModule, StreamEpochCallback, build_datamodule
 
-__all__ = ["ShardWriter", "read_manifest"]
+__all__ = ["DataConfig", "ShardDataModule", "ShardWriter", "StreamEpochCallback", "build_datamodule", "read_manifest"]

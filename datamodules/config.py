@@ -1,0 +1,34 @@
+"""DataConfig: every knob of the data pipeline, OmegaConf-friendly (see docs/data.md)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional
+
+from omegaconf import MISSING
+
+
+@dataclass
+class DataConfig:
+    # where: a shard directory (holding manifest.parquet) or a glob of its tar files
+    train_shards: str = MISSING
+    eval_shards: Optional[str] = None  # None: the training shards
+    # what a batch is
+    crop_size: int = 256
+    crops_per_site: int = 4  # random crops per decoded site (amortises the decode); divides batch_size
+    batch_size: int = 64  # crops per rank per step (training and evaluation)
+    steps_per_epoch: Optional[int] = None  # None: each site visited ~once per epoch across all ranks
+    # augmentation and channels
+    augment: bool = True  # random flips + 90-degree rotations
+    channels: Optional[List[str]] = None  # stain names to keep, in this order (None: all, as stored)
+    channel_permute: bool = False  # shuffle channel order per crop (channel-agnostic training)
+    in_chans: Optional[int] = None  # channels the model expects: a mismatch is an error before training
+    # labels (weakly supervised training)
+    label_key: str = "perturbation"
+    # streaming
+    shuffle_buffer: int = 64  # sites held per worker for shuffling across shard boundaries
+    num_workers: int = 4
+    prefetch_factor: int = 2
+    pin_memory: bool = False
+    verify_shards: bool = True  # check every shard's tar index against the manifest at setup
+    # writing (converters, synthetic screen)
+    max_shard_mb: int = 512

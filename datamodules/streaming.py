@@ -1,0 +1,272 @@
+"""ShardDataModule: shards + manifest -> training batches and evaluation tiles (docs/data.md).
+
+Everything that can be wrong with the input is checked when the module is built, before any
+GPU is allocated: the shard pattern, manifest vs. shards, channel count vs. the model, pixel
+type, crop size. What can only be seen while streaming (a corrupt sample, a truncated shard) is
+skipped, counted (`bad_samples`) and logged with shard and key.
+
+WebDataset 1.0.2 pitfalls (DESIGN.md §4) and how they are avoided here: shards are resampled
+per (seed, epoch, rank, worker) by our own RNG, so there is no nodesplitter to raise, no finite
+split to hang DDP and no "fewer shards than workers"; each worker yields an exact quota of
+batches, so all ranks take the same number of steps and the loader has a length; the epoch
+and the resume position travel to the workers through shared memory, read when each worker
+starts an iteration, so they reach persistent and re-created workers alike.
+"""
+from __future__ import annotations
+
+import glob
+import logging
+import math
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import polars as pl
+from torch.utils.data import DataLoader
+
+from datamodules.config import DataConfig
+from datamodules.distributed import rank_and_world
+from datamodules.shards import read_manifest
+from datamodules.streams import BadSampleCounter, EvalStream, SampleFilter, TrainStream
+
+log = logging.getLogger("datamodules")
+
+
+def resolve_shards(pattern: str, verify: bool = True) -> tuple[list[Path], pl.DataFrame]:
+    """Shard files of `pattern` (a directory or a glob of tars) and the manifest rows they hold.
+
+    Raises ValueError if nothing matches, the tars span several directories, or the manifest
+    and the shards disagree (shards missing on either side, keys differing inside a shard).
+    """
+    path = Path(pattern)
+    files = sorted(path.glob("*.tar")) if path.is_dir() else sorted(Path(p) for p in glob.glob(pattern))
+    files = [f for f in files if f.suffix == ".tar"]
+    if not files:
+        raise ValueError(f"shard pattern {pattern!r} matches no .tar files")
+    roots = {f.parent for f in files}
+    if len(roots) > 1:
+        raise ValueError(f"shard pattern {pattern!r} spans several directories {sorted(map(str, roots))}; "
+                         "each shard directory has its own manifest")
+    root = roots.pop()
+    manifest = read_manifest(root)
+    found = {f.name for f in files}
+    unlisted = sorted(found - set(manifest["shard"].to_list()))
+    if unlisted:
+        raise ValueError(f"{root / 'manifest.parquet'} disagrees with the shards: {unlisted[:5]} are not in it")
+    manifest = manifest.filter(pl.col("shard").is_in(sorted(found)))
+    if verify:
+        for shard in files:
+            check_shard_keys(shard, set(manifest.filter(pl.col("shard") == shard.name)["key"].to_list()))
+    return files, manifest
+
+
+def check_shard_keys(shard: Path, expected: set[str]) -> None:
+    """The sample keys inside `shard` must be those the manifest lists for it.
+
+    A shard that is physically damaged is only warned about: its readable samples will be used and
+    the rest skipped while streaming; a readable shard that holds other samples is an error.
+    """
+    try:
+        with tarfile.open(shard, "r:") as tar:
+            members = tar.getmembers()
+        size = shard.stat().st_size
+        truncated = bool(members) and members[-1].offset_data + members[-1].size > size
+    except (tarfile.TarError, OSError, EOFError) as err:
+        log.warning("shard %s is damaged (%s); its unreadable samples will be skipped", shard, err)
+        return
+    if truncated:
+        log.warning("shard %s is truncated; its unreadable samples will be skipped", shard)
+        return
+    keys = {m.name.rsplit("/", 1)[-1].partition(".")[0] for m in members if m.isfile()}
+    if keys != expected:
+        extra, missing = sorted(keys - expected), sorted(expected - keys)
+        raise ValueError(f"manifest disagrees with {shard}: keys only in the shard {extra[:3]}, "
+                         f"only in the manifest {missing[:3]}")
+
+
+def channel_layout(manifest: pl.DataFrame, channels: list[str] | None, source: str) -> list[str]:
+    """The stain names every batch will carry, checked against every site of the manifest."""
+    layouts = manifest["channels"].unique().to_list()
+    if channels is None:
+        if len(layouts) > 1:
+            raise ValueError(f"{source}: sites have different channel lists {layouts[:3]}; "
+                             "choose a common subset with DataConfig.channels")
+        return list(layouts[0])
+    for layout in layouts:
+        missing = [c for c in channels if c not in layout]
+        if missing:
+            key = manifest.filter(pl.col("channels") == pl.lit(layout, dtype=pl.List(pl.Utf8)))["key"][0]
+            raise ValueError(f"{source}: site {key!r} has channels {layout}, lacking {missing} requested by DataConfig.channels")
+    return list(channels)
+
+
+@dataclass
+class StreamPosition:
+    """Where this rank's training stream stands: the epoch and the batches handed out in it."""
+
+    epoch: int = 0
+    batches: int = 0
+
+
+class TrainLoader(DataLoader):
+    """DataLoader over a TrainStream that tells the workers where to start and counts batches."""
+
+    def __init__(self, stream: TrainStream, position: StreamPosition, **kwargs: Any) -> None:
+        super().__init__(stream, batch_size=None, **kwargs)
+        self.position = position
+
+    def __iter__(self):
+        self.dataset.publish(self.position.epoch, self.position.batches)
+        for batch in super().__iter__():
+            self.position.batches += 1
+            yield batch
+        self.position.epoch += 1  # a pass that ran to the end completes the epoch
+        self.position.batches = 0
+
+
+class ShardDataModule(L.LightningDataModule):
+    """Training and evaluation loaders over WebDataset shards (see the module docstring)."""
+
+    def __init__(self, cfg: DataConfig, seed: int = 0) -> None:
+        super().__init__()
+        if not cfg.train_shards or cfg.train_shards == "???":
+            raise ValueError("DataConfig.train_shards is required: a shard directory or a glob of its .tar files")
+        if cfg.crops_per_site < 1 or cfg.batch_size % cfg.crops_per_site:
+            raise ValueError(f"DataConfig.batch_size ({cfg.batch_size}) must be a multiple of crops_per_site ({cfg.crops_per_site})")
+        self.cfg, self.seed = cfg, seed
+        self.train_files, self.train_manifest = resolve_shards(cfg.train_shards, cfg.verify_shards)
+        if cfg.eval_shards is None or cfg.eval_shards == cfg.train_shards:
+            self.eval_files, self.manifest = self.train_files, self.train_manifest
+        else:
+            self.eval_files, self.manifest = resolve_shards(cfg.eval_shards, cfg.verify_shards)
+        self.channel_names = channel_layout(self.train_manifest, cfg.channels, cfg.train_shards)
+        if self.manifest is not self.train_manifest:
+            channel_layout(self.manifest, self.channel_names, cfg.eval_shards)
+        if cfg.in_chans is not None and cfg.in_chans != self.in_chans:
+            raise ValueError(f"the model expects {cfg.in_chans} channels but {cfg.train_shards} gives "
+                             f"{self.in_chans} ({self.channel_names}); set DataConfig.channels or the model's in_chans")
+        both = pl.concat([self.train_manifest.select("key", "dtype", "height", "width"),
+                          self.manifest.select("key", "dtype", "height", "width")])
+        dtypes = both["dtype"].unique().to_list()
+        if len(dtypes) != 1:
+            raise ValueError(f"shards mix pixel types {dtypes}; convert them to one bit depth")
+        self.dtype = dtypes[0]
+        small = both.filter((pl.col("height") < cfg.crop_size) | (pl.col("width") < cfg.crop_size))
+        if small.height:
+            raise ValueError(f"{small.height} sites are smaller than crop_size {cfg.crop_size} (e.g. {small['key'][0]!r})")
+        if cfg.label_key not in self.train_manifest.columns:
+            raise ValueError(f"label_key {cfg.label_key!r} is not a manifest column; available: {self.train_manifest.columns}")
+        labels = self.train_manifest[cfg.label_key].drop_nulls().cast(pl.Utf8).unique().sort()
+        # perturbation -> class index (sorted, so the same manifest always gives the same labels)
+        self.vocab = pl.DataFrame({cfg.label_key: labels, "label": range(len(labels))},
+                                  schema={cfg.label_key: pl.Utf8, "label": pl.Int64})
+        self.position = StreamPosition()
+        self._bad = BadSampleCounter(cfg.num_workers)
+        self._stream: TrainStream | None = None
+
+    # ------------------------------------------------------------------ facts for the model
+    @property
+    def in_chans(self) -> int:
+        return len(self.channel_names)
+
+    @property
+    def num_classes(self) -> int:
+        return self.vocab.height
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Batches per rank per epoch (default: each training site visited ~once across ranks)."""
+        if self.cfg.steps_per_epoch is not None:
+            return self.cfg.steps_per_epoch
+        _, world = rank_and_world()
+        sites_per_step = self.cfg.batch_size // self.cfg.crops_per_site * world
+        return max(1, math.ceil(self.train_manifest.height / sites_per_step))
+
+    @property
+    def bad_samples(self) -> int:
+        """Samples skipped so far as corrupt or unusable (all workers of this process)."""
+        return self._bad.total
+
+    # ------------------------------------------------------------------ training
+    def _sample_filter(self) -> SampleFilter:
+        return SampleFilter(self.dtype, self.cfg.channels, self.in_chans)
+
+    def train_dataloader(self) -> TrainLoader:
+        cfg = self.cfg
+        if self._stream is None:
+            rank, _ = rank_and_world()
+            self._stream = TrainStream(
+                [str(f) for f in self.train_files], seed=self.seed, rank=rank,
+                steps_per_epoch=self.steps_per_epoch, batch_size=cfg.batch_size,
+                crops_per_site=cfg.crops_per_site, crop_size=cfg.crop_size, shuffle_buffer=cfg.shuffle_buffer,
+                sample_filter=self._sample_filter(), augment=cfg.augment, channel_permute=cfg.channel_permute,
+                label_key=cfg.label_key, vocab=dict(self.vocab.iter_rows()), bad=self._bad,
+            )
+        workers = cfg.num_workers
+        return TrainLoader(
+            self._stream, self.position, num_workers=workers, persistent_workers=workers > 0,
+            prefetch_factor=cfg.prefetch_factor if workers > 0 else None, pin_memory=cfg.pin_memory,
+        )
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start `epoch` at its first batch (no-op if the stream is already in that epoch)."""
+        if epoch != self.position.epoch:
+            self.position.epoch, self.position.batches = epoch, 0
+
+    def state_dict(self) -> dict[str, Any]:
+        """The stream position, stored by Lightning in checkpoints (resume = same data position).
+
+        Under a trainer, the batches *trained* in this epoch are taken from its progress counter,
+        because the trainer fetches one batch ahead of the step it runs.
+        """
+        epoch, batches = self.position.epoch, self.position.batches
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:
+            epoch = trainer.current_epoch
+            batches = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        if batches >= self.steps_per_epoch:
+            epoch, batches = epoch + 1, 0
+        return {"epoch": epoch, "batches": batches, "seed": self.seed, "num_workers": self.cfg.num_workers}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("seed", self.seed) != self.seed or state.get("num_workers", self.cfg.num_workers) != self.cfg.num_workers:
+            log.warning("resuming with a different seed or num_workers (%s): the data stream will differ from the "
+                        "interrupted run's", {k: state.get(k) for k in ("seed", "num_workers")})
+        self.position.epoch, self.position.batches = int(state["epoch"]), int(state["batches"])
+
+    # ------------------------------------------------------------------ evaluation
+    def eval_dataloader(self) -> DataLoader:
+        """Every site of `manifest` once across ranks (contiguous blocks of rows), tiled."""
+        rank, world = rank_and_world()
+        n = self.manifest.height
+        lo, hi = rank * n // world, (rank + 1) * n // world
+        rows = self.manifest.slice(lo, hi - lo).select("shard", "key").iter_rows()
+        root = self.eval_files[0].parent
+        sites = [(lo + i, str(root / shard), key) for i, (shard, key) in enumerate(rows)]
+        tiles_per_site = (self.manifest["height"].min() // self.cfg.crop_size) * (self.manifest["width"].min() // self.cfg.crop_size)
+        stream = EvalStream(sites, sites_per_batch=max(1, self.cfg.batch_size // tiles_per_site),
+                            crop_size=self.cfg.crop_size, sample_filter=self._sample_filter(), bad=self._bad)
+        workers = min(self.cfg.num_workers, len(stream))
+        return DataLoader(stream, batch_size=None, num_workers=workers,
+                          prefetch_factor=self.cfg.prefetch_factor if workers > 0 else None, pin_memory=self.cfg.pin_memory)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.eval_dataloader()
+
+
+class StreamEpochCallback(L.Callback):
+    """Tells the DataModule the trainer's epoch at each train epoch start (Lightning does not
+    set the epoch of an IterableDataset)."""
+
+    def __init__(self, datamodule: ShardDataModule) -> None:
+        self.datamodule = datamodule
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.datamodule.set_epoch(trainer.current_epoch)
+
+
+def build_datamodule(cfg: DataConfig, seed: int = 0) -> ShardDataModule:
+    """The DataModule for `cfg`; raises ValueError on any input problem visible before training."""
+    return ShardDataModule(cfg, seed=seed)

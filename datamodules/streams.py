@@ -1,0 +1,253 @@
+"""The two iterable datasets behind the DataModule: an endless resampled training stream and a
+finite, ordered evaluation pass.
+
+Training stream, per (rank, worker): shards drawn with replacement by an RNG seeded from
+(seed, epoch, rank, worker) -> checked samples -> shuffle buffer -> groups of
+batch_size / crops_per_site sites -> random crops + flips/rotations -> one collated batch.
+Worker w of W yields exactly the batches j = w, w+W, ... < steps_per_epoch of its rank, so every
+rank runs the same number of steps and the loader has a length. Batch t of a worker's stream
+is a pure function of (seed, epoch, rank, worker, t) and the shards' bytes, so a run resumed at
+batch n can fast-forward by reading, not decoding, the batches before n.
+"""
+from __future__ import annotations
+
+import math
+import tarfile
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from datamodules.samples import BadSampleError, RawSample, iter_shard, log_bad_sample, parse_sample
+from datamodules.transforms import fill_random_crops, tile_crops
+
+
+def _worker() -> tuple[int, int]:
+    info = get_worker_info()
+    return (info.id, info.num_workers) if info is not None else (0, 1)
+
+
+class SampleFilter:
+    """What every sample of a loader must satisfy beyond being readable: the dataset's pixel type
+    and the stains to keep. Resolves, per sample, the indices of the kept channels."""
+
+    def __init__(self, dtype: str, channels: list[str] | None, n_channels: int) -> None:
+        self.dtype = np.dtype(dtype)
+        self.channels = channels
+        self.n_channels = n_channels
+        self._indices: dict[tuple[str, ...], np.ndarray | None] = {}
+
+    def indices(self, sample: RawSample) -> np.ndarray | None:
+        """Channel indices to keep for this sample (None: all); BadSampleError if it cannot comply."""
+        if sample.dtype != self.dtype:
+            raise BadSampleError(f"pixel type {sample.dtype}, the dataset's is {self.dtype}")
+        names = tuple(sample.meta["channels"])
+        if names not in self._indices:
+            if self.channels is None:
+                if len(names) != self.n_channels:
+                    raise BadSampleError(f"{len(names)} channels, expected {self.n_channels}")
+                self._indices[names] = None
+            else:
+                missing = [c for c in self.channels if c not in names]
+                if missing:
+                    raise BadSampleError(f"lacks channels {missing} (has {list(names)})")
+                self._indices[names] = np.array([names.index(c) for c in self.channels])
+        return self._indices[names]
+
+
+class BadSampleCounter:
+    """Skipped samples, counted per worker slot in shared memory so the main process can read
+    the total (a test, a progress log) while the workers keep running."""
+
+    def __init__(self, slots: int) -> None:
+        self.counts = torch.zeros(max(1, slots), dtype=torch.int64).share_memory_()
+
+    def __call__(self, shard: str, key: str, reason: str) -> None:
+        log_bad_sample(shard, key, reason)
+        worker, _ = _worker()
+        self.counts[worker % len(self.counts)] += 1
+
+    @property
+    def total(self) -> int:
+        return int(self.counts.sum())
+
+
+class TrainStream(IterableDataset):
+    """Endless resampled crops, cut into epochs of exactly `steps_per_epoch` batches per rank."""
+
+    def __init__(
+        self,
+        shards: list[str],
+        *,
+        seed: int,
+        rank: int,
+        steps_per_epoch: int,
+        batch_size: int,
+        crops_per_site: int,
+        crop_size: int,
+        shuffle_buffer: int,
+        sample_filter: SampleFilter,
+        augment: bool,
+        channel_permute: bool,
+        label_key: str,
+        vocab: dict[str, int],
+        bad: BadSampleCounter,
+    ) -> None:
+        super().__init__()
+        self.shards = shards
+        self.seed, self.rank = seed, rank
+        self.steps_per_epoch = steps_per_epoch
+        self.batch_size, self.crops_per_site, self.crop_size = batch_size, crops_per_site, crop_size
+        self.sites_per_batch = batch_size // crops_per_site
+        self.shuffle_buffer = max(1, shuffle_buffer)
+        self.filter = sample_filter
+        self.augment, self.channel_permute = augment, channel_permute
+        self.label_key, self.vocab = label_key, vocab
+        self.bad = bad
+        # (epoch, first batch) of the next pass; shared memory so persistent workers see it too
+        self.start = torch.zeros(2, dtype=torch.int64).share_memory_()
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch
+
+    def publish(self, epoch: int, batches_done: int) -> None:
+        """Where the next iteration starts; read by every worker when its iteration begins."""
+        self.start[0], self.start[1] = epoch, batches_done
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        worker, workers = _worker()
+        epoch, done = (int(v) for v in self.start)
+        remaining = max(0, self.steps_per_epoch - done)
+        quota = len(range(worker, remaining, workers))
+        # after a resume at batch `done`, physical worker p plays the stream that worker
+        # (done + p) % W played in the uninterrupted run, from its batch (done + p) // W
+        stream_id, skip = (done + worker) % workers, (done + worker) // workers
+        sites = self._sites(epoch, stream_id)
+        t = 0
+        while quota > 0:
+            group = [next(sites) for _ in range(self.sites_per_batch)]
+            if t >= skip:
+                yield self._batch(group, np.random.default_rng([self.seed, epoch, self.rank, stream_id, 1, t]))
+                quota -= 1
+            t += 1
+
+    def _checked_samples(self, shard: str) -> Iterator[tuple[RawSample, np.ndarray | None]]:
+        for sample in iter_shard(shard, self.crop_size, self.bad):
+            try:
+                yield sample, self.filter.indices(sample)
+            except BadSampleError as err:
+                self.bad(shard, sample.key, str(err))
+
+    def _sites(self, epoch: int, stream_id: int) -> Iterator[tuple[RawSample, np.ndarray | None]]:
+        """Checked samples of resampled shards through a shuffle buffer, endlessly."""
+        rng = np.random.default_rng([self.seed, epoch, self.rank, stream_id, 0])
+        buffer: list[tuple[RawSample, np.ndarray | None]] = []
+        empty: set[str] = set()
+        while True:
+            shard = self.shards[int(rng.integers(len(self.shards)))]
+            found = False
+            for item in self._checked_samples(shard):
+                found = True
+                if len(buffer) < self.shuffle_buffer:
+                    buffer.append(item)
+                    continue
+                i = int(rng.integers(len(buffer)))
+                yield buffer[i]
+                buffer[i] = item
+            if not found:
+                empty.add(shard)
+                if len(empty) == len(self.shards):
+                    raise RuntimeError(f"no readable sample in any of the {len(self.shards)} training shards")
+
+    def _batch(self, group: list[tuple[RawSample, np.ndarray | None]], rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        n_channels = len(self.filter.channels) if self.filter.channels else self.filter.n_channels
+        image = np.empty((self.batch_size, n_channels, self.crop_size, self.crop_size), dtype=self.filter.dtype)
+        labels = np.empty(self.batch_size, dtype=np.int64)
+        k = self.crops_per_site
+        for i, (sample, indices) in enumerate(group):
+            fill_random_crops(sample.image(), image[i * k : (i + 1) * k], rng, augment=self.augment,
+                              channels=indices, permute=self.channel_permute)
+            labels[i * k : (i + 1) * k] = self.vocab.get(str(sample.meta.get(self.label_key)), -1)
+        return {"image": torch.from_numpy(image), "label": torch.from_numpy(labels)}
+
+
+class EvalStream(IterableDataset):
+    """This rank's sites, each once, tiled into non-overlapping crops; batch j from worker j % W."""
+
+    def __init__(
+        self,
+        sites: list[tuple[int, str, str]],
+        *,
+        sites_per_batch: int,
+        crop_size: int,
+        sample_filter: SampleFilter,
+        bad: BadSampleCounter,
+    ) -> None:
+        super().__init__()
+        self.sites = sites  # (manifest row, shard path, key), in manifest order
+        self.sites_per_batch = max(1, sites_per_batch)
+        self.crop_size = crop_size
+        self.filter = sample_filter
+        self.bad = bad
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.sites) / self.sites_per_batch)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        worker, workers = _worker()
+        reader = ShardReader(self.bad)
+        try:
+            for j in range(worker, len(self), workers):
+                crops, index = [], []
+                for row, shard, key in self.sites[j * self.sites_per_batch : (j + 1) * self.sites_per_batch]:
+                    sample = reader.read(shard, key, self.crop_size)
+                    if sample is None:
+                        continue
+                    try:
+                        tiles = tile_crops(sample.image(), self.crop_size, self.filter.indices(sample))
+                    except BadSampleError as err:
+                        self.bad(shard, key, str(err))
+                        continue
+                    crops.append(tiles)
+                    index.append(np.full(len(tiles), row, dtype=np.int64))
+                if crops:
+                    yield {"image": torch.from_numpy(np.concatenate(crops)), "site_index": torch.from_numpy(np.concatenate(index))}
+        finally:
+            reader.close()
+
+
+class ShardReader:
+    """Random access to samples by key, keeping the current shard's tar index open (sites of a
+    rank are contiguous in the manifest, so consecutive reads mostly hit the same shard)."""
+
+    def __init__(self, on_bad: Callable[[str, str, str], None]) -> None:
+        self.on_bad = on_bad
+        self.path: str | None = None
+        self.tar: tarfile.TarFile | None = None
+        self.members: dict[str, dict[str, tarfile.TarInfo]] = {}
+
+    def _open(self, path: str) -> None:
+        self.close()
+        tar = tarfile.open(path, "r:")
+        members: dict[str, dict[str, tarfile.TarInfo]] = {}
+        for info in tar.getmembers():
+            key, _, ext = info.name.rsplit("/", 1)[-1].partition(".")
+            members.setdefault(key, {})[ext] = info
+        self.path, self.tar, self.members = path, tar, members
+
+    def read(self, path: str, key: str, min_size: int) -> RawSample | None:
+        try:
+            if path != self.path:
+                self._open(path)
+            found = self.members.get(key, {})
+            data = {ext: self.tar.extractfile(info).read() for ext, info in found.items()}
+            return parse_sample(key, path, data.get("npy"), data.get("json"), min_size)
+        except (BadSampleError, tarfile.TarError, OSError, EOFError) as err:
+            self.on_bad(path, key, str(err))
+            return None
+
+    def close(self) -> None:
+        if self.tar is not None:
+            self.tar.close()
+        self.path, self.tar, self.members = None, None, {}
