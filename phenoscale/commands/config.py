@@ -1,0 +1,49 @@
+"""Print the resolved config: dataclass defaults <- CONFIG <- key=value overrides.
+
+The same merge and checks as `phenoscale fit`, without starting anything: use it to see what a
+run will do, or to find the right key (a wrong one lists the keys allowed in its section).
+scaling.effective_batch_size and scaling.lr are filled in by `fit` once the launcher is known.
+
+Examples:
+  phenoscale config configs/experiments/tiny.yaml
+  phenoscale config configs/paper/camae_vits16.yaml trainer.max_steps=100 data.batch_size=64
+  phenoscale config configs/experiments/demo_mae.yaml --section trainer
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from omegaconf import OmegaConf
+
+from phenoscale.config import ConfigError, load_config, to_yaml
+
+HELP = "print the resolved experiment config (defaults <- CONFIG <- overrides)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", nargs="?", help="experiment YAML (omit to print the defaults)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="dotlist overrides, e.g. trainer.max_steps=100 optim.lr=3e-4")
+    parser.add_argument("--section", help="print only this section, e.g. trainer or data")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.config and "=" in args.config and not os.path.exists(args.config):
+        args.overrides, args.config = [args.config, *args.overrides], None  # defaults + overrides
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.section:
+        node = OmegaConf.select(cfg, args.section)
+        if node is None:
+            print(f"error: no section {args.section!r}; sections are {', '.join(cfg.keys())}",
+                  file=sys.stderr)
+            return 2
+        print(OmegaConf.to_yaml(node, resolve=True), end="")
+    else:
+        print(to_yaml(cfg), end="")
+    return 0

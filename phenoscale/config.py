@@ -1,0 +1,257 @@
+"""The experiment config: each package's typed settings composed, merged and checked up front.
+
+Merge order: structured defaults (the dataclasses) -> experiment YAML -> command-line dotlist
+overrides. Everything is checked by OmegaConf against the dataclasses while merging, so a typo
+or a wrong type fails in a second, before data or model is built, with a message that names the
+key and lists what that section allows (multi-node jobs that die after 10 minutes of queueing
+because of `trainer.max_step` are the failure this prevents).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from datamodules.config import DataConfig
+from evaluation.config import EvalConfig
+from lightning_modules.config import ModelConfig, OptimConfig
+
+# what Lightning 2.6 accepts for `precision` (lightning.fabric.connector._PRECISION_INPUT_STR)
+PRECISIONS = ("64-true", "32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true",
+              "transformer-engine", "transformer-engine-float16", "64", "32", "16", "bf16")
+
+
+class LRRule(str, Enum):
+    """How the learning rate follows the effective batch size (lr = base_lr x factor)."""
+
+    none = "none"  # factor 1: the config's lr is used as is
+    linear = "linear"  # factor effective / base (Goyal et al.; SGD-style)
+    sqrt = "sqrt"  # factor sqrt(effective / base) (common for Adam/Lion-type optimisers)
+
+
+@dataclass
+class TrainerConfig:
+    """Lightning Trainer settings. devices/num_nodes 'auto' = what the launcher started."""
+
+    max_steps: int = 1000  # optimizer steps; -1 = run max_epochs
+    max_epochs: Optional[int] = None
+    precision: str = "32-true"
+    accelerator: str = "auto"
+    devices: str = "auto"  # 'auto' or processes per node; must match the launcher
+    num_nodes: str = "auto"  # 'auto' or node count; must match the launcher
+    strategy: str = "auto"  # 'auto' -> ddp when world size > 1
+    accumulate_grad_batches: int = 1
+    gradient_clip_val: Optional[float] = None
+    log_every_n_steps: int = 10
+    checkpoint_every_n_steps: int = 500
+    keep_checkpoints: int = 2  # step checkpoints kept besides last.ckpt; 0 keeps all
+    evaluate: bool = False  # EFAAR on data.eval_shards every eval.every_n_epochs during fit
+    deterministic: bool = False
+    audit_batches: bool = False  # logs/batches/rank<r>.tsv: step, epoch, batch, crops, checksum
+
+
+@dataclass
+class ScalingConfig:
+    """Batch and learning-rate scaling with world size, explicit so a 64-GPU run is not a surprise.
+
+    effective_batch_size and lr are DERIVED by `phenoscale fit` (per-device batch x devices x
+    num_nodes x accumulate_grad_batches; optim.lr x rule factor) and saved in the run's
+    config.yaml; leave them unset in experiment files.
+    """
+
+    lr_rule: LRRule = LRRule.none
+    base_batch_size: int = 256  # effective batch size at which optim.lr was tuned
+    effective_batch_size: Optional[int] = None  # derived
+    lr: Optional[float] = None  # derived: the learning rate actually used
+
+
+@dataclass
+class RunConfig:
+    """Where the run lives and how it starts."""
+
+    name: str = "run"
+    run_dir: str = "runs/${run.name}"
+    seed: int = 0
+    resume: bool = True  # restart in an existing run_dir continues from checkpoints/last.ckpt
+
+
+@dataclass
+class ExperimentConfig:
+    """One experiment: what to train on, what to train, how, and how to judge it."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the key, the source and what is allowed."""
+
+
+def _type_name(tp: Any) -> str:
+    text = tp if isinstance(tp, str) else getattr(tp, "__name__", str(tp))
+    return text.replace("typing.", "")
+
+
+def allowed_keys(section: str) -> str:
+    """'key: type = default' for every key of `section` ('' = top level) of the schema."""
+    node = OmegaConf.structured(ExperimentConfig)
+    if section:
+        node = OmegaConf.select(node, section, throw_on_missing=False)
+    cls = OmegaConf.get_type(node) if isinstance(node, DictConfig) else None
+    if cls is None or not dataclasses.is_dataclass(cls):
+        return "(free-form section)"
+    lines = []
+    for f in dataclasses.fields(cls):
+        default = node._get_node(f.name)._value() if f.name in node else None
+        if isinstance(default, DictConfig):
+            shown = "{...}"
+        elif isinstance(default, Enum):
+            shown = f"{default.value!r} (one of {', '.join(m.value for m in type(default))})"
+        else:
+            shown = repr(default)
+        lines.append(f"  {f.name}: {_type_name(f.type)} = {shown}")
+    return "\n".join(lines)
+
+
+def _friendly(err: OmegaConfBaseException, source: str) -> ConfigError:
+    key = err.full_key or err.key or ""
+    section = key.rsplit(".", 1)[0] if "." in str(key) else ""
+    where = f"section '{section}'" if section else "the top level"
+    if isinstance(err, (KeyError, AttributeError)) or "not in" in str(err.msg):
+        what = f"unknown key '{key}'"
+    else:
+        what = f"bad value for '{key}': {str(err.msg).splitlines()[0]}"
+    return ConfigError(f"{source}: {what}.\nAllowed keys of {where}:\n{allowed_keys(section)}")
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> ExperimentConfig:
+    """Defaults <- YAML file <- dotlist overrides (`trainer.max_steps=10`), validated.
+
+    Returns a typed (structured) DictConfig posing as ExperimentConfig: attribute access and
+    assignment are checked against the schema from here on too.
+    """
+    cfg = OmegaConf.structured(ExperimentConfig)
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
+        except OmegaConfBaseException as err:
+            raise _friendly(err, str(path)) from None
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. trainer.max_steps=100")
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+        except OmegaConfBaseException as err:
+            raise _friendly(err, f"override {item!r}") from None
+    _check_values(cfg)
+    return cfg  # type: ignore[return-value]
+
+
+def _check_values(cfg: Any) -> None:
+    """Range checks OmegaConf's types cannot express."""
+    t = cfg.trainer
+    if t.precision not in PRECISIONS:
+        raise ConfigError(f"trainer.precision={t.precision!r}: allowed are {', '.join(PRECISIONS)}")
+    if t.max_steps == -1 and t.max_epochs is None:
+        raise ConfigError("trainer.max_steps=-1 needs trainer.max_epochs (otherwise it never stops)")
+    for name in ("accumulate_grad_batches", "log_every_n_steps", "checkpoint_every_n_steps"):
+        if getattr(t, name) < 1:
+            raise ConfigError(f"trainer.{name}={getattr(t, name)}: must be >= 1")
+    if cfg.scaling.base_batch_size < 1:
+        raise ConfigError(f"scaling.base_batch_size={cfg.scaling.base_batch_size}: must be >= 1")
+    for section in cfg:
+        if OmegaConf.missing_keys(cfg[section]):
+            continue  # `phenoscale config` may show '???'; fit demands them (require_complete)
+        try:
+            # builds the dataclass: each package's __post_init__ checks run now, not at build time
+            OmegaConf.to_object(cfg[section])
+        except OmegaConfBaseException as err:
+            raise ConfigError(f"cannot resolve '{err.full_key}': {err.msg}") from None
+        except (ValueError, TypeError) as err:
+            raise ConfigError(str(err)) from None
+
+
+def require_complete(cfg: Any) -> None:
+    """Mandatory values ('???' in the defaults) must be set before a run starts."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(f"missing mandatory values: {', '.join(missing)} (set them in the "
+                          "experiment YAML or as key=value overrides)")
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """The derived batch and learning-rate numbers of one launch."""
+
+    per_device: int
+    devices: int
+    num_nodes: int
+    accumulate: int
+    effective: int
+    base_batch_size: int
+    rule: str
+    base_lr: float
+    lr: float
+
+    def describe(self) -> str:
+        factor = self.lr / self.base_lr if self.base_lr else 1.0
+        return (
+            f"effective batch {self.effective} = {self.per_device} per device x {self.devices} "
+            f"devices x {self.num_nodes} nodes x {self.accumulate} accumulation; "
+            f"lr {self.lr:.4g} = {self.base_lr:.4g} x {factor:.4g} ({self.rule} rule, base batch "
+            f"{self.base_batch_size})"
+        )
+
+
+def plan_batch(cfg: Any, per_device: int, devices: int, num_nodes: int) -> BatchPlan:
+    """Effective batch and scaled lr; writes both into cfg.scaling (the saved config shows them)."""
+    accumulate = cfg.trainer.accumulate_grad_batches
+    effective = per_device * devices * num_nodes * accumulate
+    rule = LRRule(cfg.scaling.lr_rule)
+    ratio = effective / cfg.scaling.base_batch_size
+    factor = {LRRule.none: 1.0, LRRule.linear: ratio, LRRule.sqrt: math.sqrt(ratio)}[rule]
+    plan = BatchPlan(per_device, devices, num_nodes, accumulate, effective,
+                     cfg.scaling.base_batch_size, rule.value, float(cfg.optim.lr),
+                     float(cfg.optim.lr) * factor)
+    for name, derived in (("effective_batch_size", plan.effective), ("lr", plan.lr)):
+        given = cfg.scaling[name]
+        if given is not None and not math.isclose(float(given), float(derived), rel_tol=1e-6):
+            # a config.yaml saved by a run on another topology: recompute, but say so
+            warnings.warn(f"scaling.{name}={given} is derived, not an input; using {derived} "
+                          f"({plan.describe()})", stacklevel=2)
+    cfg.scaling.effective_batch_size = plan.effective
+    cfg.scaling.lr = plan.lr
+    return plan
+
+
+def to_yaml(cfg: Any) -> str:
+    """The resolved config as YAML (interpolations replaced by their values)."""
+    return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def save_config(cfg: Any, path: str | os.PathLike) -> None:
+    """Write the resolved config atomically (a crash never leaves half a config.yaml)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as f:
+        f.write(to_yaml(cfg))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(f.name, path)
