@@ -1,1 +1,13 @@
-print("train")
+"""`python train.py CONFIG [key=value ...]`: `phenoscale fit` as a script, for launchers.
+
+fabric run, torchrun and srun start a Python file, not a console script, so this file exists:
+  fabric run --accelerator cpu --devices 2 train.py configs/experiments/tiny.yaml
+  torchrun --nproc_per_node 2 train.py configs/experiments/tiny.yaml
+  srun python train.py configs/experiments/demo_mae.yaml
+"""
+import sys
+
+from phenoscale.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["fit", *sys.argv[1:]]))

@@ -6,8 +6,7 @@
   are reduced over ranks every batch so all ranks take the same branch (one rank stopping
   while the others enter the next all-reduce is a hang).
 - `Throughput`: crops/s and samples seen, summed over ranks, logged every log interval.
-- `DataEpoch`: tells the datamodule the epoch (Lightning never sets it on an IterableDataset,
-  and a resampled WebDataset stream otherwise repeats every epoch).
+- `BatchAudit`: per-rank lines of step and batch checksum (did every rank train, same data?).
 """
 from __future__ import annotations
 
@@ -174,15 +173,6 @@ class Throughput(pl.Callback):
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
         self._crops, self._since, self._logged_step = 0, now, step
-
-
-class DataEpoch(pl.Callback):
-    """datamodule.set_epoch(epoch) at every epoch start, so each epoch draws a new stream."""
-
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        set_epoch = getattr(trainer.datamodule, "set_epoch", None)
-        if callable(set_epoch):
-            set_epoch(trainer.current_epoch)
 
 
 class BatchAudit(pl.Callback):

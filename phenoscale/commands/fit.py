@@ -1,0 +1,49 @@
+"""Train a model: dataclass defaults <- CONFIG <- key=value overrides, in run.run_dir.
+
+Everything of a run lives in its run directory (config.yaml, checkpoints/, logs/, embeddings/,
+reports/). Rerunning the same command with the same run.run_dir resumes from
+checkpoints/last.ckpt, data position included. SIGTERM / SIGUSR1 (SLURM preemption) checkpoint
+and exit cleanly; a non-finite loss stops with the step named and keeps the last good checkpoint.
+
+Under a launcher use train.py (the same thing); devices and num_nodes are taken from the
+launcher ('auto') and an explicit mismatch is an error:
+  fabric run --accelerator cpu --devices 2 train.py CONFIG
+  torchrun --nproc_per_node 8 train.py CONFIG
+  srun python train.py CONFIG          (sbatch --nodes N --ntasks-per-node G)
+
+Examples:
+  phenoscale fit configs/experiments/tiny.yaml
+  phenoscale fit configs/experiments/demo_mae.yaml run.name=mae1 trainer.max_steps=2000
+  phenoscale fit configs/experiments/demo_wsl.yaml data.batch_size=64 scaling.lr_rule=sqrt
+See docs/runs.md for the run directory, launchers and resume behaviour.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from phenoscale.callbacks import NonFiniteLossError
+from phenoscale.config import ConfigError, load_config
+from phenoscale.launch import LaunchMismatchError
+
+HELP = "train a model from an experiment config (resumes an existing run directory)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="experiment YAML, e.g. configs/experiments/tiny.yaml")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="dotlist overrides, e.g. trainer.max_steps=100 run.name=try2")
+
+
+def run(args: argparse.Namespace) -> int:
+    from phenoscale.fitting import fit  # heavy imports only when training
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        result = fit(cfg)
+    except (ConfigError, LaunchMismatchError, NonFiniteLossError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2 if not isinstance(err, NonFiniteLossError) else 3
+    state = "preempted (checkpoint saved; rerun to resume)" if result.preempted else "finished"
+    print(f"[phenoscale] {state} at step {result.global_step}; run directory {result.run_dir}")
+    return 0

@@ -1,0 +1,78 @@
+"""Shared by test_fit / test_ddp / test_resume: real-pixel shards, free ports, CLI subprocesses."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import tifffile
+
+from datamodules import ShardWriter
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "experiments" / "tiny.yaml"
+PEDIATRIC_FIELD = "images/pediatric_cancer_atlas_BR00143976_C03_f03"
+STAINS = ["Brightfield", "ER", "AGP", "Mito", "DNA", "RNA"]  # ch1..ch6 of that field (shared README)
+GENES = ["NT", "GENE_A", "GENE_B", "GENE_C"]
+
+
+def write_real_shards(shared_data: Path, out: Path, sites: int = 16, size: int = 64) -> Path:
+    """`sites` non-overlapping size x size tiles of the real 6-channel uint16 field as shard sites.
+
+    Real pixels, invented layout: 4 plates-worth of wells, one gene per well, NT as control.
+    Small shards (several per directory) so streams resample across files as at scale.
+    """
+    folder = shared_data / PEDIATRIC_FIELD
+    field = np.stack([tifffile.imread(folder / f"r03c03f03p01-ch{c}sk1fk1fl1.tiff") for c in range(1, 7)])
+    per_row = field.shape[2] // size
+    with ShardWriter(out, max_bytes=4 * 6 * size * size * 2 + 4096) as writer:
+        for i in range(sites):
+            r, c = divmod(i, per_row)
+            tile = field[:, r * size:(r + 1) * size, c * size:(c + 1) * size]
+            gene = GENES[i % len(GENES)]
+            writer.write(np.ascontiguousarray(tile), {
+                "key": f"site{i:04d}", "experiment": f"exp{i % 2}", "plate": f"P{i % 2}",
+                "well": f"W{i:02d}", "site": 1, "perturbation": gene,
+                "perturbation_type": "control" if gene == "NT" else "gene", "is_control": gene == "NT",
+                "cell_type": "DAOY", "channels": STAINS,
+            })
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def tiny_overrides(shards: Path, run_dir: Path, *extra: str) -> list[str]:
+    return [f"data.train_shards={shards}", f"run.run_dir={run_dir}", "trainer.audit_batches=true",
+            "data.num_workers=0", *extra]
+
+
+def child_env() -> dict[str, str]:
+    """Environment for CLI subprocesses: this repo importable, 1 thread each (2 cores shared)."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("SLURM_", "LT_", "TORCHELASTIC_")) and k not in
+           ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return env
+
+
+def run_cli(args: list[str], timeout: float = 240, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run `args` (e.g. [python, train.py, ...]) from the repo root; output captured as text."""
+    return subprocess.run(args, cwd=REPO, env=env or child_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def train_cmd(*args: str) -> list[str]:
+    return [sys.executable, str(REPO / "train.py"), str(TINY), *args]
+
+
+def audit(run_dir: Path, rank: int = 0) -> pl.DataFrame:
+    """logs/batches/rank<r>.tsv written by BatchAudit: one row per training batch."""
+    return pl.read_csv(run_dir / "logs" / "batches" / f"rank{rank}.tsv", separator="\t", has_header=False,
+                       new_columns=["step", "epoch", "batch", "crops", "checksum"])
