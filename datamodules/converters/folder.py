@@ -12,17 +12,23 @@ from pathlib import Path
 
 import polars as pl
 
-from datamodules.converters.common import FILES, normalise_metadata, read_table, safe_key
+from datamodules.converters.common import FILES, SITE_COLUMNS, normalise_metadata, read_table, safe_key
 
 DEFAULTS = {"site": "1", "perturbation": "unknown", "perturbation_type": "unknown", "is_control": "false", "cell_type": "unknown"}
+
+
+def _metadata_name(column: str) -> str:
+    """`Metadata_Plate` -> `plate` for contract keys (case-insensitive); other names lose the prefix only."""
+    name = column.removeprefix("Metadata_")
+    return next((key for key in SITE_COLUMNS if key == name.lower()), name)
 
 
 def folder_sites(table_path: str | Path) -> pl.DataFrame:
     """One row per site of the table at `table_path` (CSV/TSV/parquet)."""
     table_path = Path(table_path)
     table = read_table(table_path).with_columns(pl.all().cast(pl.Utf8))
-    table = table.rename({c: c.removeprefix("Metadata_") for c in table.columns
-                          if c.startswith("Metadata_") and c.removeprefix("Metadata_") not in table.columns})
+    table = table.rename({c: _metadata_name(c) for c in table.columns
+                          if c.startswith("Metadata_") and _metadata_name(c) not in table.columns})
     stains = [c.removeprefix("FileName_") for c in table.columns if c.startswith("FileName_")]
     if not stains:
         raise ValueError(f"{table_path}: no FileName_<Stain> columns; one column per channel file is required")
