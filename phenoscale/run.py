@@ -41,8 +41,11 @@ class RunDir:
         self.reports = self.root / "reports"
 
     def create(self) -> "RunDir":
+        """Make the layout; drop temp files a killed writer left (never complete, never read)."""
         for path in (self.checkpoints, self.logs, self.embeddings, self.reports):
             path.mkdir(parents=True, exist_ok=True)
+        for stale in self.checkpoints.glob(".*.tmp-*"):
+            stale.unlink(missing_ok=True)
         return self
 
     @property
