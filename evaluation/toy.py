@@ -6,6 +6,9 @@ effect. Small enough for unit tests, and scales to genome-wide sizes for the ben
 """
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Optional
+
 import numpy as np
 import polars as pl
 
@@ -23,16 +26,21 @@ def toy_screen(
     module_size: int = 10,
     batch_strength: float = 2.0,
     seed: int = 0,
+    truth_dir: Optional[Path] = None,
 ) -> pl.DataFrame:
     """Columns experiment, plate, well, perturbation, is_control, embedding (float32).
 
     Gene `i` belongs to module i // module_size; each gene's wells are spread over the batches.
+    With `truth_dir`, the planted truth is written there in `phenoscale synth`'s truth/ layout
+    (phenotypes.parquet, relationships.csv).
     """
     rng = np.random.default_rng(seed)
     names = np.array([f"G{i:05d}" for i in range(genes)]) if isinstance(genes, int) else np.asarray(genes, str)
     n_genes = len(names)
     modules = rng.normal(size=(n_genes // module_size + 1, dim)).astype(np.float32)
     phenotype = modules[np.arange(n_genes) // module_size] + 0.5 * rng.normal(size=(n_genes, dim)).astype(np.float32)
+    if truth_dir is not None:
+        _write_truth(Path(truth_dir), names, np.arange(n_genes) // module_size, phenotype, module_size)
     well_gene = np.repeat(np.arange(n_genes), wells_per_gene)
     gene_batch = (np.arange(len(well_gene)) % n_batches)
     ctrl_batch = np.repeat(np.arange(n_batches), controls_per_batch)
@@ -61,3 +69,11 @@ def toy_relationships(genes: np.ndarray | int, module_size: int = 10) -> pl.Data
     i, j = np.triu_indices(len(names), 1)
     same = module[i] == module[j]
     return pl.DataFrame({"entity1": names[i[same]], "entity2": names[j[same]]})
+
+
+def _write_truth(truth_dir: Path, names: np.ndarray, module: np.ndarray, phenotype: np.ndarray, module_size: int) -> None:
+    truth_dir.mkdir(parents=True, exist_ok=True)
+    pl.DataFrame({"perturbation": names, "module": module}).with_columns(
+        pl.Series("latent", phenotype, dtype=pl.Array(pl.Float32, phenotype.shape[1]))
+    ).write_parquet(truth_dir / "phenotypes.parquet")
+    toy_relationships(names, module_size).write_csv(truth_dir / "relationships.csv")
