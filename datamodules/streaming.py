@@ -125,6 +125,15 @@ class TrainLoader(DataLoader):
         self.position.epoch += 1  # a pass that ran to the end completes the epoch
         self.position.batches = 0
 
+    # Lightning checks for these to know the loader can resume mid-epoch. The position itself is
+    # saved and restored by ShardDataModule.state_dict (it knows the trainer's progress, which the
+    # loader cannot: the trainer fetches one batch ahead), so the loader's own state is empty.
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Nothing to restore here: see state_dict."""
+
 
 class ShardDataModule(L.LightningDataModule):
     """Training and evaluation loaders over WebDataset shards (see the module docstring)."""
