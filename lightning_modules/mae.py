@@ -73,6 +73,10 @@ class MaskedAutoencoderModule(PhenoModule):
         if is_channel_agnostic(backbone) != self.channel_agnostic:
             kind = "a channel-agnostic (ca_vit_*)" if self.channel_agnostic else "a per-image (not ca_*)"
             raise ValueError(f"{type(self).__name__} needs {kind} backbone, got model.backbone={cfg.backbone!r}")
+        # the pooled head (fc_norm/head) is used by neither the MAE loss nor the embedding; frozen,
+        # so DDP sees no parameter without a gradient (its keys stay for checkpoint compatibility)
+        for head in (backbone.fc_norm, backbone.head):
+            head.requires_grad_(False)
         self.encoder = MaskedEncoder(backbone)
         self.patch_size = int(backbone.patch_embed.patch_size[0])
         self.grid = int(backbone.patch_embed.grid_size[0])
