@@ -23,7 +23,7 @@ def toy_screen(
     wells_per_gene: int = 4,
     controls_per_batch: int = 20,
     n_batches: int = 4,
-    module_size: int = 10,
+    module_size: int = 4,
     batch_strength: float = 2.0,
     seed: int = 0,
     truth_dir: Optional[Path] = None,
@@ -62,7 +62,7 @@ def toy_screen(
     return embeddings_frame(metadata, features)
 
 
-def toy_relationships(genes: np.ndarray | int, module_size: int = 10) -> pl.DataFrame:
+def toy_relationships(genes: np.ndarray | int, module_size: int = 4) -> pl.DataFrame:
     """All within-module pairs of toy_screen's genes: the screen's planted truth as entity1,entity2."""
     names = np.array([f"G{i:05d}" for i in range(genes)]) if isinstance(genes, int) else np.asarray(genes, str)
     module = np.arange(len(names)) // module_size

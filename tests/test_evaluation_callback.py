@@ -97,9 +97,12 @@ def test_callback_logs_the_offline_pipeline_numbers(tmp_path):
     trainer.fit(model)
     logged = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("eval/")}
     # offline, on the crop means the callback must reconstruct (uint16 quantisation included)
-    quantised = screen.with_columns(embedding=pl.Series(
-        data.decode(torch.from_numpy(data.codes.astype(np.uint16))[:, None, :, None]).numpy(),
-        dtype=pl.Array(pl.Float32, 16)))
+    def decoded(shift: int) -> np.ndarray:
+        pixels = torch.from_numpy((data.codes + shift).astype(np.uint16))[:, None, :, None]
+        return data.decode(pixels).numpy().astype(np.float64)
+
+    crop_mean = ((decoded(100) + decoded(-100)) / 2).astype(np.float32)
+    quantised = screen.with_columns(embedding=pl.Series(crop_mean, dtype=pl.Array(pl.Float32, 16)))
     offline = run_efaar(quantised, cfg).summary()
     assert logged["eval/recall_toy_relationships"] == pytest.approx(offline["recall_toy_relationships"], abs=1e-6)
     assert logged["eval/recall_mean"] == pytest.approx(offline["recall_mean"], abs=1e-6)
