@@ -1,0 +1,71 @@
+"""Embed every site of a shard set with a trained model; write the embeddings parquet.
+
+CHECKPOINT is a phenoscale checkpoint (runs/<name>/checkpoints/last.ckpt) or a public
+OpenPhenom file (its config.json beside it). Each site is tiled into non-overlapping crops,
+each crop embedded, and the crop embeddings averaged per site. The parquet holds the
+manifest's metadata columns plus `embedding` (Array(Float32, D)), ready for
+`phenoscale evaluate`.
+
+Data settings (crop size, channels, batch size) come from --config, else from the run's
+config.yaml when CHECKPOINT lives in a run directory, else the defaults with the model's crop
+size. Runs in one process with a progress bar, or under torchrun/srun with the sites split
+over ranks (rank 0 writes OUT).
+
+Examples:
+  phenoscale embed runs/tiny/checkpoints/last.ckpt screen/shards runs/tiny/embeddings/screen.parquet
+  phenoscale embed openphenom/model.safetensors jump_shards/ emb.parquet --pooling channelwise
+  torchrun --nproc_per_node 8 -m phenoscale.cli embed last.ckpt shards/ emb.parquet --block -2
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from phenoscale.config import ConfigError, load_config
+
+HELP = "embed every site of SHARDS with CHECKPOINT -> embeddings parquet"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help="phenoscale .ckpt or OpenPhenom weights file")
+    parser.add_argument("shards", help="shard directory (with manifest.parquet) or a glob of its .tar files")
+    parser.add_argument("out", help="output parquet path, e.g. runs/<name>/embeddings/<shards>.parquet")
+    parser.add_argument("--config", help="experiment YAML for the data settings (default: the run's config.yaml)")
+    parser.add_argument("--pooling", choices=("mean", "cls", "channelwise"), help="default: the model's")
+    parser.add_argument("--block", type=int, help="encoder block to embed from (negative counts from the end)")
+    parser.add_argument("--batch-size", type=int, help="crops per batch (default: data.batch_size)")
+    parser.add_argument("--num-workers", type=int, help="loader processes (default: data.num_workers)")
+
+
+def data_config(args: argparse.Namespace, crop_size: int):
+    """The data section: --config, else <run>/config.yaml next to checkpoints/, else defaults."""
+    run_config = Path(args.checkpoint).resolve().parent.parent / "config.yaml"
+    source = args.config or (str(run_config) if run_config.is_file() else None)
+    overrides = [f"data.train_shards={args.shards}", f"data.eval_shards={args.shards}"]
+    if source is None:
+        overrides.append(f"data.crop_size={crop_size}")
+    if args.batch_size:
+        overrides.append(f"data.batch_size={args.batch_size}")
+    if args.num_workers is not None:
+        overrides.append(f"data.num_workers={args.num_workers}")
+    cfg = load_config(source, overrides)
+    return OmegaConf.to_object(cfg.data), cfg.run.seed
+
+
+def run(args: argparse.Namespace) -> int:
+    import lightning_modules
+    from phenoscale.embedding import embed_shards
+
+    try:
+        model = lightning_modules.load_pretrained(args.checkpoint)
+        data_cfg, seed = data_config(args, model.model_cfg.img_size)
+        written = embed_shards(model, data_cfg, args.out, args.pooling, args.block, seed)
+    except (ConfigError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if written is not None:
+        print(f"[phenoscale] embeddings written to {written}")
+    return 0

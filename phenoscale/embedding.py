@@ -1,0 +1,72 @@
+"""Embed every site of a shard set with a trained model: crop embeddings averaged per site.
+
+Works in one process or under torchrun/srun: the evaluation loader gives each rank its own
+sites, per-site sums and crop counts are all-reduced, and rank 0 writes the parquet. Sums (not
+means) are reduced so a site whose crops were split over ranks still gets the exact mean.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import datamodules
+from evaluation.embeddings_io import embeddings_frame, write_embeddings
+from phenoscale.launch import detect_launch
+
+#: manifest columns that describe storage, not biology: left out of the embeddings parquet
+STORAGE_COLUMNS = ("shard", "height", "width", "dtype")
+
+
+@torch.no_grad()
+def site_embeddings(model: Any, loader: Any, n_sites: int, device: torch.device,
+                    pooling: str | None, block: int | None, progress: bool = True
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n_sites, D) sums of crop embeddings and (n_sites,) crop counts seen by this rank."""
+    sums: torch.Tensor | None = None
+    counts = torch.zeros(n_sites, dtype=torch.float64, device=device)
+    total = len(loader) if hasattr(loader, "__len__") else None
+    for batch in tqdm(loader, total=total, desc="embed", unit="batch", disable=not progress):
+        crops = model.embed(batch["image"].to(device), pooling=pooling, block=block).to(torch.float64)
+        index = batch["site_index"].to(device)
+        if sums is None:
+            sums = torch.zeros(n_sites, crops.shape[1], dtype=torch.float64, device=device)
+        sums.index_add_(0, index, crops)
+        counts.index_add_(0, index, torch.ones_like(index, dtype=torch.float64))
+    if sums is None:
+        raise ValueError("the evaluation loader yielded no batches: are the shards empty?")
+    return sums, counts
+
+
+def embed_shards(model: Any, data_cfg: Any, out: str | os.PathLike, pooling: str | None = None,
+                 block: int | None = None, seed: int = 0) -> Path | None:
+    """Write OUT (parquet: manifest metadata + `embedding`); returns OUT on rank 0, else None.
+
+    `model`: anything with embed() (see lightning_modules.load_pretrained).
+    """
+    env = detect_launch()
+    device = torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if env.world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    model = model.to(device).eval()
+    datamodule = datamodules.build_datamodule(data_cfg, seed=seed)
+    manifest: pl.DataFrame = datamodule.manifest
+    sums, counts = site_embeddings(model, datamodule.eval_dataloader(), manifest.height, device,
+                                   pooling, block, progress=env.global_rank == 0)
+    if dist.is_initialized():
+        dist.all_reduce(sums)
+        dist.all_reduce(counts)
+    if env.global_rank != 0:
+        return None
+    missing = int((counts == 0).sum())
+    if missing:
+        raise RuntimeError(f"{missing} of {manifest.height} sites got no crop embedding; "
+                           "the evaluation loader must visit every site")
+    means = (sums / counts[:, None]).to(torch.float32).cpu().numpy()
+    metadata = manifest.drop([c for c in STORAGE_COLUMNS if c in manifest.columns])
+    return write_embeddings(embeddings_frame(metadata, means), out)
