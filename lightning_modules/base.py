@@ -82,9 +82,9 @@ class PhenoModule(L.LightningModule):
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         losses = self.compute_losses(batch)
         batch_size = batch["image"].shape[0]
-        self.log_dict({f"train/{k}": v.detach() for k, v in losses.items()},
-                      on_step=True, prog_bar=False, batch_size=batch_size)
-        self.log("train/loss", losses["loss"].detach(), prog_bar=True, batch_size=batch_size)
+        terms = {f"train/{k}": v.detach() for k, v in losses.items() if k != "loss"}
+        self.log_dict(terms, on_step=True, batch_size=batch_size)
+        self.log("train/loss", losses["loss"].detach(), on_step=True, prog_bar=True, batch_size=batch_size)
         return losses["loss"]
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
