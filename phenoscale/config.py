@@ -48,7 +48,7 @@ class TrainerConfig:
     accelerator: str = "auto"
     devices: str = "auto"  # 'auto' or processes per node; must match the launcher
     num_nodes: str = "auto"  # 'auto' or node count; must match the launcher
-    strategy: str = "auto"  # "auto": ddp_find_unused_parameters_true when world size > 1
+    strategy: str = "auto"  # "auto": ddp when world size > 1 (gloo on CPU, nccl on GPU)
     accumulate_grad_batches: int = 1
     gradient_clip_val: Optional[float] = None
     log_every_n_steps: int = 10

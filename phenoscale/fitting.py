@@ -66,18 +66,6 @@ def _record_config(cfg: Any, run_dir: RunDir, resuming: bool) -> None:
     save_config(cfg, run_dir.config)
 
 
-def _strategy(configured: str, world_size: int) -> str:
-    """'auto' with several processes -> DDP that tolerates parameters unused by the loss.
-
-    The MAE encoders keep `fc_norm` (OpenPhenom's key layout) although pre-training never uses
-    it; plain DDP then raises at the second step. Set trainer.strategy=ddp for the leaner
-    variant when every parameter gets a gradient.
-    """
-    if configured == "auto" and world_size > 1:
-        return "ddp_find_unused_parameters_true"
-    return configured
-
-
 def build_trainer(cfg: Any, env: LaunchEnv, run_dir: RunDir, devices: int, num_nodes: int,
                   datamodule: datamodules.ShardDataModule) -> tuple[pl.Trainer, StopGuard]:
     """The Trainer with atomic checkpoints, preemption handling, loggers and progress."""
@@ -104,7 +92,7 @@ def build_trainer(cfg: Any, env: LaunchEnv, run_dir: RunDir, devices: int, num_n
         accelerator=resolve_accelerator(t.accelerator, env),
         devices=devices,
         num_nodes=num_nodes,
-        strategy=_strategy(t.strategy, devices * num_nodes),
+        strategy=t.strategy,
         precision=t.precision,
         max_steps=t.max_steps,
         max_epochs=t.max_epochs,
