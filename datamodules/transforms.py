@@ -17,13 +17,33 @@ def random_crop_origins(height: int, width: int, size: int, n: int, rng: np.rand
 
 
 def dihedral(crop: np.ndarray, code: int) -> np.ndarray:
-    """One of the 8 flips/90-degree rotations of a C x h x w crop (a view; code in 0..7).
+    """One of the 8 flips/90-degree rotations of a C x h x w crop, as a view (code in 0..7).
 
-    Microscopy fields have no canonical orientation, so all 8 symmetries are label-preserving.
+    Bit 1 flips columns, bit 2 flips rows, bit 4 transposes (applied last); the 8 combinations
+    are the 8 symmetries of the square. Microscopy fields have no canonical orientation, so all 8
+    are label-preserving.
     """
-    if code & 4:
+    if code & 1:
         crop = crop[:, :, ::-1]
-    return np.rot90(crop, k=code & 3, axes=(1, 2))
+    if code & 2:
+        crop = crop[:, ::-1, :]
+    return crop.transpose(0, 2, 1) if code & 4 else crop
+
+
+def copy_dihedral(window: np.ndarray, code: int, out: np.ndarray) -> None:
+    """out[...] = dihedral(window, code), fast.
+
+    numpy copies a transposed view element by element with a cache-hostile write pattern (~4x
+    slower than needed); copying it in strips of 64 bytes' worth of rows keeps the writes in
+    cache and makes a 6x256x256 uint8 rotation ~0.1 ms.
+    """
+    oriented = dihedral(window, code & 3)
+    if not code & 4:
+        np.copyto(out, oriented)
+        return
+    strip = max(8, 64 // window.itemsize)
+    for i in range(0, oriented.shape[1], strip):
+        np.copyto(out[:, :, i : i + strip], oriented[:, i : i + strip, :].transpose(0, 2, 1))
 
 
 def fill_random_crops(
@@ -49,7 +69,7 @@ def fill_random_crops(
         window = image[:, top : top + size, left : left + size]
         if select:
             window = window[rng.permutation(base) if permute else base]
-        out[i] = dihedral(window, int(code))
+        copy_dihedral(window, int(code), out[i])
 
 
 def tile_origins(height: int, width: int, size: int) -> np.ndarray:

@@ -17,7 +17,7 @@ import torch
 import torch.multiprocessing as mp
 
 from datamodules import DataConfig, ShardWriter, StreamEpochCallback, build_datamodule, read_manifest
-from datamodules.transforms import dihedral, fill_random_crops, tile_origins
+from datamodules.transforms import copy_dihedral, dihedral, fill_random_crops, tile_origins
 
 N_SITES, SIZE = 24, 40
 PHENIX = "images/pediatric_cancer_atlas_BR00143976_C03_f03"
@@ -142,6 +142,16 @@ def test_crops_flips_rotations_are_windows_of_the_site():
     assert len(orientations) == 8
     assert len({len(set(dihedral(image, c).ravel().tolist()[:5])) for c in range(8)}) == 1
     assert len({dihedral(image, c).tobytes() for c in range(8)}) == 8
+
+
+@pytest.mark.parametrize("dtype, size", [(np.uint8, 256), (np.uint16, 100), (np.uint8, 37)])
+def test_fast_rotation_copy_matches_numpy_views(dtype, size):
+    window = np.random.default_rng(1).integers(0, 1000, (3, size, size)).astype(dtype)
+    out = np.empty_like(window)
+    for code in range(8):
+        copy_dihedral(window, code, out)
+        np.testing.assert_array_equal(out, dihedral(window, code))
+    np.testing.assert_array_equal(dihedral(window, 5), np.rot90(window, 1, axes=(1, 2)))  # flip cols, transpose
 
 
 def test_channel_subset_and_permutation(tmp_path):

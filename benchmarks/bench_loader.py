@@ -1,0 +1,104 @@
+"""Loader throughput: 256x256 training crops per second on one worker core, from 6x512x512 uint8
+shards, against decoding the same sites from the RxRx1 layout (one 8-bit PNG per channel).
+
+Both paths cut the same number of random crops per decoded site (4) with the same crop code and
+assemble the same batches; only the way a site reaches memory differs. Sites are 512x512 windows
+of the real Phenix field (../shared), scaled to 8 bit, so PNG compression sees real images.
+Files are read once before timing, so both paths read from the page cache.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import tifffile
+import torch
+from PIL import Image
+
+from benchmarks.harness import Measurement, best_time
+from datamodules import DataConfig, ShardWriter, build_datamodule
+from datamodules.transforms import dihedral, fill_random_crops
+
+SITES, CROP, CROPS_PER_SITE, BATCH = 48, 256, 4, 32
+STEPS = SITES * CROPS_PER_SITE // BATCH * 2  # each site about twice per timed pass
+PHENIX = "data/images/pediatric_cancer_atlas_BR00143976_C03_f03"
+
+
+def real_sites() -> list[np.ndarray]:
+    """SITES distinct 6x512x512 uint8 sites: the 4 windows of the real field x 8 orientations, +1 offsets."""
+    shared = Path(os.environ.get("PHENOSCALE_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+    planes = [tifffile.imread(shared / PHENIX / f"r03c03f03p01-ch{c}sk1fk1fl1.tiff").astype(np.float32) for c in range(1, 7)]
+    field = np.stack([np.clip(p / np.percentile(p, 99.9) * 255, 0, 255).astype(np.uint8) for p in planes])
+    windows = [field[:, top : top + 512, left : left + 512] for top in (0, 512) for left in (0, 512)]
+    return [np.ascontiguousarray(dihedral(windows[i % 4], (i // 4) % 8)) for i in range(SITES)]
+
+
+def write_rxrx1_layout(sites: list[np.ndarray], root: Path) -> list[list[Path]]:
+    folder = root / "HEPG2-01" / "Plate1"
+    folder.mkdir(parents=True)
+    files = []
+    for i, site in enumerate(sites):
+        paths = [folder / f"B{i:02d}_s1_w{c + 1}.png" for c in range(6)]
+        for plane, path in zip(site, paths):
+            Image.fromarray(plane).save(path)
+        files.append(paths)
+    return files
+
+
+def png_batches(files: list[list[Path]], steps: int, seed: int = 0) -> int:
+    """The baseline loader: same batches as the shard loader, sites decoded from PNGs."""
+    rng = np.random.default_rng(seed)
+    sites_per_batch = BATCH // CROPS_PER_SITE
+    crops = 0
+    for _ in range(steps):
+        out = np.empty((BATCH, 6, CROP, CROP), np.uint8)
+        for j, index in enumerate(rng.integers(0, len(files), sites_per_batch)):
+            image = np.stack([np.asarray(Image.open(p)) for p in files[index]])
+            fill_random_crops(image, out[j * CROPS_PER_SITE : (j + 1) * CROPS_PER_SITE], rng)
+        batch = torch.from_numpy(out)
+        crops += batch.shape[0]
+    return crops
+
+
+def run() -> list[Measurement]:
+    torch.set_num_threads(1)
+    sites = real_sites()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        with ShardWriter(root / "shards", max_bytes=16 * 2**20) as writer:
+            for i, site in enumerate(sites):
+                writer.write(site, dict(key=f"site{i:03d}", experiment="bench", plate="1", well=f"B{i:02d}", site=1,
+                                        perturbation=f"g{i % 8}", perturbation_type="gene", is_control=False,
+                                        cell_type="DAOY", channels=["Brightfield", "ER", "AGP", "Mito", "DNA", "RNA"]))
+        files = write_rxrx1_layout(sites, root / "rxrx1")
+        png_bytes = sum(p.stat().st_size for site in files for p in site) / SITES
+        cfg = DataConfig(train_shards=str(root / "shards"), crop_size=CROP, crops_per_site=CROPS_PER_SITE,
+                         batch_size=BATCH, num_workers=0, steps_per_epoch=STEPS, shuffle_buffer=16)
+        loader = build_datamodule(cfg, seed=0).train_dataloader()
+
+        def shard_pass() -> None:
+            assert sum(batch["image"].shape[0] for batch in loader) == STEPS * BATCH
+
+        shard_seconds = best_time(shard_pass, repeats=3, warmup=1)
+        png_steps = max(4, STEPS // 4)  # the baseline is slow: time fewer batches
+        png_seconds = best_time(lambda: png_batches(files, png_steps), repeats=2, warmup=1)
+
+    shard_rate = STEPS * BATCH / shard_seconds
+    png_rate = png_steps * BATCH / png_seconds
+    ratio = shard_rate / png_rate
+    extra = {"sites": SITES, "crops_per_site": CROPS_PER_SITE, "batch_size": BATCH, "crop": CROP,
+             "site": "6x512x512 uint8 (real Phenix field, 8-bit)", "npy_mb_per_site": round(sites[0].nbytes / 2**20, 2),
+             "png_mb_per_site": round(png_bytes / 2**20, 2), "workers": "num_workers=0 (the timing process is the worker)",
+             "measured_at": time.strftime("%Y-%m-%d %H:%M:%S")}
+    return [
+        Measurement(
+            name="train crops/s per worker core (shards, 256px from 6x512x512 uint8, 4 crops/site)",
+            value=shard_rate, unit="crops/s",
+            baseline_name="RxRx1 PNG-per-channel decode, same crops", baseline_value=png_rate, ratio=ratio,
+            target=">= 1000 crops/s per worker core and >= 10x the PNG baseline",
+            met=bool(shard_rate >= 1000 and ratio >= 10), extra=extra,
+        )
+    ]
