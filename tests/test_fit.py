@@ -1,0 +1,132 @@
+"""End to end on a tiny synthetic screen: synth -> fit -> embed -> evaluate; run-dir guarantees."""
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+import lightning_modules
+from phenoscale.cli import main
+from phenoscale.config import ConfigError, load_config
+from phenoscale.fitting import fit
+from phenoscale.run import AtomicCheckpointIO, NonFiniteWeightsError
+from run_helpers import TINY
+
+SITE = 64  # synthetic site side; tiny.yaml crops 32 -> 4 tiles per site at embedding time
+
+
+@pytest.fixture(scope="module")
+def screen(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("screen")
+    assert main(["synth", str(out), "--genes", "30", "--image-size", str(SITE), "--experiments", "2",
+                 "--sites-per-well", "1", "--workers", "1"]) == 0
+    return out
+
+
+def fit_args(screen: Path, run_dir: Path, *extra: str) -> list[str]:
+    return ["fit", str(TINY), f"data.train_shards={screen / 'shards'}", f"run.run_dir={run_dir}",
+            "data.num_workers=0", *extra]
+
+
+def _tiles(screen: Path, key: str) -> torch.Tensor:
+    """The site's 4 non-overlapping 32x32 tiles, read straight from the tar (independent of the loader)."""
+    for shard in sorted((screen / "shards").glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            names = {m.name for m in tar.getmembers()}
+            if f"{key}.npy" in names:
+                image = np.load(io.BytesIO(tar.extractfile(f"{key}.npy").read()))
+                tiles = [image[:, r:r + 32, c:c + 32] for r in (0, 32) for c in (0, 32)]
+                return torch.from_numpy(np.stack(tiles))
+    raise AssertionError(f"{key} not found in the shards")
+
+
+@pytest.mark.slow
+def test_fit_embed_evaluate_on_a_synthetic_screen(screen: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    assert main(fit_args(screen, run_dir, "trainer.max_steps=8", "trainer.checkpoint_every_n_steps=4")) == 0
+
+    # the run directory holds config, checkpoints and logs
+    saved = OmegaConf.load(run_dir / "config.yaml")
+    assert saved.scaling.effective_batch_size == 8 and saved.scaling.lr == pytest.approx(1e-3)
+    steps = sorted(p.name for p in (run_dir / "checkpoints").glob("step=*.ckpt"))
+    assert steps == ["step=00000004.ckpt", "step=00000008.ckpt"]
+    assert (run_dir / "checkpoints" / "last.ckpt").samefile(run_dir / "checkpoints" / steps[-1])
+    metrics = pl.read_csv(run_dir / "logs" / "csv" / "attempt_0" / "metrics.csv")
+    assert {"train/loss", "throughput/crops_per_s", "throughput/samples_seen"} <= set(metrics.columns)
+    assert any(c.startswith("lr-") for c in metrics.columns)
+    assert metrics["throughput/samples_seen"].drop_nulls().to_list() == [16.0, 32.0, 48.0, 64.0]
+    hparams = OmegaConf.load(run_dir / "logs" / "csv" / "attempt_0" / "hparams.yaml")
+    assert hparams.effective_batch_size == 8
+    assert list((run_dir / "logs" / "tensorboard" / "attempt_0").glob("events.out.tfevents.*"))
+
+    embeddings = run_dir / "embeddings" / "screen.parquet"
+    assert main(["embed", str(run_dir / "checkpoints" / "last.ckpt"), str(screen / "shards"), str(embeddings),
+                 "--num-workers", "0"]) == 0
+    frame = pl.read_parquet(embeddings)
+    manifest = pl.read_parquet(screen / "shards" / "manifest.parquet")
+    assert frame["key"].to_list() == manifest["key"].to_list()  # every site once, in manifest order
+    assert frame["embedding"].dtype == pl.Array(pl.Float32, 32)  # tiny ViT width
+    matrix = frame["embedding"].to_numpy()
+    assert np.isfinite(matrix).all() and matrix.std(axis=0).min() > 0
+    # a site's embedding is the mean of its 4 tile embeddings (recomputed from the tar directly)
+    model = lightning_modules.load_pretrained(run_dir / "checkpoints" / "last.ckpt")
+    for row in (0, 101):
+        with torch.no_grad():
+            expected = model.embed(_tiles(screen, frame["key"][row])).mean(0).numpy()
+        np.testing.assert_allclose(matrix[row], expected, rtol=1e-4, atol=1e-5)
+
+    report = run_dir / "reports"
+    assert main(["evaluate", str(embeddings), "--annotations", str(screen / "truth" / "relationships.csv"),
+                 "--truth", str(screen / "truth"), "--benchmarks", "recall", "--clusters", "",
+                 "--out", str(report)]) == 0
+    summary = json.loads((report / "metrics.json").read_text())["summary"]
+    assert 0.0 <= summary["recall_relationships"] <= 1.0
+    assert summary["oracle_recall_truth"] > 0.3  # the planted structure is recoverable in principle
+
+
+def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(
+        screen: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    run_dir = tmp_path / "run"
+    # lr 1e30: the first update blows the weights up, the second step's loss is not finite
+    code = main(fit_args(screen, run_dir, "trainer.max_steps=6", "trainer.checkpoint_every_n_steps=1",
+                         "optim.lr=1e30"))
+    assert code == 3
+    assert "error: non-finite loss at step 2 (epoch 0, batch 1)" in capsys.readouterr().err
+    checkpoints = sorted(p.name for p in (run_dir / "checkpoints").glob("*.ckpt"))
+    assert checkpoints == ["last.ckpt", "step=00000001.ckpt"]
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert state["global_step"] == 1
+    assert all(torch.isfinite(v).all() for v in state["state_dict"].values() if v.is_floating_point())
+
+
+def test_existing_run_is_never_overwritten(screen: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints" / "last.ckpt").write_bytes(b"previous run")
+    cfg = load_config(TINY, [f"data.train_shards={screen / 'shards'}", f"run.run_dir={run_dir}", "run.resume=false"])
+    with pytest.raises(ConfigError, match="already holds .*last.ckpt; pass run.resume=true"):
+        fit(cfg)
+    assert (run_dir / "checkpoints" / "last.ckpt").read_bytes() == b"previous run"
+
+
+def test_missing_shards_is_named_before_anything_starts(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["fit", str(TINY), f"run.run_dir={tmp_path / 'run'}"]) == 2
+    assert "missing mandatory values: data.train_shards" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_atomic_checkpoint_io_refuses_non_finite_weights(tmp_path: Path) -> None:
+    io_ = AtomicCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    io_.save_checkpoint({"state_dict": {"w": torch.ones(3)}, "global_step": 1}, path)
+    with pytest.raises(NonFiniteWeightsError, match=r"non-finite values in w"):
+        io_.save_checkpoint({"state_dict": {"w": torch.tensor([1.0, float("nan"), 0.0])}, "global_step": 2}, path)
+    assert torch.load(path, weights_only=True)["global_step"] == 1  # the good one stays
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temp left behind
