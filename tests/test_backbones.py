@@ -82,9 +82,14 @@ def test_channel_agnostic_vit_rejects_more_than_max_channels():
         vit(torch.randn(1, 12, 32, 32))
 
 
+TINY_CNNS = {"resnet18": {"layers": (1, 1, 1, 1), "channels": (8, 16, 32, 64), "stem_width": 8},
+             "densenet121": {"growth_rate": 8, "block_config": (1, 1, 1, 1)}}
+
+
 @pytest.mark.parametrize("name,stem", [("resnet18", "conv1"), ("densenet121", "features.conv0")])
 def test_any_timm_cnn_is_a_wsl_backbone_with_channels_from_the_data(name, stem):
-    module = tiny_module("wsl", in_chans=5, num_classes=3, backbone=name, backbone_kwargs={}, patch_size=None)
+    module = tiny_module("wsl", in_chans=5, num_classes=3, backbone=name, backbone_kwargs=TINY_CNNS[name],
+                         patch_size=None)
     assert module.backbone.get_submodule(stem).weight.shape[1] == 5
     assert module.embed(torch.zeros(2, 5, 32, 32, dtype=torch.uint8) + torch.arange(32, dtype=torch.uint8)).shape == (2, 16)
 
