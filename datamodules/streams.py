@@ -12,6 +12,7 @@ batch n can fast-forward by reading, not decoding, the batches before n.
 from __future__ import annotations
 
 import math
+import mmap
 import tarfile
 from typing import Callable, Iterator
 
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from datamodules.samples import BadSampleError, RawSample, iter_shard, log_bad_sample, parse_sample
+from datamodules.samples import BadSampleError, RawSample, iter_shard, log_bad_sample, member_view, parse_sample
 from datamodules.transforms import fill_random_crops, tile_crops
 
 
@@ -218,36 +219,35 @@ class EvalStream(IterableDataset):
 
 
 class ShardReader:
-    """Random access to samples by key, keeping the current shard's tar index open (sites of a
-    rank are contiguous in the manifest, so consecutive reads mostly hit the same shard)."""
+    """Random access to samples by key, keeping the current shard mapped with its tar index (sites
+    of a rank are contiguous in the manifest, so consecutive reads mostly hit the same shard)."""
 
     def __init__(self, on_bad: Callable[[str, str, str], None]) -> None:
         self.on_bad = on_bad
         self.path: str | None = None
-        self.tar: tarfile.TarFile | None = None
+        self.view: memoryview | None = None
         self.members: dict[str, dict[str, tarfile.TarInfo]] = {}
 
     def _open(self, path: str) -> None:
         self.close()
-        tar = tarfile.open(path, "r:")
         members: dict[str, dict[str, tarfile.TarInfo]] = {}
-        for info in tar.getmembers():
-            key, _, ext = info.name.rsplit("/", 1)[-1].partition(".")
-            members.setdefault(key, {})[ext] = info
-        self.path, self.tar, self.members = path, tar, members
+        with open(path, "rb") as raw, tarfile.open(fileobj=raw, mode="r:") as tar:
+            for info in tar.getmembers():
+                key, _, ext = info.name.rsplit("/", 1)[-1].partition(".")
+                members.setdefault(key, {})[ext] = info
+            view = memoryview(mmap.mmap(raw.fileno(), 0, access=mmap.ACCESS_READ))
+        self.path, self.view, self.members = path, view, members
 
     def read(self, path: str, key: str, min_size: int) -> RawSample | None:
         try:
             if path != self.path:
                 self._open(path)
-            found = self.members.get(key, {})
-            data = {ext: self.tar.extractfile(info).read() for ext, info in found.items()}
+            data = {ext: member_view(self.view, info) for ext, info in self.members.get(key, {}).items()}
             return parse_sample(key, path, data.get("npy"), data.get("json"), min_size)
-        except (BadSampleError, tarfile.TarError, OSError, EOFError) as err:
+        except (BadSampleError, tarfile.TarError, OSError, EOFError, ValueError) as err:
             self.on_bad(path, key, str(err))
             return None
 
     def close(self) -> None:
-        if self.tar is not None:
-            self.tar.close()
-        self.path, self.tar, self.members = None, None, {}
+        """Forget the current shard (the mapping is released once no sample views it)."""
+        self.path, self.view, self.members = None, None, {}
