@@ -20,6 +20,7 @@ from omegaconf import OmegaConf
 
 import datamodules
 import lightning_modules
+from evaluation.callback import EFAARCallback
 from phenoscale.callbacks import BatchAudit, StepCheckpoint, StopGuard, Throughput
 from phenoscale.config import BatchPlan, ConfigError, plan_batch, require_complete, save_config, to_yaml
 from phenoscale.launch import LaunchEnv, LaunchMismatchError, detect_launch, resolve_topology
@@ -82,6 +83,8 @@ def build_trainer(cfg: Any, env: LaunchEnv, run_dir: RunDir, devices: int, num_n
     ]
     if t.audit_batches:
         callbacks.append(BatchAudit(run_dir.logs / "batches"))
+    if t.evaluate:  # EFAAR on data.eval_shards (default: the training shards) every eval.every_n_epochs
+        callbacks.append(EFAARCallback(datamodule, OmegaConf.to_object(cfg.eval)))
     version = run_dir.next_attempt()
     plugins: list[Any] = [AtomicCheckpointIO()]
     if env.launcher == "slurm":
@@ -140,9 +143,6 @@ def fit(cfg: Any, environ: dict[str, str] | None = None) -> FitResult:
         total_steps=steps,
     )
     _log_plan(trainer, plan)
-    callbacks_eval = _eval_callback(cfg)
-    if callbacks_eval is not None:
-        trainer.callbacks.append(callbacks_eval)
     if last is not None:
         rank_zero_info(f"[phenoscale] resuming from {last}")
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if last else None)
@@ -164,7 +164,3 @@ def _log_plan(trainer: pl.Trainer, plan: BatchPlan) -> None:
     for logger in trainer.loggers:
         logger.log_hyperparams({"effective_batch_size": plan.effective, "lr": plan.lr,
                                 "lr_rule": plan.rule, "world_size": plan.devices * plan.num_nodes})
-
-
-def _eval_callback(cfg: Any) -> pl.Callback | None:
-    return None

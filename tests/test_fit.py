@@ -50,7 +50,10 @@ def _tiles(screen: Path, key: str) -> torch.Tensor:
 @pytest.mark.slow
 def test_fit_embed_evaluate_on_a_synthetic_screen(screen: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    assert main(fit_args(screen, run_dir, "trainer.max_steps=8", "trainer.checkpoint_every_n_steps=4")) == 0
+    truth = screen / "truth"
+    assert main(fit_args(screen, run_dir, "trainer.max_steps=8", "trainer.checkpoint_every_n_steps=4",
+                         "trainer.evaluate=true", f"eval.annotations=[{truth / 'relationships.csv'}]",
+                         "eval.clusters=null", "eval.benchmarks=[recall]")) == 0
 
     # the run directory holds config, checkpoints and logs
     saved = OmegaConf.load(run_dir / "config.yaml")
@@ -62,6 +65,8 @@ def test_fit_embed_evaluate_on_a_synthetic_screen(screen: Path, tmp_path: Path) 
     assert {"train/loss", "throughput/crops_per_s", "throughput/samples_seen"} <= set(metrics.columns)
     assert any(c.startswith("lr-") for c in metrics.columns)
     assert metrics["throughput/samples_seen"].drop_nulls().to_list() == [16.0, 32.0, 48.0, 64.0]
+    online = metrics["eval/recall_relationships"].drop_nulls()  # EFAAR after each of the 2 epochs
+    assert online.len() == 2 and all(0.0 <= r <= 1.0 for r in online)
     hparams = OmegaConf.load(run_dir / "logs" / "csv" / "attempt_0" / "hparams.yaml")
     assert hparams.effective_batch_size == 8
     assert list((run_dir / "logs" / "tensorboard" / "attempt_0").glob("events.out.tfevents.*"))
