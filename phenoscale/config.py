@@ -138,15 +138,20 @@ def _friendly(err: OmegaConfBaseException, source: str) -> ConfigError:
     return ConfigError(f"{source}: {what}.\nAllowed keys of {where}:\n{allowed_keys(section)}")
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> ExperimentConfig:
-    """Defaults <- YAML file <- dotlist overrides (`trainer.max_steps=10`), validated.
+def load_config(paths: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
+                overrides: Sequence[str] = ()) -> ExperimentConfig:
+    """Defaults <- YAML file(s), in order <- dotlist overrides (`trainer.max_steps=10`), validated.
 
+    Several files layer like the overrides do (e.g. a paper model file, then a data/site file).
     Returns a typed (structured) DictConfig posing as ExperimentConfig: attribute access and
     assignment are checked against the schema from here on too.
     """
     cfg = OmegaConf.structured(ExperimentConfig)
-    if path is not None:
-        path = Path(path)
+    if paths is None:
+        paths = []
+    elif isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    for path in map(Path, paths):
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:
@@ -162,6 +167,22 @@ def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] 
             raise _friendly(err, f"override {item!r}") from None
     _check_values(cfg)
     return cfg  # type: ignore[return-value]
+
+
+def split_cli_args(items: Sequence[str]) -> tuple[list[str], list[str]]:
+    """`CONFIG... key=value...` from the command line -> (YAML files in order, overrides).
+
+    An existing file is a config layer; anything else must be key=value.
+    """
+    files, overrides = [], []
+    for item in items:
+        if os.path.isfile(item):
+            files.append(item)
+        elif "=" in item:
+            overrides.append(item)
+        else:
+            raise ConfigError(f"{item!r} is neither a config file nor a key=value override")
+    return files, overrides
 
 
 def _check_values(cfg: Any) -> None:

@@ -43,7 +43,7 @@ def site_embeddings(model: Any, loader: Any, n_sites: int, device: torch.device,
     return sums, counts
 
 
-def embed_shards(model: Any, data_cfg: Any, out: str | os.PathLike, pooling: str | None = None,
+def embed_model(model: Any, data_cfg: Any, out: str | os.PathLike, pooling: str | None = None,
                  block: int | None = None, seed: int = 0) -> Path | None:
     """Write OUT (parquet: manifest metadata + `embedding`); returns OUT on rank 0, else None.
 

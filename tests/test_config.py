@@ -122,3 +122,17 @@ def test_config_command_reports_errors(capsys: pytest.CaptureFixture) -> None:
     assert out.startswith("max_steps: 5") and "data:" not in out
     assert main(["config", str(EXPERIMENT_FILES[0]), "trainer.bogus=1"]) == 2
     assert "unknown key 'trainer.bogus'" in capsys.readouterr().err
+
+
+def test_config_files_layer_in_order(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    model = tmp_path / "model.yaml"
+    model.write_text("model:\n  family: wsl\n  drop_path: 0.3\noptim:\n  lr: 3.0e-5\n")
+    site = tmp_path / "site.yaml"
+    site.write_text("model:\n  drop_path: 0.0\ntrainer:\n  max_steps: 50\n")
+    assert main(["config", str(model), str(site), "optim.lr=1e-4", "--section", "model"]) == 0
+    printed = OmegaConf.create(capsys.readouterr().out)
+    assert (printed.family, printed.drop_path) == ("wsl", 0.0)  # the later file wins
+    cfg = load_config([model, site], ["optim.lr=1e-4"])
+    assert (cfg.optim.lr, cfg.trainer.max_steps, cfg.model.family) == (1e-4, 50, "wsl")
+    assert main(["config", str(model), "nonexistent.yaml"]) == 2
+    assert "'nonexistent.yaml' is neither a config file nor a key=value override" in capsys.readouterr().err

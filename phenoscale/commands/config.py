@@ -8,32 +8,30 @@ Examples:
   phenoscale config configs/experiments/tiny.yaml
   phenoscale config configs/paper/camae_vits16.yaml trainer.max_steps=100 data.batch_size=64
   phenoscale config configs/experiments/demo_mae.yaml --section trainer
+  phenoscale config configs/paper/camae_vit_s16.yaml configs/experiments/tiny.yaml   # layered
 """
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from omegaconf import OmegaConf
 
-from phenoscale.config import ConfigError, load_config, to_yaml
+from phenoscale.config import ConfigError, load_config, split_cli_args, to_yaml
 
 HELP = "print the resolved experiment config (defaults <- CONFIG <- overrides)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", nargs="?", help="experiment YAML (omit to print the defaults)")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                        help="dotlist overrides, e.g. trainer.max_steps=100 optim.lr=3e-4")
+    parser.add_argument("items", nargs="*", metavar="CONFIG|KEY=VALUE",
+                        help="experiment YAML file(s), merged in order (none: the defaults), then "
+                             "dotlist overrides, e.g. trainer.max_steps=100 optim.lr=3e-4")
     parser.add_argument("--section", help="print only this section, e.g. trainer or data")
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.config and "=" in args.config and not os.path.exists(args.config):
-        args.overrides, args.config = [args.config, *args.overrides], None  # defaults + overrides
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(*split_cli_args(args.items))
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

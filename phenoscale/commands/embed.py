@@ -57,12 +57,12 @@ def data_config(args: argparse.Namespace, crop_size: int):
 
 def run(args: argparse.Namespace) -> int:
     import lightning_modules
-    from phenoscale.embedding import embed_shards
+    from phenoscale.embedding import embed_model
 
     try:
         model = lightning_modules.load_pretrained(args.checkpoint)
         data_cfg, seed = data_config(args, model.model_cfg.img_size)
-        written = embed_shards(model, data_cfg, args.out, args.pooling, args.block, seed)
+        written = embed_model(model, data_cfg, args.out, args.pooling, args.block, seed)
     except (ConfigError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -23,23 +23,23 @@ import argparse
 import sys
 
 from phenoscale.callbacks import NonFiniteLossError
-from phenoscale.config import ConfigError, load_config
+from phenoscale.config import ConfigError, load_config, split_cli_args
 from phenoscale.launch import LaunchMismatchError
 
 HELP = "train a model from an experiment config (resumes an existing run directory)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", help="experiment YAML, e.g. configs/experiments/tiny.yaml")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                        help="dotlist overrides, e.g. trainer.max_steps=100 run.name=try2")
+    parser.add_argument("items", nargs="+", metavar="CONFIG|KEY=VALUE",
+                        help="experiment YAML file(s), merged in order, e.g. configs/experiments/tiny.yaml, "
+                             "then dotlist overrides, e.g. trainer.max_steps=100 run.name=try2")
 
 
 def run(args: argparse.Namespace) -> int:
     from phenoscale.fitting import fit  # heavy imports only when training
 
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(*split_cli_args(args.items))
         result = fit(cfg)
     except (ConfigError, LaunchMismatchError, NonFiniteLossError) as err:
         print(f"error: {err}", file=sys.stderr)
