@@ -11,7 +11,7 @@ import tifffile
 from PIL import Image
 
 from datamodules import read_manifest
-from datamodules.converters import parse_channel_map
+from datamodules.converters import jump_sites, parse_channel_map, read_site, rxrx1_sites
 from datamodules.samples import iter_shard
 from phenoscale.cli import main as cli
 
@@ -50,8 +50,6 @@ def test_jump_channel_map_option_and_no_guessing(tmp_path, shared_data):
     for tiff in (shared_data / PHENIX).glob("*.tiff"):
         (bare / tiff.name).symlink_to(tiff)
     with pytest.raises(ValueError, match="never assumed"):
-        from datamodules.converters import jump_sites
-
         jump_sites(bare)
     assert cli(["shards", "jump", str(bare), str(tmp_path / "out"), "--workers", "1", "--plate", "BR00143976",
                 "--channel-map", "5=DNA,2=ER"]) == 0
@@ -154,8 +152,6 @@ def test_rxrx1_missing_file_named_or_skipped(tmp_path, rxrx1_folder):
     assert cli(["shards", "rxrx1", str(broken), str(tmp_path / "b"), "--workers", "1", "--allow-missing"]) == 0
     row = read_manifest(tmp_path / "b").filter(pl.col("key") == "HEPG2-01_1_B03_2").row(0, named=True)
     assert row["channels"] == ["Hoechst", "ConA", "Phalloidin", "MitoTracker", "WGA"]
-    from datamodules.converters import read_site, rxrx1_sites
-
     sites = rxrx1_sites(broken).filter(pl.col("key") == "HEPG2-01_1_B03_2")
     with pytest.raises(ValueError, match=r"site 'HEPG2-01_1_B03_2': missing channel files \[.*B03_s2_w4.png'\]"):
         read_site((sites["key"][0], sites["files"][0].to_list(), sites["channels"][0].to_list(), False))

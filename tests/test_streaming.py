@@ -140,7 +140,6 @@ def test_crops_flips_rotations_are_windows_of_the_site():
         assert codes, "crop is not a flip/rotation of a window of the site"
         orientations.add(codes[0])
     assert len(orientations) == 8
-    assert len({len(set(dihedral(image, c).ravel().tolist()[:5])) for c in range(8)}) == 1
     assert len({dihedral(image, c).tobytes() for c in range(8)}) == 8
 
 
