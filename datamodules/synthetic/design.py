@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from datamodules.synthetic.render import AXES, CHANNELS, K, Optics
+from datamodules.synthetic.render import AXES, CHANNELS, K, REFERENCE_RADIUS, Optics
 
 GENE = "gene"
 CONTROL = "control"
@@ -316,17 +316,18 @@ def _optics(cfg: ScreenConfig, plates: pl.DataFrame) -> pl.DataFrame:
     """Technical batch effects: experiment-level stain/exposure/focus/illumination, plate jitter."""
     rng = _rng(cfg.seed, "optics")
     t = cfg.technical
+    mag = cfg.cell_radius / REFERENCE_RADIUS  # blur in pixels grows with the magnification
     per_exp = {}
     for experiment in plates["experiment"].unique(maintain_order=True):
         per_exp[experiment] = dict(
             gain=np.exp(rng.normal(0, 0.25 * t, len(CHANNELS))), offset=rng.uniform(0.01, 0.01 + 0.08 * t, len(CHANNELS)),
-            blur=rng.uniform(0, 1.2 * t), illum_amp=rng.uniform(0, 0.35 * t), illum_angle=rng.uniform(0, 2 * np.pi),
+            blur=rng.uniform(0, 1.2 * t * mag), illum_amp=rng.uniform(0, 0.35 * t), illum_angle=rng.uniform(0, 2 * np.pi),
             vignette=rng.uniform(0, 0.4 * t))
     rows = []
     for experiment, plate in plates.select("experiment", "plate").iter_rows():
         e = per_exp[experiment]
         optics = Optics(gain=e["gain"] * np.exp(rng.normal(0, 0.08 * t, len(CHANNELS))), offset=e["offset"],
-                        blur=float(max(0.0, e["blur"] + rng.normal(0, 0.15 * t))),
+                        blur=float(max(0.0, e["blur"] + rng.normal(0, 0.15 * t * mag))),
                         illum_amp=float(e["illum_amp"]), illum_angle=float(e["illum_angle"] + rng.normal(0, 0.2)),
                         vignette=float(e["vignette"]))
         rows.append({"plate": plate, **optics.as_row()})

@@ -41,6 +41,9 @@ _AX = {name: i for i, name in enumerate(AXES)}
 # RxRx1 / Recursion Cell Painting channel order (w1..w6).
 CHANNELS: tuple[str, ...] = ("Hoechst", "ConA", "Phalloidin", "Syto14", "MitoTracker", "WGA")
 DNA, ER, ACTIN, RNA, MITO, MEMBRANE = range(6)
+# Cell radius (pixels) at which the fine-structure sizes below are given; other magnifications
+# scale edges, textures, puncta and blur by cell_radius / REFERENCE_RADIUS.
+REFERENCE_RADIUS = 9.0
 # Integrated stain per unit of cell area of an unperturbed cell (its look at state 0); MitoTracker
 # is all puncta, whose total is held constant separately.
 _STAIN_PER_AREA = np.array([0.28, 0.54, 0.6, 0.32, 0.0, 0.5])
@@ -109,6 +112,7 @@ def render_site(
     if z.shape != (K,):
         raise ValueError(f"state must have shape ({K},) (one value per axis in AXES), got {z.shape}")
     area = size * size
+    mag = cell_radius / REFERENCE_RADIUS  # fine structures (edges, textures, puncta) scale with it
     radius = cell_radius * np.exp(0.18 * z[_AX["cell_size"]])
     coverage = 0.45 * np.exp(0.3 * z[_AX["density"]])
     n = max(2, int(rng.poisson(coverage * area / (np.pi * radius**2))))
@@ -147,12 +151,12 @@ def render_site(
     k = np.arange(2, 5)[None, :, None, None]
     boundary = 1.0 + (harm[:, :, None, None] * np.cos(k * phi[:, None] + harm_phase[:, :, None, None])).sum(1)
     edge_px = (boundary - rho) * rc[:, None, None]           # signed distance to the membrane, px
-    cell = _sigmoid(edge_px / 0.7)
+    cell = _sigmoid(edge_px / (0.7 * mag))
     nsa = np.sqrt(n_aspect)[:, None, None]
     rn_ = rn[:, None, None]
     rho_n = np.sqrt(((u - ox[:, None, None]) / nsa) ** 2 + ((v - oy[:, None, None]) * nsa) ** 2) / rn_
     nuc_edge_px = (1.0 - rho_n) * rn_ * rc[:, None, None]
-    nucleus = _sigmoid(nuc_edge_px / 0.6) * cell
+    nucleus = _sigmoid(nuc_edge_px / (0.6 * mag)) * cell
     cyto = np.clip(cell - nucleus, 0, None)
     dist_nuc = np.clip(-nuc_edge_px, 0, None) / rc[:, None, None]  # from the nuclear edge, units of rc
 
@@ -165,16 +169,16 @@ def render_site(
     layers[ER] = cyto * (0.25 + np.exp(-dist_nuc / er_len))
     # Actin: cortical ring + stress fibres parallel to the cell's long axis
     fibres = float(np.clip(0.35 + 0.35 * z[_AX["actin_fibres"]], 0, 1.2))
-    period = 3.2 / rc[:, None, None]
+    period = 3.2 * mag / rc[:, None, None]
     stripes = 0.5 * (1 + np.cos(2 * np.pi * v / period + rng.uniform(0, 2 * np.pi, n)[:, None, None]))
-    cortex = np.exp(-(edge_px / 1.2) ** 2) * cell
+    cortex = np.exp(-(edge_px / (1.2 * mag)) ** 2) * cell
     layers[ACTIN] = 0.25 * cell + 0.9 * cortex + fibres * stripes * cyto * np.where(mitotic, 0.0, 1.0)[:, None, None]
     # RNA: diffuse cytoplasm + nucleus (nucleoli added as puncta below)
     rna_gain = np.exp(0.25 * z[_AX["rna_mito_intensity"]])
     layers[RNA] = 0.35 * cyto + 0.2 * nucleus
     layers[MITO] = 0.0  # puncta only
     # WGA: membrane ring (plasma membrane glycoproteins)
-    layers[MEMBRANE] = np.exp(-(edge_px / 1.0) ** 2) + 0.1 * cell
+    layers[MEMBRANE] = np.exp(-(edge_px / mag) ** 2) + 0.1 * cell
     # Stains bind stoichiometrically: a cell's integrated signal is set by its content (DNA
     # doubled in mitosis), not by its shape, so a bigger nucleus is dimmer, not brighter. This
     # keeps morphology from leaking into mean intensities, as in real Cell Painting.
@@ -193,11 +197,11 @@ def render_site(
     image = image.reshape(6, size, size)
 
     # ---- image-wide textures, visible only where the stain is
-    chrom_wl = 2.0 * np.exp(0.35 * z[_AX["chromatin_texture"]])
+    chrom_wl = 2.0 * mag * np.exp(0.35 * z[_AX["chromatin_texture"]])
     chrom_amp = 0.35 * np.exp(0.35 * z[_AX["chromatin_texture"]])
     image[DNA] *= np.clip(1 + chrom_amp * bandpass_noise(rng, (size, size), chrom_wl), 0.05, None)
     er_amp = float(np.clip(0.3 + 0.25 * z[_AX["er_texture"]], 0.0, 0.9))
-    image[ER] *= np.clip(1 + er_amp * bandpass_noise(rng, (size, size), 3.0), 0.05, None)
+    image[ER] *= np.clip(1 + er_amp * bandpass_noise(rng, (size, size), 3.0 * mag), 0.05, None)
 
     # ---- puncta: mitochondria, nucleoli, Golgi
     frag = np.exp(0.4 * z[_AX["mito_fragmentation"]])
@@ -208,17 +212,18 @@ def render_site(
     ang = rng.uniform(0, 2 * np.pi, owner.size)
     r_in = rn[owner] * 1.05
     rr = r_in + t * (0.95 - r_in)
-    mito_total = 4.5 / frag * np.exp(-0.25 * z[_AX["rna_mito_intensity"]])  # per cell: constant
+    mito_total = 4.5 * mag**2 / frag * np.exp(-0.25 * z[_AX["rna_mito_intensity"]])  # per cell: constant
     sa = np.sqrt(aspect[owner])  # stretch positions with the cell ellipse
     _splat(image[MITO], rng, centres, rc, theta, owner, ox[owner] + rr * np.cos(ang) * sa, oy[owner] + rr * np.sin(ang) / sa,
-           sigma=0.9 / np.sqrt(frag), total=mito_total * bright[MITO, owner, 0, 0])
+           sigma=0.9 * mag / np.sqrt(frag), total=mito_total * bright[MITO, owner, 0, 0])
     nucleoli_mean = 2.5 * np.exp(0.45 * z[_AX["nucleoli_count"]])
     n_nucleoli = rng.poisson(nucleoli_mean, n) * (~mitotic)
     owner = np.repeat(np.arange(n), n_nucleoli)
     ang = rng.uniform(0, 2 * np.pi, owner.size)
     rr = rn[owner] * 0.55 * np.sqrt(rng.random(owner.size))
     _splat(image[RNA], rng, centres, rc, theta, owner,
-           ox[owner] + rr * np.cos(ang), oy[owner] + rr * np.sin(ang), sigma=0.8, total=8.0 / nucleoli_mean * rna_gain)
+           ox[owner] + rr * np.cos(ang), oy[owner] + rr * np.sin(ang), sigma=0.8 * mag,
+           total=8.0 * mag**2 / nucleoli_mean * rna_gain)
     owner = np.flatnonzero(~mitotic)
     golgi = 0.22 * np.exp(0.4 * z[_AX["golgi_size"]])
     gang = off_dir[owner] + np.pi + rng.normal(0, 0.4, owner.size)  # opposite the nuclear offset
