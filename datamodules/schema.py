@@ -26,6 +26,7 @@ REQUIRED_KEYS: dict[str, type] = {
 ALLOWED_DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16))
 # extra metadata keys are allowed if their values are JSON scalars (they become manifest columns)
 _SCALARS = (str, int, float, bool, type(None))
+MAX_KEY_LENGTH = 90  # tar (USTAR) member names hold 100 characters, including ".json"
 # columns the writer adds to the manifest beside the metadata
 SHARD_COLUMNS = ("shard", "height", "width", "dtype")
 
@@ -64,8 +65,9 @@ def validate_metadata(meta: dict[str, Any], n_channels: int | None = None) -> di
             raise ValueError(
                 f"sample {key!r}: metadata key {name!r} must be {kind.__name__}, got {type(value).__name__} ({value!r})"
             )
-    if not out["key"] or any(c in out["key"] for c in "./\\ "):
-        raise ValueError(f"sample {key!r}: metadata key 'key' must be non-empty without '.', '/', '\\' or spaces")
+    if not out["key"] or any(c in out["key"] for c in "./\\ ") or len(out["key"]) > MAX_KEY_LENGTH:
+        raise ValueError(f"sample {key!r}: metadata key 'key' must be 1-{MAX_KEY_LENGTH} characters "
+                         "without '.', '/', '\\' or spaces")
     channels = out["channels"]
     if not channels or not all(isinstance(c, str) and c for c in channels):
         raise ValueError(f"sample {key!r}: metadata key 'channels' must be a non-empty list of stain names")

@@ -80,6 +80,7 @@ def test_size_limit_splits_shards_and_manifest_points_to_them(tmp_path, human_fi
         (lambda m: m.update(is_control="no"), "'is_control' must be bool"),
         (lambda m: m.update(channels=["a", "b"]), "names 2 channels but the image has 3"),
         (lambda m: m.update(key="a.b"), "without '.'"),
+        (lambda m: m.update(key="k" * 91), "1-90 characters"),
         (lambda m: m.update(shard="x"), "reserved"),
         (lambda m: m.update(notes=[1, 2]), "extra metadata key 'notes'"),
     ],
