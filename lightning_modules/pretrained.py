@@ -79,9 +79,14 @@ def load_state_dict_strictly(module: torch.nn.Module, state_dict: dict[str, Tens
 
 
 def _read_checkpoint(path: Path) -> dict[str, Any]:
-    """torch pickle (OpenPhenom's '.safetensors' and Lightning .ckpt) or a real safetensors file."""
+    """torch pickle (OpenPhenom's '.safetensors', Lightning .ckpt) or a real safetensors file.
+
+    The file is handed to torch.load as a file object: given a path ending in .safetensors,
+    torch >= 2.14 parses it as safetensors, which OpenPhenom's pickle is not.
+    """
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with path.open("rb") as handle:
+            return torch.load(handle, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError) as pickle_error:
         try:
             from safetensors.torch import load_file
