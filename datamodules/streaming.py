@@ -237,13 +237,22 @@ class ShardDataModule(L.LightningDataModule):
             batches = trainer.fit_loop.epoch_loop.batch_progress.current.processed
         if batches >= self.steps_per_epoch:
             epoch, batches = epoch + 1, 0
-        return {"epoch": epoch, "batches": batches, "seed": self.seed, "num_workers": self.cfg.num_workers}
+        return {"epoch": epoch, "batches": batches, **self._stream_identity()}
+
+    def _stream_identity(self) -> dict[str, int]:
+        """What, beside the position, determines the batches: resuming with other values is allowed
+        (e.g. more nodes) but continues a different stream."""
+        return {"seed": self.seed, "num_workers": self.cfg.num_workers, "world_size": rank_and_world()[1]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("seed", self.seed) != self.seed or state.get("num_workers", self.cfg.num_workers) != self.cfg.num_workers:
-            log.warning("resuming with a different seed or num_workers (%s): the data stream will differ from the "
-                        "interrupted run's", {k: state.get(k) for k in ("seed", "num_workers")})
-        self.position.epoch, self.position.batches = int(state["epoch"]), int(state["batches"])
+        changed = {k: (state[k], v) for k, v in self._stream_identity().items() if k in state and state[k] != v}
+        if changed:
+            log.warning("resuming with a different %s (saved, now): the data stream continues differently from the "
+                        "interrupted run's", changed)
+        epoch, batches = int(state["epoch"]), int(state["batches"])
+        if batches >= self.steps_per_epoch:  # the epoch is shorter now (e.g. more ranks): start the next one
+            epoch, batches = epoch + 1, 0
+        self.position.epoch, self.position.batches = epoch, batches
 
     # ------------------------------------------------------------------ evaluation
     def eval_dataloader(self) -> DataLoader:

@@ -115,7 +115,7 @@ def test_resume_from_state_dict_continues_exactly(shards, workers):
         if len(head) == 5:
             break
     state = interrupted.state_dict()
-    assert state["epoch"] == 0 and state["batches"] == 5
+    assert state == {"epoch": 0, "batches": 5, "seed": 5, "num_workers": workers, "world_size": 1}
 
     resumed = build_datamodule(config(shards, num_workers=workers), seed=5)
     resumed.load_state_dict(state)
@@ -124,6 +124,17 @@ def test_resume_from_state_dict_continues_exactly(shards, workers):
     assert len(rest) == 12 - 5
     assert same(head + rest, expected[:12])
     assert same(epoch_batches(loader), expected[12:])  # and the next epoch as well
+
+
+def test_resume_into_a_shorter_epoch_starts_the_next_one(shards, caplog):
+    dm = build_datamodule(config(shards, steps_per_epoch=4), seed=5)
+    with caplog.at_level(logging.WARNING, logger="datamodules"):
+        dm.load_state_dict({"epoch": 2, "batches": 9, "seed": 5, "num_workers": 0, "world_size": 2})
+    assert "world_size" in caplog.text
+    assert dm.state_dict()["epoch"] == 3 and dm.state_dict()["batches"] == 0
+    fresh = build_datamodule(config(shards, steps_per_epoch=4), seed=5)
+    fresh.set_epoch(3)
+    assert same(epoch_batches(dm.train_dataloader()), epoch_batches(fresh.train_dataloader()))
 
 
 def test_crops_flips_rotations_are_windows_of_the_site():
