@@ -18,7 +18,8 @@ from evaluation.atomic import write_bytes_atomic  # noqa: E402
 from evaluation.relate import cosine, knn, l2_normalised  # noqa: E402
 
 
-def _save(fig, path: Path) -> Path:
+def save_figure(fig, path: Path) -> Path:
+    """PNG at 120 dpi, written atomically; closes the figure."""
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
     plt.close(fig)
@@ -47,7 +48,7 @@ def plot_recall(recall: pl.DataFrame, path: Path) -> Optional[Path]:
     low, high = recall["threshold_low"][0], recall["threshold_high"][0]
     ax.set_ylabel(f"recall ({low:g}, {high:g})")
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_similarity_heatmap(genes: np.ndarray, profiles: np.ndarray, path: Path, n_genes: int = 50) -> Optional[Path]:
@@ -67,7 +68,7 @@ def plot_similarity_heatmap(genes: np.ndarray, profiles: np.ndarray, path: Path,
     ax.set_xticks(range(len(order)), labels, rotation=90, fontsize=5)
     ax.set_yticks(range(len(order)), labels, fontsize=5)
     fig.colorbar(image, ax=ax, label="cosine similarity")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_model_vs_oracle(recall: pl.DataFrame, oracle: pl.DataFrame, alignment: str, path: Path) -> Optional[Path]:
@@ -87,4 +88,4 @@ def plot_model_vs_oracle(recall: pl.DataFrame, oracle: pl.DataFrame, alignment: 
     ax.set_xticks(x, sources, rotation=30, ha="right")
     ax.set_ylabel("recall")
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)

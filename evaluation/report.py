@@ -11,6 +11,7 @@ import polars as pl
 
 from evaluation.atomic import write_text_atomic
 from evaluation.pipeline import EvalResult
+from evaluation.plots import plot_model_vs_oracle, plot_recall, plot_similarity_heatmap
 
 
 def _format(value: Any) -> str:
@@ -76,3 +77,16 @@ def write_report(result: EvalResult, path: Path, source: str, figures: dict[str,
     parts += ["", "## Figures"]
     parts += [f"![{name}]({p.name})" for name, p in figures.items() if p is not None]
     return write_text_atomic(path, "\n".join(parts) + "\n")
+
+
+def write_outputs(result: EvalResult, out: Path, source: str) -> Path:
+    """OUT/metrics.json, OUT/report.md and the figures of one evaluation; returns the report."""
+    out.mkdir(parents=True, exist_ok=True)
+    figures = {"recall per source": plot_recall(result.recall, out / "recall.png")}
+    genes, profiles = result.maps[result.primary_alignment]
+    figures["most related genes"] = plot_similarity_heatmap(genes, profiles, out / "similarity_heatmap.png")
+    if result.oracle is not None:
+        figures["model vs oracle"] = plot_model_vs_oracle(result.recall, result.oracle, result.primary_alignment,
+                                                          out / "model_vs_oracle.png")
+    write_metrics_json(result, out / "metrics.json")
+    return write_report(result, out / "report.md", source, figures)

@@ -14,8 +14,7 @@ from evaluation.annotations import SOURCES
 from evaluation.config import BENCHMARKS, EvalConfig
 from evaluation.embeddings_io import read_embeddings
 from evaluation.pipeline import run_efaar
-from evaluation.plots import plot_model_vs_oracle, plot_recall, plot_similarity_heatmap
-from evaluation.report import write_metrics_json, write_report
+from evaluation.report import write_outputs
 
 HELP = "evaluate embeddings: EFAAR recall, consistency, clusters, mAP, generalisation -> metrics.json, report.md"
 
@@ -45,18 +44,9 @@ def run(args: argparse.Namespace) -> int:
         clusters=args.clusters or None, truth_dir=str(args.truth) if args.truth else None, seed=args.seed,
     )
     result = run_efaar(read_embeddings(args.embeddings), cfg)
-    out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    figures = {"recall per source": plot_recall(result.recall, out / "recall.png")}
-    genes, profiles = result.maps[result.primary_alignment]
-    figures["most related genes"] = plot_similarity_heatmap(genes, profiles, out / "similarity_heatmap.png")
-    if result.oracle is not None:
-        figures["model vs oracle"] = plot_model_vs_oracle(result.recall, result.oracle, result.primary_alignment,
-                                                          out / "model_vs_oracle.png")
-    write_metrics_json(result, out / "metrics.json")
-    write_report(result, out / "report.md", str(args.embeddings), figures)
+    report = write_outputs(result, args.out, str(args.embeddings))
     for name, value in result.summary().items():
         if not name.count("/"):
             print(f"{name}: {'not computable' if value is None else f'{value:.4f}'}")
-    print(f"wrote {out / 'metrics.json'} and {out / 'report.md'}")
+    print(f"wrote {args.out / 'metrics.json'} and {report}")
     return 0
