@@ -30,5 +30,5 @@ class DataConfig:
     prefetch_factor: int = 2
     pin_memory: bool = False
     verify_shards: bool = True  # check every shard's tar index against the manifest at setup
-    # writing (converters, synthetic screen)
+    # writing: the default shard size of converters (`phenoscale shards --max-shard-mb`)
     max_shard_mb: int = 512

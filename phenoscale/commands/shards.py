@@ -17,6 +17,7 @@ import argparse
 import os
 import sys
 
+from datamodules.config import DataConfig
 from datamodules.converters import folder_sites, jump_sites, parse_channel_map, rxrx1_sites, rxrx3_sites, write_sites
 
 HELP = "convert rxrx1 | rxrx3 | jump | folder images into shards + manifest.parquet"
@@ -31,7 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="keep the channels present when a site misses some files (named in the JSON)")
     parser.add_argument("--channel-map", help="file channel index to stain, e.g. 1=Brightfield,2=ER (rxrx*, jump)")
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="reader processes")
-    parser.add_argument("--max-shard-mb", type=float, default=512, help="size limit of one shard")
+    parser.add_argument("--max-shard-mb", type=float, default=DataConfig.max_shard_mb,
+                        help=f"size limit of one shard (default {DataConfig.max_shard_mb})")
     parser.add_argument("--overwrite", action="store_true", help="replace shards already in OUT")
     jump = parser.add_argument_group("jump")
     jump.add_argument("--load-data", help="CellProfiler load_data table giving FileName_Orig<Stain> per channel")
