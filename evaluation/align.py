@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import polars as pl
 
 ALIGNMENTS = ("none", "centerscale", "pca_centerscale", "tvn")
 CORAL_RIDGE = 0.5
@@ -57,15 +58,21 @@ def _pca_components(cov: np.ndarray, n_samples: int) -> np.ndarray:
     return components * signs[:, None]
 
 
-def _batch_slices(batches: np.ndarray | None, n: int) -> tuple[np.ndarray, list[tuple[object, np.ndarray]]]:
-    """Row indices per batch (a single batch when None), in order of first appearance."""
+def _batch_slices(batches: np.ndarray | None, n: int) -> list[tuple[object, np.ndarray]]:
+    """(label, row indices) per batch in order of first appearance; one batch when None.
+
+    polars groups the labels by hashing (numpy's unique would sort 10^5 strings).
+    """
     if batches is None:
-        return np.zeros(n, np.int64), [(None, np.arange(n))]
-    labels, first, codes = np.unique(np.asarray(batches), return_index=True, return_inverse=True)
-    order = np.argsort(codes, kind="stable")
-    bounds = np.searchsorted(codes[order], np.arange(len(labels) + 1))
-    groups = [(labels[b], order[bounds[b] : bounds[b + 1]]) for b in np.argsort(first)]
-    return codes, groups
+        return [(None, np.arange(n))]
+    grouped = (
+        pl.DataFrame({"batch": pl.Series(np.asarray(batches))})
+        .with_row_index("row")
+        .group_by("batch", maintain_order=True)
+        .agg("row")
+    )
+    rows = grouped.get_column("row")
+    return [(label, rows[i].to_numpy().astype(np.int64)) for i, label in enumerate(grouped.get_column("batch"))]
 
 
 def _control_moments(x: np.ndarray, is_control: np.ndarray, groups) -> list[_Moments]:
@@ -105,7 +112,7 @@ def _compose(first: tuple[np.ndarray, np.ndarray], second: tuple[np.ndarray, np.
 
 def centerscale_on_controls(x: np.ndarray, is_control: np.ndarray, batches: np.ndarray | None = None) -> np.ndarray:
     """Standardise every batch with the mean and std of its own control rows."""
-    _, groups = _batch_slices(batches, len(x))
+    groups = _batch_slices(batches, len(x))
     maps = [_centerscale_map(m) for m in _control_moments(x, is_control, groups)]
     return _apply(x, groups, maps)
 
@@ -116,7 +123,7 @@ def tvn(x: np.ndarray, is_control: np.ndarray, batches: np.ndarray | None = None
     centre-scale on all controls -> PCA fitted on controls -> centre-scale on controls ->
     per batch CORAL: emb_b @ (cov(ctrl_b) + 0.5 I)^(-1/2). Without batches, no CORAL step.
     """
-    _, groups = _batch_slices(batches, len(x))
+    groups = _batch_slices(batches, len(x))
     per_batch = _control_moments(x, is_control, groups)
     pooled = _pooled(per_batch)
     step1 = _centerscale_map(pooled)
@@ -142,7 +149,7 @@ def pca_centerscale(x: np.ndarray, is_control: np.ndarray, batches: np.ndarray |
     The PCA (all components, so no information is dropped) is fitted on ALL rows after a global
     standardisation, so that the axes describe the whole screen rather than only the controls.
     """
-    _, groups = _batch_slices(batches, len(x))
+    groups = _batch_slices(batches, len(x))
     everything = _pooled([_moments(x[rows]) for _, rows in groups])
     step1 = _centerscale_map(everything)
     z1 = _affine_stats(everything, *step1)
