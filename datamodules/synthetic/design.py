@@ -75,8 +75,10 @@ class ScreenConfig:
 
 
 PRESETS: dict[str, dict[str, object]] = {
-    # ~770 sites of 6 x 128 x 128: rendered in seconds, trained on 64-px crops on a laptop CPU
+    # 1,536 sites of 6 x 128 x 128 (8 plates): rendered in seconds, trained on 64-px crops on a CPU
     "demo": {},
+    # seconds-long end-to-end tests: 24 genes, 2 experiments x 1 plate, 1 site of 6 x 64 x 64
+    "tiny": dict(genes=24, image_size=64, cell_radius=6.0, experiments=2, replicates=2, sites_per_well=1),
     # RxRx1's shape: 1,108 genes in every one of 51 experiments of 4 cell types, 4 plates of 308
     # wells (384 minus the edge), 2 sites of 6 x 512 x 512 per well: ~125k sites, ~190 GB uint8
     "rxrx1": dict(genes=1108, image_size=512, cell_radius=20.0, experiments=51,

@@ -17,6 +17,7 @@ Output:
 
 Presets:
   demo    200 genes, 4 experiments (HUVEC, RPE) x 2 plates of 96 wells, 2 sites of 6x128x128
+  tiny    24 genes, 2 experiments x 1 plate, 1 site of 6x64x64 (end-to-end tests)
   rxrx1   RxRx1's shape: 1,108 genes, 51 experiments of 4 cell types, 4 x 308 wells, 2 sites
           of 6x512x512 (~125k sites, ~190 GB; shrink with --experiments)
 
@@ -41,7 +42,7 @@ HELP = "write a synthetic screen (planted gene modules, batch effects) as shards
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("out", type=Path, help="output directory (shards/, truth/, screen.json)")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="demo", help="screen shape (default demo)")
-    parser.add_argument("--genes", type=int, help="number of genes (preset: demo 200, rxrx1 1108)")
+    parser.add_argument("--genes", type=int, help="number of genes (preset: demo 200, tiny 24, rxrx1 1108)")
     parser.add_argument("--image-size", type=int, help="site height = width in pixels (demo 128, rxrx1 512)")
     parser.add_argument("--cell-radius", type=float, help="unperturbed cell radius in pixels (demo 9, rxrx1 20)")
     parser.add_argument("--experiments", type=int, help="number of experiments (demo 4, rxrx1 51)")
