@@ -66,7 +66,7 @@ class Optics:
 
 
 def _sigmoid(x: np.ndarray | float) -> np.ndarray | float:
-    return 1.0 / (1.0 + np.exp(-x))
+    return 1.0 / (1.0 + np.exp(-np.clip(x, -60, 60)))  # clipped: no float32 overflow far outside a cell
 
 
 def _col(values: np.ndarray) -> np.ndarray:
