@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -91,8 +90,7 @@ def run() -> list[Measurement]:
     ratio = shard_rate / png_rate
     extra = {"sites": SITES, "crops_per_site": CROPS_PER_SITE, "batch_size": BATCH, "crop": CROP,
              "site": "6x512x512 uint8 (real Phenix field, 8-bit)", "npy_mb_per_site": round(sites[0].nbytes / 2**20, 2),
-             "png_mb_per_site": round(png_bytes / 2**20, 2), "workers": "num_workers=0 (the timing process is the worker)",
-             "measured_at": time.strftime("%Y-%m-%d %H:%M:%S")}
+             "png_mb_per_site": round(png_bytes / 2**20, 2), "workers": "num_workers=0 (the timing process is the worker)"}
     return [
         Measurement(
             name="train crops/s per worker core (shards, 256px from 6x512x512 uint8, 4 crops/site)",
