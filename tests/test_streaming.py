@@ -174,6 +174,8 @@ def test_channel_subset_and_permutation(tmp_path):
     batch = next(iter(dm.train_dataloader()))
     assert batch["image"].shape[1] == 2
     assert (batch["image"][:, 0] == 30).all() and (batch["image"][:, 1] == 10).all()
+    (tiles,) = list(dm.eval_dataloader())  # evaluation keeps the same stains, in the same order
+    assert tiles["image"].shape == (4, 2, 16, 16) and (tiles["image"][:, 0] == 30).all()
     dm = build_datamodule(config(tmp_path / "s", channel_permute=True, steps_per_epoch=8), seed=0)
     orders = set()
     for batch in dm.train_dataloader():
@@ -182,6 +184,21 @@ def test_channel_subset_and_permutation(tmp_path):
             assert sorted(order) == [10, 20, 30]
             orders.add(order)
     assert len(orders) > 2
+
+
+def test_label_key_column_with_missing_values_gives_minus_one(tmp_path):
+    with ShardWriter(tmp_path / "s") as writer:
+        for i in range(4):
+            writer.write(np.full((1, 16, 16), i, np.uint8),
+                         dict(key=f"k{i}", experiment="e", plate="p", well="A01", site=i, perturbation="x",
+                              perturbation_type="sirna", is_control=False, cell_type="c", channels=["DNA"],
+                              sirna_id=None if i == 3 else 10 + i % 2))
+    dm = build_datamodule(config(tmp_path / "s", label_key="sirna_id", crop_size=8, steps_per_epoch=6), seed=0)
+    assert dm.vocab.rows() == [("10", 0), ("11", 1)]
+    for batch in dm.train_dataloader():
+        site = batch["image"][:, 0, 0, 0].long()
+        expected = torch.where(site == 3, -1, site % 2)
+        assert torch.equal(batch["label"], expected)
 
 
 def test_eval_every_site_once_across_ranks_tiled(shards, monkeypatch):
