@@ -1,12 +1,16 @@
 """train.py unchanged under torchrun, `fabric run` and two simulated torchrun nodes (gloo, CPU)."""
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import polars as pl
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 from run_helpers import REPO, TINY, audit, child_env, free_port, run_cli, tiny_overrides, write_real_shards
@@ -80,10 +84,37 @@ def test_two_simulated_nodes(shards: Path, tmp_path: Path) -> None:
     assert_two_ranks_trained(run_dir, "torchrun launch, world size 2: 1 devices x 2 nodes", outputs[0])
 
 
-def test_devices_mismatch_fails_before_training(shards: Path, tmp_path: Path) -> None:
-    run_dir = tmp_path / "run"
-    done = run_cli([*TORCHRUN, "--nproc_per_node", "2", "--master_port", str(free_port()),
-                    *script_args(shards, run_dir, "trainer.devices=1")], timeout=300)
-    assert done.returncode != 0
-    assert "trainer.devices=1 but the torchrun launcher started 2" in done.stderr
-    assert not (run_dir / "checkpoints").exists()  # nothing started
+def _worker_of_rank(launcher_pid: int, rank: int) -> int:
+    """PID of the torchrun worker with RANK=rank (children of the agent, read from /proc)."""
+    children = Path(f"/proc/{launcher_pid}/task/{launcher_pid}/children").read_text().split()
+    for pid in map(int, children):
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        if f"RANK={rank}".encode() in environ:
+            return pid
+    raise AssertionError(f"no worker with RANK={rank} among {children}")
+
+
+def test_sigterm_to_one_rank_stops_all_ranks_at_the_same_checkpoint(shards: Path, tmp_path: Path) -> None:
+    run_dir, steps = tmp_path / "run", 16
+    cmd = [*TORCHRUN, "--nproc_per_node", "2", "--master_port", str(free_port()),
+           *script_args(shards, run_dir, f"trainer.max_steps={steps}", "trainer.checkpoint_every_n_steps=100")]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    tsv = run_dir / "logs" / "batches" / "rank1.tsv"
+    try:
+        deadline = time.monotonic() + 180
+        while not (tsv.is_file() and len(tsv.read_text().splitlines()) >= 2):
+            assert proc.poll() is None and time.monotonic() < deadline, "training never started"
+            time.sleep(0.05)
+        os.kill(_worker_of_rank(proc.pid, 1), signal.SIGTERM)  # only rank 1 is told
+        out = proc.communicate(timeout=120)[0]
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, out[-3000:]
+    ends = [audit(run_dir, rank)["step"].max() for rank in (0, 1)]
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ends[0] == ends[1] == state["global_step"] < steps  # agreed step, checkpointed there
+
+    done = run_cli(cmd, timeout=300)  # resume under the same launcher
+    assert done.returncode == 0, done.stderr[-3000:]
+    for rank in (0, 1):
+        assert audit(run_dir, rank)["step"].to_list() == list(range(1, steps + 1))

@@ -16,6 +16,7 @@ import lightning_modules
 from phenoscale.cli import main
 from phenoscale.config import ConfigError, load_config
 from phenoscale.fitting import fit
+from phenoscale.launch import LaunchMismatchError
 from phenoscale.run import AtomicCheckpointIO, NonFiniteWeightsError
 from run_helpers import TINY
 
@@ -124,6 +125,17 @@ def test_existing_run_is_never_overwritten(screen: Path, tmp_path: Path) -> None
 def test_missing_shards_is_named_before_anything_starts(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["fit", str(TINY), f"run.run_dir={tmp_path / 'run'}"]) == 2
     assert "missing mandatory values: data.train_shards" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_launcher_mismatch_fails_before_anything_starts(screen: Path, tmp_path: Path) -> None:
+    # what `torchrun --nproc_per_node 2` exports, with a config that insists on one device
+    torchrun = {"TORCHELASTIC_RUN_ID": "x", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2",
+                "LOCAL_WORLD_SIZE": "2", "GROUP_RANK": "0"}
+    cfg = load_config(TINY, [f"data.train_shards={screen / 'shards'}", f"run.run_dir={tmp_path / 'run'}",
+                             "trainer.devices=1"])
+    with pytest.raises(LaunchMismatchError, match="trainer.devices=1 but the torchrun launcher started 2"):
+        fit(cfg, environ=torchrun)
     assert not (tmp_path / "run").exists()
 
 
