@@ -49,14 +49,23 @@ def test_pipeline_recovers_planted_modules_and_alignment_helps(relationships):
     assert result.maps["centerscale"][1].shape == (N_GENES, 32)
 
 
-def test_streaming_null_equals_brute_force_sort():
-    """Many tiny blocks (several order statistics per window) give efaar's definition on a sorted full null."""
+@pytest.mark.parametrize("locator", ["whole", "sample", "histogram_fallback"])
+def test_streaming_null_equals_brute_force_sort(monkeypatch, caplog, locator):
+    """Many tiny blocks, and each way of locating the order statistics, give efaar's definition on a sorted full null."""
+    from evaluation.benchmarks import recall
+
+    if locator != "whole":
+        monkeypatch.setattr(recall, "SMALL_NULL", 0)
+        monkeypatch.setattr(recall, "SAMPLE_PAIRS", 3000)
+    if locator == "histogram_fallback":
+        monkeypatch.setattr(recall, "WINDOW_SE", -50.0)  # empty sampled windows force the fallback
     rng = np.random.default_rng(1)
     profiles = rng.normal(size=(150, 8)).astype(np.float32)
     genes = np.array([f"g{i}" for i in range(150)])
     pairs = {"a": np.unique(np.sort(rng.integers(0, 150, size=(400, 2)), axis=1), axis=0)}
     pairs["a"] = pairs["a"][pairs["a"][:, 0] != pairs["a"][:, 1]]
     streamed = known_relationship_recall(genes, profiles, pairs, block_elements=700)
+    assert ("histogram locator" in caplog.text) == (locator == "histogram_fallback")
     unit = l2_normalised(profiles)
     sims = unit @ unit.T
     null = np.sort(sims[np.triu_indices(150, 1)])

@@ -1,17 +1,21 @@
-"""Known-relationship recall with the EXACT null of all gene pairs, streamed in two passes.
+"""Known-relationship recall with the EXACT null of all gene pairs, in one streamed pass.
 
 efaar_benchmarking defines, for a map of N genes, the null as all M = N(N-1)/2 upper-triangle
 cosines and, for every annotated pair q, ranks r_right = #null <= q and r_left = #null < q;
 q is recalled when r_right / M <= low or r_left / M >= high. That is equivalent to two order
 statistics of the null: with K = max{k : k/M <= low} and L = min{l : l/M >= high} (the same
 float64 divisions), q is recalled iff q < s_(K+1) or q > s_(L). So the null never needs to be
-held: pass 1 streams the similarity blocks into a 65,536-bin histogram (and reads the query
-pairs' values from the same blocks, bit-identical to the null's), which locates the bin of each
-needed order statistic; pass 2 streams again, counts values below each bin and keeps only the
-values inside it, from which the order statistic is selected exactly. No approximation: the
-result equals efaar's on the same float32 similarities. Memory is O(N*D + block + bin contents).
+held: a sample of 4M random pairs brackets each needed order statistic in a narrow value window
+(+-8 standard errors of a sample quantile); one streamed pass over the similarity blocks then
+counts the null values below each window, keeps the few inside it, and reads the query pairs'
+values from the same blocks (bit-identical to the null's). The order statistic is selected
+exactly from the window; if a window ever missed (probability ~1e-15), a histogram pass
+relocates it. No approximation: the result equals efaar's on the same float32 similarities.
+Memory is O(N*D + one block + window contents); nulls up to 2**24 pairs are simply held.
 """
 from __future__ import annotations
+
+import logging
 
 import numpy as np
 import polars as pl
@@ -23,7 +27,11 @@ THRESHOLDS = ((0.05, 0.95), (0.1, 0.9))
 MIN_GENES = 20
 N_BINS = 65536
 HIST_RANGE = (-1.01, 1.01)  # cosines of float32 unit vectors may exceed 1 by rounding
-EDGE_MARGIN = 1e-6  # larger than any rounding difference between torch's binning and numpy's comparisons
+EDGE_MARGIN = 1e-6  # larger than any rounding difference between locator values and the exact pass
+SMALL_NULL = 2**24  # nulls up to this many pairs (64 MB) are held whole in the exact pass
+SAMPLE_PAIRS = 2**22
+WINDOW_SE = 8.0
+log = logging.getLogger(__name__)
 
 RECALL_SCHEMA = {
     "source": pl.String,
@@ -64,9 +72,80 @@ def _histogram(values: np.ndarray) -> np.ndarray:
     return torch.stack(counts).sum(0).numpy() if counts else np.zeros(N_BINS, np.int64)
 
 
-def _bin_window(b: int) -> tuple[float, float]:
+def _histogram_windows(unit: np.ndarray, ranks: list[int], **kwargs) -> dict[int, tuple[float, float]]:
+    """Fallback locator: one streamed pass into a fine histogram; each rank's window is its bin."""
+    hist = np.zeros(N_BINS, np.int64)
+    for _, block in upper_triangle_blocks(unit, desc="recall null, locating pass", **kwargs):
+        b = block.shape[0]
+        hist += _histogram(block) - _histogram(block[:, :b][np.tril_indices(b)])
+    cumulative = np.cumsum(hist)
     width = (HIST_RANGE[1] - HIST_RANGE[0]) / N_BINS
-    return HIST_RANGE[0] + b * width - EDGE_MARGIN, HIST_RANGE[0] + (b + 1) * width + EDGE_MARGIN
+    windows = {}
+    for k in ranks:
+        b = int(np.searchsorted(cumulative, k))
+        windows[k] = (HIST_RANGE[0] + b * width - EDGE_MARGIN, HIST_RANGE[0] + (b + 1) * width + EDGE_MARGIN)
+    return windows
+
+
+def _sample_windows(unit: np.ndarray, ranks: list[int], n_null: int, seed: int = 0) -> dict[int, tuple[float, float]]:
+    """Cheap locator: value windows that contain each order statistic with overwhelming probability.
+
+    Quantiles of SAMPLE_PAIRS random pairs, widened by WINDOW_SE standard errors of a sample
+    quantile (sqrt(f(1-f)/S)); the selection pass verifies containment and falls back to the
+    histogram locator if ever needed, so exactness never depends on the sample.
+    """
+    rng = np.random.default_rng(seed)
+    n = len(unit)
+    values = []
+    for start in range(0, SAMPLE_PAIRS, 2**17):
+        size = min(2**17, SAMPLE_PAIRS - start)
+        i = rng.integers(0, n, size)
+        j = rng.integers(0, n - 1, size)
+        j += j >= i
+        values.append(np.einsum("ij,ij->i", unit[i], unit[j]))
+    sample = np.sort(np.concatenate(values))
+    windows = {}
+    for k in ranks:
+        f = k / n_null
+        spread = WINDOW_SE * np.sqrt(f * (1 - f) / len(sample)) + 1 / len(sample)
+        lo_rank, hi_rank = int(np.floor((f - spread) * len(sample))), int(np.ceil((f + spread) * len(sample)))
+        lo = -np.inf if lo_rank < 0 else float(sample[min(lo_rank, len(sample) - 1)]) - EDGE_MARGIN
+        hi = np.inf if hi_rank >= len(sample) else float(sample[max(hi_rank, 0)]) + EDGE_MARGIN
+        windows[k] = (lo, hi)
+    return windows
+
+
+def _select_pass(unit: np.ndarray, windows: dict[int, tuple[float, float]], query_pairs: np.ndarray | None,
+                 **kwargs) -> tuple[dict[int, float], np.ndarray | None]:
+    """One streamed pass: per window, count null values below it and keep those inside it; read the
+    query pairs' values from the same blocks. Returns the order statistics it could pin down."""
+    bounds = sorted(set(windows.values()))
+    below = np.zeros(len(bounds), np.int64)
+    inside: list[list[np.ndarray]] = [[] for _ in bounds]
+    query_values = None
+    if query_pairs is not None:
+        order = np.argsort(query_pairs[:, 0], kind="stable")
+        qi, qj = query_pairs[order, 0], query_pairs[order, 1]
+        query_values = np.empty(len(order), np.float32)
+    for start, block in upper_triangle_blocks(unit, desc="recall null, exact pass", **kwargs):
+        b = block.shape[0]
+        lower_mask = np.tri(b, dtype=bool)
+        for w, (lo, hi) in enumerate(bounds):
+            below[w] += np.count_nonzero(block < lo) - np.count_nonzero((block[:, :b] < lo) & lower_mask)
+            r, c = np.nonzero((block >= lo) & (block <= hi))
+            keep = c > r
+            inside[w].append(block[r[keep], c[keep]])
+        if query_values is not None:
+            lo_q, hi_q = np.searchsorted(qi, [start, start + b])
+            query_values[order[lo_q:hi_q]] = block[qi[lo_q:hi_q] - start, qj[lo_q:hi_q] - start]
+    selected = {}
+    for k, window in windows.items():
+        w = bounds.index(window)
+        values = np.concatenate(inside[w])
+        position = k - below[w] - 1
+        if 0 <= position < len(values):
+            selected[k] = float(np.partition(values, position)[position])
+    return selected, query_values
 
 
 def null_order_statistics(
@@ -75,41 +154,24 @@ def null_order_statistics(
     """Exact 1-based order statistics of the upper-triangle cosines of `unit`, and the query values.
 
     `query_pairs` (n, 2) holds map rows i < j; its values come from the same blocks as the null.
+    Small nulls are held whole; large ones are located by a pair sample and selected exactly in
+    one streamed pass (a histogram pass is added only if the sample ever misplaced a window).
     """
     kwargs = {} if block_elements is None else {"block_elements": block_elements}
-    order = np.argsort(query_pairs[:, 0], kind="stable")
-    qi, qj = query_pairs[order, 0], query_pairs[order, 1]
-    query_values = np.empty(len(order), np.float32)
-    hist = np.zeros(N_BINS, np.int64)
-    for start, block in upper_triangle_blocks(unit, desc="recall null, pass 1/2", **kwargs):
-        b = block.shape[0]
-        lower = block[:, :b][np.tril_indices(b)]
-        hist += _histogram(block) - _histogram(lower)
-        lo, hi = np.searchsorted(qi, [start, start + b])
-        query_values[order[lo:hi]] = block[qi[lo:hi] - start, qj[lo:hi] - start]
-    cumulative = np.cumsum(hist)
-    windows = sorted({int(np.searchsorted(cumulative, k)) for k in ranks})
-    bounds = [_bin_window(w) for w in windows]
-    below = np.zeros(len(windows), np.int64)
-    inside: list[list[np.ndarray]] = [[] for _ in windows]
-    for start, block in upper_triangle_blocks(unit, desc="recall null, pass 2/2", **kwargs):
-        b = block.shape[0]
-        lower_mask = np.tri(b, dtype=bool)
-        for w, (lo, hi) in enumerate(bounds):
-            below[w] += np.count_nonzero(block < lo) - np.count_nonzero((block[:, :b] < lo) & lower_mask)
-            r, c = np.nonzero((block >= lo) & (block <= hi))
-            keep = c > r
-            inside[w].append(block[r[keep], c[keep]])
-    selected = {}
-    for w, (lo, hi) in enumerate(bounds):
-        values = np.sort(np.concatenate(inside[w]))
-        for k in ranks:
-            position = k - below[w] - 1
-            if 0 <= position < len(values) and int(np.searchsorted(cumulative, k)) == windows[w]:
-                selected[k] = float(values[position])
-    missing = set(ranks) - set(selected)
+    n = len(unit)
+    n_null = n * (n - 1) // 2
+    if n_null <= SMALL_NULL:
+        windows = {k: (-np.inf, np.inf) for k in ranks}
+    else:
+        windows = _sample_windows(unit, ranks, n_null)
+    selected, query_values = _select_pass(unit, windows, query_pairs, **kwargs)
+    missing = [k for k in ranks if k not in selected]
     if missing:
-        raise RuntimeError(f"order statistics {sorted(missing)} not located; histogram and selection disagree")
+        log.warning("sampled windows missed order statistics %s; running the histogram locator", missing)
+        retry, _ = _select_pass(unit, _histogram_windows(unit, missing, **kwargs), None, **kwargs)
+        selected.update(retry)
+    if set(ranks) - set(selected):
+        raise RuntimeError(f"order statistics {sorted(set(ranks) - set(selected))} not located")
     return selected, query_values
 
 
