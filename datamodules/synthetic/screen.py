@@ -12,7 +12,7 @@ import json
 import os
 import time
 from collections import deque
-from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 from typing import Iterator
 
@@ -51,7 +51,6 @@ def render_sites(design: ScreenDesign, workers: int = 1, chunk: int = 8) -> Iter
         for s in starts:
             yield from _render_chunk(design.config, indices[s:s + chunk], states[s:s + chunk], optics[s:s + chunk])
         return
-    pool: Executor
     with ProcessPoolExecutor(max_workers=workers) as pool:
         pending: deque[Future] = deque()
         for s in starts:
