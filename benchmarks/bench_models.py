@@ -1,0 +1,128 @@
+"""CA-MAE ViT-S/16 (OpenPhenom settings) on 6x256x256 crops: training step and embedding speed.
+
+Throughput is reported as crops/s and as MFU = counted model FLOP/s (FlopCounterMode, forward +
+backward at mask 0.75) divided by the GEMM peak measured in the same run, in the same dtype, on
+the same threads, so that CPU contention from other processes hits numerator and denominator
+alike. Training = forward + backward + Lion step, fp32 and bf16 autocast; inference = embed()
+under bf16 autocast. Peak memory is the max RSS of a fresh child process doing bf16 training
+steps at batch 8 (fp32 in another child is the same-run baseline).
+
+Reference (issue 3, the public implementation on this machine at batch 8): bf16 training MFU
+0.48 (1.14 crops/s), fp32 0.41 crops/s (MFU 0.77), bf16 embedding MFU 0.27, 5.9 GB peak.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from benchmarks.harness import Measurement, best_time, run_isolated
+from lightning_modules import ModelConfig, OptimConfig, build_module, embedding_flops_per_crop, training_flops_per_crop
+
+BATCH = 8
+GEMM_SIDE = 4096
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "paper" / "camae_vit_s16_openphenom.yaml"
+TARGETS = {"train_bf16_mfu": 0.60, "embed_bf16_mfu": 0.55, "peak_memory_gb": 5.9}
+REFERENCE = {"train_bf16_mfu": 0.48, "train_bf16_crops_per_s": 1.14, "train_fp32_crops_per_s": 0.41,
+             "train_fp32_mfu": 0.77, "embed_bf16_mfu": 0.27, "peak_memory_gb": 5.9}
+
+
+def openphenom_module() -> torch.nn.Module:
+    raw = OmegaConf.load(CONFIG)
+    model = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), raw.model))
+    optim = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(OptimConfig), raw.optim))
+    return build_module(model, optim, in_chans=6, total_steps=1000)
+
+
+def gemm_peak_flops(dtype: torch.dtype) -> float:
+    """FLOP/s of one large square matmul: the attainable peak of this machine right now."""
+    a = torch.randn(GEMM_SIDE, GEMM_SIDE, dtype=dtype)
+    b = torch.randn(GEMM_SIDE, GEMM_SIDE, dtype=dtype)
+    return 2 * GEMM_SIDE**3 / best_time(lambda: a @ b, repeats=3)
+
+
+def crops(batch: int = BATCH) -> torch.Tensor:
+    return torch.randint(0, 256, (batch, 6, 256, 256), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+
+
+def train_step_fn(module, optimizer, images: torch.Tensor, bf16: bool):
+    def step() -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = module.compute_losses({"image": images})["loss"]
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step
+
+
+PEAK_MEMORY_CHILD = """
+import torch, json
+torch.set_num_threads({threads})
+from benchmarks.bench_models import openphenom_module, crops, train_step_fn
+module = openphenom_module()
+optimizer = module.configure_optimizers()["optimizer"]
+step = train_step_fn(module, optimizer, crops(), bf16={bf16})
+for _ in range(2):
+    step()
+print(json.dumps({{}}))
+"""
+
+
+def run() -> list[Measurement]:
+    threads = min(2, os.cpu_count() or 1)
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    module = openphenom_module()
+    train_flops = training_flops_per_crop(module, batch_size=BATCH)
+    embed_flops = embedding_flops_per_crop(module, batch_size=BATCH)
+    optimizer = module.configure_optimizers()["optimizer"]
+    images = crops()
+    results: dict[str, float] = {}
+    for name, dtype, bf16 in (("fp32", torch.float32, False), ("bf16", torch.bfloat16, True)):
+        peak = gemm_peak_flops(dtype)
+        seconds = best_time(train_step_fn(module, optimizer, images, bf16), repeats=2)
+        results[f"peak_{name}"] = peak
+        results[f"train_{name}_crops_per_s"] = BATCH / seconds
+        results[f"train_{name}_mfu"] = train_flops * BATCH / seconds / peak
+    module.eval()
+
+    def embed() -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16), torch.inference_mode():
+            module.embed(images)
+
+    seconds = best_time(embed, repeats=2)
+    results["embed_bf16_per_s"] = BATCH / seconds
+    results["embed_bf16_mfu"] = embed_flops * BATCH / seconds / results["peak_bf16"]
+    memory = {name: run_isolated(PEAK_MEMORY_CHILD.format(threads=threads, bf16=bf16))["peak_rss_gb"]
+              for name, bf16 in (("fp32", False), ("bf16", True))}
+
+    common = {"batch": BATCH, "threads": threads, "train_gflops_per_crop": train_flops / 1e9,
+              "embed_gflops_per_crop": embed_flops / 1e9, "gemm_peak_fp32_tflops": results["peak_fp32"] / 1e12,
+              "gemm_peak_bf16_tflops": results["peak_bf16"] / 1e12,
+              "note": "GEMM peak measured in the same run under the same (shared, contended) CPU load"}
+    out = []
+    for name in ("fp32", "bf16"):
+        mfu = results[f"train_{name}_mfu"]
+        target = TARGETS.get(f"train_{name}_mfu")
+        out.append(Measurement(
+            name=f"train_step_{name}", value=results[f"train_{name}_crops_per_s"], unit="crops/s",
+            baseline_name=f"GEMM-bound crops/s ({name} matmul peak / model FLOPs per crop)",
+            baseline_value=results[f"peak_{name}"] / train_flops, ratio=mfu,
+            target=f"MFU >= {target}" if target else None, met=(mfu >= target) if target else None,
+            extra={**common, "mfu": mfu, "reference_mfu": REFERENCE[f"train_{name}_mfu"],
+                   "reference_crops_per_s": REFERENCE[f"train_{name}_crops_per_s"]}))
+    mfu = results["embed_bf16_mfu"]
+    out.append(Measurement(
+        name="embed_bf16", value=results["embed_bf16_per_s"], unit="embeddings/s",
+        baseline_name="GEMM-bound embeddings/s (bf16 matmul peak / model FLOPs per crop)",
+        baseline_value=results["peak_bf16"] / embed_flops, ratio=mfu,
+        target=f"MFU >= {TARGETS['embed_bf16_mfu']}", met=mfu >= TARGETS["embed_bf16_mfu"],
+        extra={**common, "mfu": mfu, "reference_mfu": REFERENCE["embed_bf16_mfu"]}))
+    out.append(Measurement(
+        name="train_peak_memory_bf16", value=memory["bf16"], unit="GB",
+        baseline_name="fp32 training, same batch, child process", baseline_value=memory["fp32"],
+        ratio=memory["fp32"] / memory["bf16"], target=f"<= {TARGETS['peak_memory_gb']} GB (reference)",
+        met=memory["bf16"] <= TARGETS["peak_memory_gb"], extra=common))
+    return out
