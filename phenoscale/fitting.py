@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import LearningRateMonitor, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
@@ -142,6 +143,9 @@ def fit(cfg: Any, environ: dict[str, str] | None = None) -> FitResult:
         cfg.model, optim, in_chans=datamodule.in_chans, num_classes=datamodule.num_classes,
         total_steps=steps,
     )
+    # identical initial weights on every rank (above), then a rank-specific stream for what the
+    # model draws during training (MAE masks, drop-path): N ranks should not mask alike
+    torch.manual_seed(cfg.run.seed + 1_000_003 * trainer.global_rank)
     _log_plan(trainer, plan)
     if last is not None:
         rank_zero_info(f"[phenoscale] resuming from {last}")
