@@ -38,8 +38,8 @@ def site_embeddings(model: Any, loader: Any, n_sites: int, device: torch.device,
             sums = torch.zeros(n_sites, crops.shape[1], dtype=torch.float64, device=device)
         sums.index_add_(0, index, crops)
         counts.index_add_(0, index, torch.ones_like(index, dtype=torch.float64))
-    if sums is None:
-        raise ValueError("the evaluation loader yielded no batches: are the shards empty?")
+    if sums is None:  # no batch on this rank (more ranks than sites): width agreed in embed_model
+        sums = torch.zeros(n_sites, 0, dtype=torch.float64, device=device)
     return sums, counts
 
 
@@ -51,19 +51,30 @@ def embed_model(model: Any, data_cfg: Any, out: str | os.PathLike, pooling: str 
     """
     env = detect_launch()
     device = torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    if env.world_size > 1 and not dist.is_initialized():
+    own_group = env.world_size > 1 and not dist.is_initialized()
+    if own_group:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    model = model.to(device).eval()
-    datamodule = datamodules.build_datamodule(data_cfg, seed=seed)
-    manifest: pl.DataFrame = datamodule.manifest
-    sums, counts = site_embeddings(model, datamodule.eval_dataloader(), manifest.height, device,
-                                   pooling, block, progress=env.global_rank == 0)
-    if dist.is_initialized():
-        dist.all_reduce(sums)
-        dist.all_reduce(counts)
+    try:
+        model = model.to(device).eval()
+        datamodule = datamodules.build_datamodule(data_cfg, seed=seed)
+        manifest: pl.DataFrame = datamodule.manifest
+        sums, counts = site_embeddings(model, datamodule.eval_dataloader(), manifest.height, device,
+                                       pooling, block, progress=env.global_rank == 0)
+        if dist.is_initialized():
+            width = torch.tensor([sums.shape[1]], device=device)
+            dist.all_reduce(width, op=dist.ReduceOp.MAX)
+            if sums.shape[1] < int(width):
+                sums = torch.zeros(manifest.height, int(width), dtype=torch.float64, device=device)
+            dist.all_reduce(sums)
+            dist.all_reduce(counts)
+    finally:
+        if own_group:
+            dist.destroy_process_group()  # a live gloo group at interpreter exit can abort
     if env.global_rank != 0:
         return None
     missing = int((counts == 0).sum())
+    if missing == manifest.height:
+        raise ValueError("the evaluation loader yielded no batches: are the shards empty?")
     if missing:
         raise RuntimeError(f"{missing} of {manifest.height} sites got no crop embedding; "
                            "the evaluation loader must visit every site")

@@ -8,11 +8,13 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pytest
 import torch
 from omegaconf import OmegaConf
 
+from phenoscale.cli import main
 from run_helpers import REPO, TINY, audit, child_env, free_port, run_cli, tiny_overrides, write_real_shards
 
 pytestmark = [pytest.mark.ddp, pytest.mark.slow]
@@ -49,13 +51,33 @@ def assert_two_ranks_trained(run_dir: Path, launcher_line: str, output: str) -> 
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
 
 
-def test_torchrun_two_processes(shards: Path, tmp_path: Path) -> None:
-    run_dir = tmp_path / "run"
+@pytest.fixture(scope="module")
+def torchrun_fit(shards: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
+    run_dir = tmp_path_factory.mktemp("torchrun") / "run"
     done = run_cli([*TORCHRUN, "--nproc_per_node", "2", "--master_port", str(free_port()),
                     *script_args(shards, run_dir)], timeout=300)
+    return run_dir, done
+
+
+def test_torchrun_two_processes(torchrun_fit: tuple[Path, subprocess.CompletedProcess]) -> None:
+    run_dir, done = torchrun_fit
     assert done.returncode == 0, done.stderr[-3000:]
     assert_two_ranks_trained(run_dir, "torchrun launch, world size 2: 2 devices x 1 nodes",
                              done.stdout + done.stderr)
+
+
+def test_embed_under_torchrun_equals_one_process(shards: Path, torchrun_fit: tuple[Path, subprocess.CompletedProcess],
+                                                 tmp_path: Path) -> None:
+    checkpoint = torchrun_fit[0] / "checkpoints" / "last.ckpt"
+    two, one = tmp_path / "two.parquet", tmp_path / "one.parquet"
+    done = run_cli([*TORCHRUN, "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "phenoscale.cli",
+                    "embed", str(checkpoint), str(shards), str(two), "--num-workers", "0"], timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert main(["embed", str(checkpoint), str(shards), str(one), "--num-workers", "0"]) == 0
+    split, whole = pl.read_parquet(two), pl.read_parquet(one)
+    assert split["key"].to_list() == whole["key"].to_list() and split.height == 16  # every site once
+    # each rank embedded half the sites; the summed all-reduce gives exactly the one-process means
+    np.testing.assert_allclose(split["embedding"].to_numpy(), whole["embedding"].to_numpy(), rtol=1e-6)
 
 
 def test_fabric_run_two_processes(shards: Path, tmp_path: Path) -> None:
