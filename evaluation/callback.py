@@ -29,11 +29,20 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def _collective_device() -> torch.device:
+    """NCCL collectives need CUDA tensors; gloo (CPU, the tests) takes CPU tensors."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def _gather_rows(index: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Concatenate every rank's (index, values) rows; sizes differ per rank, so pad then trim."""
     if not _distributed():
         return index, values
-    size = torch.tensor([len(index)], dtype=torch.int64)
+    device = _collective_device()
+    index, values = index.to(device), values.to(device)
+    size = torch.tensor([len(index)], dtype=torch.int64, device=device)
     sizes = [torch.zeros_like(size) for _ in range(dist.get_world_size())]
     dist.all_gather(sizes, size)
     longest = int(max(s.item() for s in sizes))
@@ -45,7 +54,8 @@ def _gather_rows(index: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tenso
     dist.all_gather(all_index, padded_index)
     dist.all_gather(all_values, padded_values)
     keep = [slice(0, int(s.item())) for s in sizes]
-    return torch.cat([i[k] for i, k in zip(all_index, keep)]), torch.cat([v[k] for v, k in zip(all_values, keep)])
+    return (torch.cat([i[k] for i, k in zip(all_index, keep)]).cpu(),
+            torch.cat([v[k] for v, k in zip(all_values, keep)]).cpu())
 
 
 def _site_means(site: torch.Tensor, embedding: torch.Tensor, n_sites: int) -> tuple[np.ndarray, np.ndarray]:
@@ -116,7 +126,7 @@ class EFAARCallback(L.Callback):
         width = {b: (outputs[b][0].shape[1] if outputs[b] else 0) for b in blocks}
         if _distributed():  # a rank with no batch still has to take part with the right width
             for b in blocks:
-                w = torch.tensor([width[b]])
+                w = torch.tensor([width[b]], device=_collective_device())
                 dist.all_reduce(w, op=dist.ReduceOp.MAX)
                 width[b] = int(w.item())
         return {b: (index, torch.cat(outputs[b]) if outputs[b] else torch.zeros((0, width[b]))) for b in blocks}

@@ -30,6 +30,7 @@ HIST_RANGE = (-1.01, 1.01)  # cosines of float32 unit vectors may exceed 1 by ro
 EDGE_MARGIN = 1e-6  # larger than any rounding difference between locator values and the exact pass
 SMALL_NULL = 2**24  # nulls up to this many pairs (64 MB) are held whole in the exact pass
 SAMPLE_PAIRS = 2**22
+SAMPLE_CHUNK = 2**13  # pairs gathered at once: 2 x 8192 x D floats, small next to a block
 WINDOW_SE = 8.0
 log = logging.getLogger(__name__)
 
@@ -97,8 +98,8 @@ def _sample_windows(unit: np.ndarray, ranks: list[int], n_null: int, seed: int =
     rng = np.random.default_rng(seed)
     n = len(unit)
     values = []
-    for start in range(0, SAMPLE_PAIRS, 2**17):
-        size = min(2**17, SAMPLE_PAIRS - start)
+    for start in range(0, SAMPLE_PAIRS, SAMPLE_CHUNK):
+        size = min(SAMPLE_CHUNK, SAMPLE_PAIRS - start)
         i = rng.integers(0, n, size)
         j = rng.integers(0, n - 1, size)
         j += j >= i
