@@ -6,9 +6,21 @@ ViT-L/8 plan costs no memory. These are the "model FLOPs" of MFU: recomputation 
 from __future__ import annotations
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, flop_registry, register_flop_formula, sdpa_flop, sdpa_flop_count
 
 from lightning_modules.base import PhenoModule
+
+# torch counts the CUDA attention kernels but not the CPU flash kernel SDPA dispatches to on
+# CPU, so a real-device count on CPU missed all attention FLOPs (meta-device counts had them).
+# Count them as model FLOPs: forward 2 products, backward 4 (the kernel's recomputation of
+# the scores is not model work), exactly what the math decomposition on meta tensors counts.
+def _cpu_attention_backward(grad_out_shape, query_shape, key_shape, value_shape, *args, **kwargs) -> int:
+    return 2 * sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+if torch.ops.aten._scaled_dot_product_flash_attention_for_cpu not in flop_registry:
+    register_flop_formula(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu, get_raw=True)(sdpa_flop)
+    register_flop_formula(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward)(_cpu_attention_backward)
 
 
 def _example_batch(module: PhenoModule, batch_size: int) -> dict[str, torch.Tensor]:
