@@ -5,7 +5,11 @@ Cases (each side in its own child process, for a clean peak RSS):
   * known-relationship recall, five real sources, 20,000-gene x 384 map: ours vs efaar
     known_relationship_benchmark (which holds the N x N similarity matrix)
   * exact recall on a 100,000-gene map (ours only; target < 5 min within 24 GB)
-  * retrieval mAP on 20,000 profiles: ours vs copairs (average_precision + mean_average_precision)
+  * retrieval mAP on 20,000 profiles (4 replicates per perturbation, 5% control wells as the
+    negatives, JUMP's phenotypic-activity setting): ours vs copairs (average_precision +
+    mean_average_precision; copairs expresses "negatives are controls" as neg_diffby=[label, is_ref]).
+    With negatives = every other profile copairs materialises ~2e8 pairs (>13 GB here), too much
+    for this shared machine.
 Sizes scale with PHENOSCALE_BENCH_EVAL_SCALE (default 1; e.g. 0.25 on a busy machine) and the
 large map with PHENOSCALE_BENCH_EVAL_LARGE (genes, default 100000). Inputs come from
 evaluation.toy (seeded), gene names from the real annotation files (padded with synthetic names).
@@ -180,16 +184,19 @@ def bench_map(tmp: Path) -> list[Measurement]:
     load = f"x = np.load({str(tmp / 'map_x.npy')!r}); labels = np.load({str(tmp / 'map_labels.npy')!r})\n"
     ours = _child(load + f"""
 from evaluation.benchmarks.retrieval import average_precision, mean_average_precision
-t = time.perf_counter(); ap = average_precision(labels, x); scores = mean_average_precision(ap, 1000)
+from evaluation.toy import CONTROL
+t = time.perf_counter(); ap = average_precision(labels, x, reference=labels == CONTROL)
+scores = mean_average_precision(ap, 1000)
 seconds = time.perf_counter() - t
 scores.write_parquet({str(tmp / 'map_ours.parquet')!r}); print(json.dumps({{'seconds': seconds}}))
 """)
     peer = _child(load + f"""
 import pandas as pd
 from copairs.map import average_precision, mean_average_precision
-meta = pd.DataFrame({{'label': labels}})
+from evaluation.toy import CONTROL
+meta = pd.DataFrame({{'label': labels, 'is_ref': (labels == CONTROL).astype(int)}})
 t = time.perf_counter()
-ap = average_precision(meta, x, ['label'], [], [], ['label'], progress_bar=False)
+ap = average_precision(meta, x, ['label'], [], [], ['label', 'is_ref'], progress_bar=False)
 scores = mean_average_precision(ap, ['label'], null_size=1000, threshold=0.05, seed=0, progress_bar=False,
                                 cache_dir={str(tmp / 'copairs_cache')!r})
 seconds = time.perf_counter() - t
@@ -206,10 +213,16 @@ print(json.dumps({{'seconds': seconds}}))
     return [_compare(ours["seconds"], peer["seconds"], "mAP time", "s", "copairs", ">= 5x faster", speed >= 5, extra)]
 
 
+CASES = {"tvn": bench_tvn, "recall": bench_recall, "map": bench_map, "large": bench_large_recall}
+SELECTED = os.environ.get("PHENOSCALE_BENCH_EVAL_CASES", ",".join(CASES)).split(",")
+
+
 def run() -> list[Measurement]:
     measurements: list[Measurement] = []
     with tempfile.TemporaryDirectory(prefix="bench_eval_") as tmp:
-        for case in (bench_tvn, bench_recall, bench_map, bench_large_recall):
+        for name, case in CASES.items():
+            if name not in SELECTED:
+                continue
             results = case(Path(tmp))
             for m in results:
                 print(f"   {m.name}: {m.value:.4g} {m.unit} vs {m.baseline_value} ({m.baseline_name}) "

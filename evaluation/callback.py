@@ -17,6 +17,7 @@ import numpy as np
 import polars as pl
 import torch
 import torch.distributed as dist
+from tqdm.auto import tqdm
 
 from evaluation.config import EvalConfig
 from evaluation.embeddings_io import embeddings_frame
@@ -114,7 +115,8 @@ class EFAARCallback(L.Callback):
         sites, outputs = [], {b: [] for b in blocks}
         try:
             with torch.no_grad():
-                for batch in self.datamodule.eval_dataloader():
+                quiet = _distributed() and dist.get_rank() != 0
+                for batch in tqdm(self.datamodule.eval_dataloader(), desc="EFAAR embed", disable=quiet, leave=False):
                     images = batch["image"].to(pl_module.device)
                     sites.append(batch["site_index"].to(torch.int64).cpu())
                     for b in blocks:

@@ -5,7 +5,7 @@ profiles with the same label, negatives the profiles with another label (or, wit
 only the reference/control profiles, JUMP's phenotypic-activity setting). As in copairs, ties
 rank positives first. AP = mean over positives of precision at their rank. Instead of sorting
 every row, the rank of the m-th best positive is m + #negatives scoring strictly higher, counted
-by comparison (small groups) or by one sort of the row (large groups).
+by comparison, vectorised over all (query, positive) pairs of a block of queries.
 mAP per label = mean AP of its profiles; p-value as copairs: per profile a null of random APs
 with the same (n_pos, n_total), averaged over the label's profiles, p = (#null > mAP + 1)/(size+1).
 """
@@ -18,22 +18,19 @@ from tqdm.auto import tqdm
 from evaluation.aggregate import group_rows
 from evaluation.relate import block_rows, cosine, l2_normalised
 
-SORT_ABOVE = 32  # positives per query above which one row sort beats pairwise comparisons
 
 
-def _ap_of_row(sims: np.ndarray, candidates: np.ndarray, positives: np.ndarray) -> tuple[float, int, int]:
-    """AP of one query given its similarity row, candidate mask and positive indices."""
-    pos = np.sort(sims[positives])[::-1]
-    cand = sims[candidates]
-    if len(pos) > SORT_ABOVE:
-        cand = np.sort(cand)
-        greater_all = len(cand) - np.searchsorted(cand, pos, side="right")
-    else:
-        greater_all = (cand[None, :] > pos[:, None]).sum(axis=1)
-    ascending = pos[::-1]
-    greater_pos = len(pos) - np.searchsorted(ascending, pos, side="right")
-    ranks = np.arange(1, len(pos) + 1) + (greater_all - greater_pos)
-    return float(np.mean(np.arange(1, len(pos) + 1) / ranks)), len(pos), int(candidates.sum())
+def _per_query_ap(query_of_pair: np.ndarray, pos_sims: np.ndarray, higher: np.ndarray) -> np.ndarray:
+    """AP per query from its (positive similarity, #negatives strictly higher) pairs.
+
+    Sorting each query's positives by descending similarity, the m-th sits at rank m + higher_m.
+    """
+    order = np.lexsort((-pos_sims, query_of_pair))
+    q, h = query_of_pair[order], higher[order]
+    starts = np.flatnonzero(np.r_[True, q[1:] != q[:-1]])
+    m = np.arange(len(q)) - np.repeat(starts, np.diff(np.r_[starts, len(q)])) + 1
+    sizes = np.diff(np.r_[starts, len(q)])
+    return np.add.reduceat(m / (m + h), starts) / sizes
 
 
 def average_precision(
@@ -42,36 +39,47 @@ def average_precision(
     """Per query profile: `row`, `label`, `average_precision`, `n_pos_pairs`, `n_total_pairs`.
 
     Queries are all profiles (or, with a `reference` mask, the non-reference ones) that have at
-    least one positive.
+    least one positive. Work is vectorised over (query, positive) pairs; with a reference only the
+    query-vs-reference block is computed, not the full similarity matrix.
     """
     labels = np.asarray(labels)
     unit = l2_normalised(features)
     n = len(unit)
     queries = np.ones(n, bool) if reference is None else ~reference
+    ref_rows = None if reference is None else np.flatnonzero(reference)
     uniq, order, bounds = group_rows(labels)
     codes = np.empty(n, np.int64)
     for g, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
         codes[order[a:b]] = g
-    members = [order[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
-    rows_out, ap, n_pos, n_total = [], [], [], []
-    step = block_rows(n)
-    query_rows = np.flatnonzero(queries)
-    for s in tqdm(range(0, len(query_rows), step), desc=desc, disable=desc is None, leave=False):
-        chunk = query_rows[s : s + step]
-        sims = cosine(unit[chunk], unit)
-        for r, i in enumerate(chunk):
-            positives = members[codes[i]]
-            positives = positives[(positives != i) & queries[positives]]
-            if len(positives) == 0:
-                continue
-            candidates = (codes != codes[i]) if reference is None else reference.copy()
-            candidates[positives] = True
-            a, p, t = _ap_of_row(sims[r], candidates, positives)
-            rows_out.append(i), ap.append(a), n_pos.append(p), n_total.append(t)
+    members = [m[queries[m]] for m in (order[a:b] for a, b in zip(bounds[:-1], bounds[1:]))]
+    group_size = np.array([len(m) for m in members])
+    query_rows = np.flatnonzero(queries & (group_size[codes] > 1))
+    n_cols = n if reference is None else len(ref_rows)
+    out_ap = []
+    for s in tqdm(range(0, len(query_rows), block_rows(n_cols)), desc=desc, disable=desc is None, leave=False):
+        chunk = query_rows[s : s + block_rows(n_cols)]
+        sims = cosine(unit[chunk], unit if reference is None else unit[ref_rows])
+        pair_r = np.repeat(np.arange(len(chunk)), group_size[codes[chunk]])
+        pair_p = np.concatenate([members[codes[i]] for i in chunk])
+        keep = pair_p != chunk[pair_r]
+        pair_r, pair_p = pair_r[keep], pair_p[keep]
+        if reference is None:
+            pos_sims = sims[pair_r, pair_p].copy()
+            sims[pair_r, pair_p] = -np.inf  # positives and self are not negatives
+            sims[np.arange(len(chunk)), chunk] = -np.inf
+        else:
+            pos_sims = np.einsum("ij,ij->i", unit[chunk[pair_r]], unit[pair_p])
+        higher = np.empty(len(pair_r), np.int64)
+        step = max(1, 2**24 // max(n_cols, 1))
+        for a in range(0, len(pair_r), step):
+            higher[a : a + step] = (sims[pair_r[a : a + step]] > pos_sims[a : a + step, None]).sum(axis=1)
+        out_ap.append(_per_query_ap(pair_r, pos_sims, higher))
+    n_pos = group_size[codes[query_rows]] - 1
+    n_neg = (n - group_size[codes[query_rows]]) if reference is None else np.full(len(query_rows), n_cols)
     return pl.DataFrame({
-        "row": np.array(rows_out, np.int64), "label": labels[np.array(rows_out, np.int64)].astype(str),
-        "average_precision": np.array(ap), "n_pos_pairs": np.array(n_pos, np.int64),
-        "n_total_pairs": np.array(n_total, np.int64),
+        "row": query_rows.astype(np.int64), "label": labels[query_rows].astype(str),
+        "average_precision": np.concatenate(out_ap) if out_ap else np.zeros(0),
+        "n_pos_pairs": n_pos.astype(np.int64), "n_total_pairs": (n_pos + n_neg).astype(np.int64),
     })
 
 
