@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from lightning_modules.config import ModelConfig, OptimConfig
+from lightning_modules.cpu_tuning import keep_freed_memory_for_reuse
 from lightning_modules.optim import build_optimizer, build_scheduler
 
 
@@ -54,6 +55,11 @@ class PhenoModule(L.LightningModule):
                 if not rejected:
                     raise
                 del optional[rejected[0]]
+
+    def setup(self, stage: str) -> None:
+        """On CPU, stop glibc from handing step buffers back to the kernel (see cpu_tuning)."""
+        if self.device.type == "cpu":
+            keep_freed_memory_for_reuse()
 
     # --- embeddings -------------------------------------------------------------------------
     @property
