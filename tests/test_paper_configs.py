@@ -4,13 +4,14 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from omegaconf import OmegaConf
 
 from lightning_modules import ModelConfig, OptimConfig, build_module, training_flops_per_crop
 from lightning_modules.optim import build_scheduler, parameter_groups
-from tiny_models import tiny_module
+from tiny_models import real_crops, tiny_module
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER = REPO / "configs" / "paper"
@@ -134,9 +135,6 @@ def test_optimizers_and_schedules(name):
 
 
 def test_gradient_clipping_uses_the_optim_config(shared_data):
-    import lightning as L
-
-    from tiny_models import real_crops
     module = tiny_module("wsl", num_classes=4, optim=OptimConfig(name="adamw", lr=1e-3, gradient_clip_val=1e-6))
     norms = []
 

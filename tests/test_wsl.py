@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_modules import OptimConfig
+from lightning_modules import OptimConfig, self_standardize
 from lightning_modules.losses import ArcFaceHead
 from tiny_models import real_crops, tiny_module
 
@@ -61,7 +61,7 @@ def test_loss_mixes_ce_and_arcface(shared_data):
 def test_wsl_embed_is_the_neck_output(shared_data):
     module = tiny_module("wsl", num_classes=4).eval()
     images = real_crops(shared_data, 3)
-    neck_input = module.backbone(__import__("lightning_modules").self_standardize(images))
+    neck_input = module.backbone(self_standardize(images))
     torch.testing.assert_close(module.embed(images), module.neck(neck_input))
     assert module.embed(images).shape == (3, 16)
     assert isinstance(module.neck[-1], torch.nn.BatchNorm1d)
