@@ -78,7 +78,9 @@ class StepCheckpoint(pl.Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
-        if step > 0 and step % self.every_n_steps == 0:
+        # only right after an optimizer step (global_step moved): with gradient accumulation a
+        # save between micro-batches would drop their partial gradients yet count their data
+        if step > self.saved_step and step % self.every_n_steps == 0:
             self.save(trainer)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -95,12 +97,14 @@ class StopGuard(pl.Callback):
         self.received: int | None = None
         self.stopped_by_signal = False
         self._previous: dict[int, Any] = {}
+        self._seen_step = -1
 
     def _handler(self, signum: int, frame: Any) -> None:
         # only set a flag: saving inside a signal handler could interleave with a collective
         self.received = signum
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._seen_step = trainer.global_step
         # after Trainer._run registered its own SIGTERM handler, which would raise without saving
         for sig in self.SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handler)
@@ -130,7 +134,8 @@ class StopGuard(pl.Callback):
                 f"last good checkpoint: {last or 'none yet'}. Lower optim.lr, set "
                 "trainer.gradient_clip_val, or try trainer.precision=32-true"
             )
-        if stop:
+        stepped, self._seen_step = trainer.global_step != self._seen_step, trainer.global_step
+        if stop and stepped:  # stop on an optimizer-step boundary (see StepCheckpoint)
             name = signal.Signals(self.received).name if self.received else "a signal on another rank"
             rank_zero_info(f"received {name}: checkpointing step {trainer.global_step} and stopping")
             self.checkpoint.save(trainer)
