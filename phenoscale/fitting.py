@@ -130,6 +130,11 @@ def fit(cfg: Any, environ: dict[str, str] | None = None) -> FitResult:
     rank_zero_info(f"[phenoscale] {env.launcher} launch, world size {env.world_size}: "
                    f"{devices} devices x {num_nodes} nodes; {plan.describe()}")
     pl.seed_everything(cfg.run.seed, workers=True)
+    if env.launcher == "slurm":
+        # code that reads the torchrun convention before the process group exists (the data
+        # module's per-rank step count) sees the right rank and world under srun as well
+        os.environ.setdefault("RANK", str(env.global_rank))
+        os.environ.setdefault("WORLD_SIZE", str(env.world_size))
 
     if env.global_rank == 0:
         run_dir.create()

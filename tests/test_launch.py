@@ -87,3 +87,9 @@ def test_non_integer_devices() -> None:
         resolve_topology("two", "auto", detect_launch(FABRIC))
     with pytest.raises(LaunchMismatchError, match="'auto' or a positive integer"):
         resolve_topology("0", "auto", detect_launch({}))
+
+
+def test_exported_rank_does_not_turn_slurm_into_torchrun() -> None:
+    # fit exports RANK/WORLD_SIZE under srun for code that reads the torchrun convention
+    env = detect_launch({**SLURM, "RANK": "5", "WORLD_SIZE": "12"})
+    assert (env.launcher, env.devices, env.num_nodes) == ("slurm", 4, 3)
