@@ -7,14 +7,17 @@ and exit cleanly; a non-finite loss stops with the step named and keeps the last
 
 Under a launcher use train.py (the same thing); devices and num_nodes are taken from the
 launcher ('auto') and an explicit mismatch is an error:
-  fabric run --accelerator cpu --devices 2 train.py CONFIG
-  torchrun --nproc_per_node 8 train.py CONFIG
-  srun python train.py CONFIG          (sbatch --nodes N --ntasks-per-node G)
+  fabric run --accelerator cpu --devices 2 train.py CONFIG [KEY=VALUE ...]
+  torchrun --nproc_per_node 8 train.py CONFIG [KEY=VALUE ...]
+  srun python train.py CONFIG [KEY=VALUE ...]     (sbatch --nodes N --ntasks-per-node G)
 
-Examples:
-  phenoscale fit configs/experiments/tiny.yaml
-  phenoscale fit configs/experiments/demo_mae.yaml run.name=mae1 trainer.max_steps=2000
-  phenoscale fit configs/experiments/demo_wsl.yaml data.batch_size=64 scaling.lr_rule=sqrt
+Examples (data.train_shards is required: a shard directory, e.g. from `phenoscale synth`):
+  phenoscale synth runs/screen
+  phenoscale fit configs/experiments/tiny.yaml data.train_shards=runs/screen/shards
+  phenoscale fit configs/experiments/demo_mae.yaml data.train_shards=runs/screen/shards \
+      run.name=mae1 trainer.max_steps=2000
+  phenoscale fit configs/paper/mae_vit_s16.yaml my_cluster_data.yaml scaling.lr_rule=sqrt
+  phenoscale config configs/experiments/demo_mae.yaml      # see every setting first
 See docs/runs.md for the run directory, launchers and resume behaviour.
 """
 from __future__ import annotations
