@@ -14,8 +14,7 @@ launcher ('auto') and an explicit mismatch is an error:
 Examples (data.train_shards is required: a shard directory, e.g. from `phenoscale synth`):
   phenoscale synth runs/screen
   phenoscale fit configs/experiments/tiny.yaml data.train_shards=runs/screen/shards
-  phenoscale fit configs/experiments/demo_mae.yaml data.train_shards=runs/screen/shards \
-      run.name=mae1 trainer.max_steps=2000
+  phenoscale fit configs/experiments/demo_mae.yaml data.train_shards=runs/screen/shards run.name=mae1
   phenoscale fit configs/paper/mae_vit_s16.yaml my_cluster_data.yaml scaling.lr_rule=sqrt
   phenoscale config configs/experiments/demo_mae.yaml      # see every setting first
 See docs/runs.md for the run directory, launchers and resume behaviour.
