@@ -154,7 +154,8 @@ def fit(cfg: Any, environ: dict[str, str] | None = None) -> FitResult:
     _log_plan(trainer, plan)
     if last is not None:
         rank_zero_info(f"[phenoscale] resuming from {last}")
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if last else None)
+    # our own run directory's checkpoint: it holds loop/data state beyond tensors, so full unpickling
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if last else None, weights_only=False)
     if guard.stopped_by_signal:
         rank_zero_info(f"[phenoscale] stopped at step {trainer.global_step} after a preemption "
                        f"signal; checkpoint saved. Rerun the same command to resume.")
