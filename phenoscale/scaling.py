@@ -115,10 +115,10 @@ def plot_scaling(table: pl.DataFrame, path: Path) -> Path:
 
 def run_grid(grid: GridConfig, out: Path, only: Optional[list[int]] = None) -> Optional[pl.DataFrame]:
     """Run the grid's cells (all, or the indices in `only`) and collect what is finished."""
-    screen = grid_screen(grid, out)
     todo = [c for c in cells(grid) if only is None or c.index in only]
     if not todo:
         raise ValueError(f"no cell matches {only}; the grid has cells 0..{len(cells(grid)) - 1}")
+    screen = grid_screen(grid, out)
     for cell in todo:
         print(f"[scaling] cell {cell.index}: {cell.model.name}, {cell.crops:.3g} crops", flush=True)
         run_cell(grid, cell, screen, out)
