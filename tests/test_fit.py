@@ -3,7 +3,11 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import signal
 import tarfile
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -110,6 +114,32 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoin
     state = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert state["global_step"] == 1
     assert all(torch.isfinite(v).all() for v in state["state_dict"].values() if v.is_floating_point())
+
+
+def test_sigusr1_checkpoints_and_stops_in_process(screen: Path, tmp_path: Path) -> None:
+    """SLURM's preemption warning (`--signal=USR1@...`): checkpoint at the next step, stop cleanly."""
+    run_dir = tmp_path / "run"
+    cfg = load_config(TINY, [f"data.train_shards={screen / 'shards'}", f"run.run_dir={run_dir}",
+                             "data.num_workers=0", "trainer.max_steps=40", "trainer.checkpoint_every_n_steps=100",
+                             "trainer.audit_batches=true"])
+    audit_file = run_dir / "logs" / "batches" / "rank0.tsv"
+
+    def signal_after_two_steps() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if audit_file.is_file() and len(audit_file.read_text().splitlines()) >= 2:
+                os.kill(os.getpid(), signal.SIGUSR1)
+                return
+            time.sleep(0.02)
+
+    sender = threading.Thread(target=signal_after_two_steps, daemon=True)
+    sender.start()
+    result = fit(cfg)
+    sender.join()
+    assert result.preempted and 2 <= result.global_step < 40
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert state["global_step"] == result.global_step
+    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # handlers restored after training
 
 
 def test_existing_run_is_never_overwritten(screen: Path, tmp_path: Path) -> None:
