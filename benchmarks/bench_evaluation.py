@@ -117,9 +117,7 @@ np.save({str(tmp / 'tvn_peer.npy')!r}, out); print(json.dumps({{'seconds': secon
 
 def _recall_child(map_path: Path, out: Path) -> str:
     return f"""
-from evaluation.annotations import SOURCES
-from evaluation.pipeline import load_sources
-from evaluation.annotations import pairs_in_map
+from evaluation.annotations import SOURCES, load_sources, pairs_in_map
 from evaluation.benchmarks.recall import known_relationship_recall
 data = np.load({str(map_path)!r}); genes, x = data['genes'], data['profiles']
 t = time.perf_counter()

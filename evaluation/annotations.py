@@ -30,6 +30,15 @@ def resolve_annotation(spec: str) -> tuple[str, Path]:
     )
 
 
+def load_sources(specs: list[str]) -> dict[str, pl.DataFrame]:
+    """Relationship frames by source name (file stem or source name)."""
+    sources = {}
+    for spec in specs:
+        name, path = resolve_annotation(spec)
+        sources[name] = load_relationships(path)
+    return sources
+
+
 def load_relationships(path: str | Path) -> pl.DataFrame:
     """Unordered gene pairs (entity1 < entity2), self-pairs dropped, duplicates removed (as efaar)."""
     path = Path(path)

@@ -17,7 +17,7 @@ import polars as pl
 
 from evaluation.aggregate import aggregate
 from evaluation.align import align
-from evaluation.annotations import annotations_dir, load_clusters, load_relationships, pairs_in_map, resolve_annotation
+from evaluation.annotations import annotations_dir, load_clusters, load_sources, pairs_in_map
 from evaluation.benchmarks.clusters import CLUSTER_SCHEMA, cluster_benchmark
 from evaluation.benchmarks.generalisation import GENERALISATION_SCHEMA, batch_generalisation
 from evaluation.benchmarks.oracle import oracle_recall, truth_relationships
@@ -56,15 +56,6 @@ class EvalResult:
             prefix = "" if row["alignment"] in (self.primary_alignment, None) else f"{row['alignment']}/"
             out[prefix + row["metric"]] = row["value"]
         return out
-
-
-def load_sources(specs: list[str]) -> dict[str, pl.DataFrame]:
-    """Relationship frames by source name (file stem or source name)."""
-    sources = {}
-    for spec in specs:
-        name, path = resolve_annotation(spec)
-        sources[name] = load_relationships(path)
-    return sources
 
 
 def _metric(rows: list, alignment: Optional[str], benchmark: str, metric: str,

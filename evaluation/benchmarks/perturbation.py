@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 import polars as pl
-import torch
+from scipy.spatial.distance import cdist
 
 from evaluation.aggregate import group_rows
 from evaluation.relate import l2_normalised
@@ -28,16 +28,15 @@ def mean_pairwise_cosine(unit: np.ndarray) -> float:
     return float((total @ total - (unit.astype(np.float64) ** 2).sum()) / (n * (n - 1)))
 
 
-def _mean_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def _mean_distance(a: np.ndarray, b: np.ndarray) -> float:
     """Mean Euclidean distance; squared distances clamped at 1e-8 exactly as geomloss does."""
-    squared = torch.cdist(a, b, compute_mode="donot_use_mm_for_euclid_dist").square()
-    return squared.clamp_min(1e-8).sqrt().mean()
+    return float(np.sqrt(np.maximum(cdist(a, b, "sqeuclidean"), 1e-8)).mean())
 
 
 def energy_distance(x: np.ndarray, y: np.ndarray) -> float:
     """2E|X-Y| - E|X-X'| - E|Y-Y'| with self-pairs included (geomloss SamplesLoss('energy') x 2)."""
-    a, b = torch.from_numpy(np.asarray(x, np.float64)), torch.from_numpy(np.asarray(y, np.float64))
-    return float(2 * _mean_distance(a, b) - _mean_distance(a, a) - _mean_distance(b, b))
+    a, b = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    return 2 * _mean_distance(a, b) - _mean_distance(a, a) - _mean_distance(b, b)
 
 
 def _control_sets(n_controls: int, size: int, n_null: int, rng: np.random.Generator) -> list[np.ndarray]:
