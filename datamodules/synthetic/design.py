@@ -41,7 +41,7 @@ class ScreenConfig:
     module_size_max: int = 8
     anticorrelated_fraction: float = 0.3  # share of modules paired with an opposite partner
     axes_per_module: int = 4            # a module moves a few morphological axes, not all
-    phenotype_strength: float = 2.5     # mean norm of a gene's latent phenotype
+    phenotype_strength: float = 4.0     # mean norm of a gene's latent phenotype
     gene_noise: float = 0.3             # gene-specific deviation from its module's direction
     experiment_biology: float = 0.4     # std per axis of an experiment's shift of the cell state
     plate_biology: float = 0.15         # same, per plate
