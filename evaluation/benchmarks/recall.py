@@ -115,8 +115,19 @@ def _sample_windows(unit: np.ndarray, ranks: list[int], n_null: int, seed: int =
 def _select_pass(unit: np.ndarray, windows: dict[int, tuple[float, float]], query_pairs: np.ndarray | None,
                  **kwargs) -> tuple[dict[int, float], np.ndarray | None]:
     """One streamed pass: per window, count null values below it and keep those inside it; read the
-    query pairs' values from the same blocks. Returns the order statistics it could pin down."""
+    query pairs' values from the same blocks. Returns the order statistics it could pin down.
+
+    Each block is touched only twice: the values up to the highest lower-tail window and from the
+    lowest upper-tail window are extracted (~20% of a block at the usual thresholds), and the
+    per-window counting and selection run on those tails. Pairs j <= i of the block's leading
+    square are set to NaN first, which every comparison rejects.
+    """
+    n = len(unit)
+    n_null = n * (n - 1) // 2
     bounds = sorted(set(windows.values()))
+    is_low = {bd: any(k / n_null < 0.5 for k, w in windows.items() if w == bd) for bd in bounds}
+    low_edge = max((hi for (lo, hi) in bounds if is_low[(lo, hi)]), default=None)
+    high_edge = min((lo for (lo, hi) in bounds if not is_low[(lo, hi)]), default=None)
     below = np.zeros(len(bounds), np.int64)
     inside: list[list[np.ndarray]] = [[] for _ in bounds]
     query_values = None
@@ -126,15 +137,20 @@ def _select_pass(unit: np.ndarray, windows: dict[int, tuple[float, float]], quer
         query_values = np.empty(len(order), np.float32)
     for start, block in upper_triangle_blocks(unit, desc="recall null, exact pass", **kwargs):
         b = block.shape[0]
-        lower_mask = np.tri(b, dtype=bool)
-        for w, (lo, hi) in enumerate(bounds):
-            below[w] += np.count_nonzero(block < lo) - np.count_nonzero((block[:, :b] < lo) & lower_mask)
-            r, c = np.nonzero((block >= lo) & (block <= hi))
-            keep = c > r
-            inside[w].append(block[r[keep], c[keep]])
         if query_values is not None:
             lo_q, hi_q = np.searchsorted(qi, [start, start + b])
             query_values[order[lo_q:hi_q]] = block[qi[lo_q:hi_q] - start, qj[lo_q:hi_q] - start]
+        block[:, :b][np.tri(b, dtype=bool)] = np.nan
+        n_valid = block.size - b * (b + 1) // 2
+        low_tail = block[block <= low_edge] if low_edge is not None else None
+        high_tail = block[block >= high_edge] if high_edge is not None else None
+        for w, (lo, hi) in enumerate(bounds):
+            if is_low[(lo, hi)]:
+                below[w] += np.count_nonzero(low_tail < lo)
+                inside[w].append(low_tail[(low_tail >= lo) & (low_tail <= hi)])
+            else:
+                below[w] += n_valid - np.count_nonzero(high_tail >= lo)
+                inside[w].append(high_tail[(high_tail >= lo) & (high_tail <= hi)])
     selected = {}
     for k, window in windows.items():
         w = bounds.index(window)
