@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from datamodules.atomic import atomic_write
 from datamodules.schema import REQUIRED_KEYS, SHARD_COLUMNS, validate_image, validate_metadata
 
 MANIFEST = "manifest.parquet"
@@ -33,13 +34,6 @@ def encode_npy(image: np.ndarray) -> bytes:
 def decode_npy(data: bytes) -> np.ndarray:
     """Inverse of encode_npy without pickle (shards may come from anywhere)."""
     return np.lib.format.read_array(io.BytesIO(data), allow_pickle=False)
-
-
-def write_atomic_parquet(frame: pl.DataFrame, path: Path) -> None:
-    """Write `frame` to `path` through a temp file + rename (readers never see a partial file)."""
-    tmp = path.with_name(f".{path.name}{TMP_SUFFIX}")
-    frame.write_parquet(tmp)
-    os.replace(tmp, path)
 
 
 class ShardWriter:
@@ -152,7 +146,7 @@ class ShardWriter:
         self._finish_current()
         self._closed = True
         self.manifest = manifest_frame(self._rows)
-        write_atomic_parquet(self.manifest, self.out_dir / MANIFEST)
+        atomic_write(self.out_dir / MANIFEST, self.manifest.write_parquet)
         return self.manifest
 
     def abort(self) -> None:

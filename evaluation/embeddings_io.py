@@ -6,12 +6,12 @@ array column (not a list) lets polars hand the values to numpy as one contiguous
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import polars as pl
+
+from datamodules.atomic import atomic_write
 
 EMBEDDING_COLUMN = "embedding"
 
@@ -50,17 +50,7 @@ def embedding_matrix(df: pl.DataFrame) -> np.ndarray:
 def write_embeddings(df: pl.DataFrame, path: str | Path) -> Path:
     """Write atomically (temp file in the same directory, then rename): readers never see half a file."""
     embedding_dim(df)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        df.write_parquet(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, df.write_parquet)
 
 
 def read_embeddings(path: str | Path) -> pl.LazyFrame:

@@ -14,7 +14,7 @@ import polars as pl  # noqa: E402
 from scipy.cluster.hierarchy import leaves_list, linkage  # noqa: E402
 from scipy.spatial.distance import squareform  # noqa: E402
 
-from evaluation.atomic import write_bytes_atomic  # noqa: E402
+from datamodules.atomic import write_bytes_atomic  # noqa: E402
 from evaluation.relate import cosine, knn, l2_normalised  # noqa: E402
 
 

@@ -9,7 +9,7 @@ from typing import Any, Optional
 
 import polars as pl
 
-from evaluation.atomic import write_text_atomic
+from datamodules.atomic import write_text_atomic
 from evaluation.pipeline import EvalResult
 from evaluation.plots import plot_model_vs_oracle, plot_recall, plot_similarity_heatmap
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from enum import Enum
@@ -21,6 +20,7 @@ from typing import Any, Optional, Sequence
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from datamodules.atomic import write_text_atomic
 from datamodules.config import DataConfig
 from evaluation.config import EvalConfig
 from lightning_modules.config import ModelConfig, OptimConfig
@@ -269,10 +269,4 @@ def to_yaml(cfg: Any) -> str:
 
 def save_config(cfg: Any, path: str | os.PathLike) -> None:
     """Write the resolved config atomically (a crash never leaves half a config.yaml)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as f:
-        f.write(to_yaml(cfg))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(f.name, path)
+    write_text_atomic(path, to_yaml(cfg), fsync=True)

@@ -8,7 +8,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import polars as pl
 
-from evaluation.atomic import write_text_atomic
+from datamodules.atomic import write_text_atomic
 from evaluation.plots import save_figure
 from evaluation.report import markdown_table as markdown
 

@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
+from datamodules.atomic import atomic_write
+
 LAST = "last.ckpt"
 _STEP_FILE = re.compile(r"step=(\d+)\.ckpt$")
 
@@ -44,7 +46,7 @@ class RunDir:
         """Make the layout; drop temp files a killed writer left (never complete, never read)."""
         for path in (self.checkpoints, self.logs, self.embeddings, self.reports):
             path.mkdir(parents=True, exist_ok=True)
-        for stale in self.checkpoints.glob(".*.tmp-*"):
+        for stale in self.checkpoints.glob(".*.tmp*"):
             stale.unlink(missing_ok=True)
         return self
 
@@ -95,17 +97,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f"not writing {path}: non-finite values in {', '.join(bad[:5])}"
                 + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
             )
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-        try:
-            with open(tmp, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        atomic_write(path, lambda tmp: torch.save(checkpoint, tmp), fsync=True)
 
 
 def publish_last(step_file: Path, last: Path) -> None:

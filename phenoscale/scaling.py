@@ -15,7 +15,7 @@ from typing import Optional
 import matplotlib.pyplot as plt
 import polars as pl
 
-from evaluation.atomic import write_text_atomic
+from datamodules.atomic import write_text_atomic
 from evaluation.plots import save_figure
 from evaluation.report import markdown_table
 from phenoscale.config import load_config, plan_batch

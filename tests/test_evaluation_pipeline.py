@@ -9,7 +9,6 @@ import polars as pl
 import pytest
 
 from evaluation import EvalConfig, read_embeddings, run_efaar, write_embeddings
-from evaluation.annotations import load_relationships, pairs_in_map
 from evaluation.benchmarks.recall import known_relationship_recall, rank_cutoffs
 from evaluation.embeddings_io import embedding_matrix, embeddings_frame
 from evaluation.relate import l2_normalised

@@ -22,7 +22,8 @@ from tqdm import tqdm
 from datamodules.shards import ShardWriter
 from datamodules.synthetic.design import ScreenConfig, ScreenDesign, design_screen
 from datamodules.synthetic.render import AXES, CHANNELS, Optics, render_site
-from datamodules.synthetic.truth import write_atomic, write_truth
+from datamodules.atomic import write_text_atomic
+from datamodules.synthetic.truth import write_truth
 
 SCREEN_JSON = "screen.json"
 _SITE_STREAM = 7  # separates per-site random streams from the design's streams
@@ -103,5 +104,5 @@ def write_screen(
         "workers": workers,
         "seconds": round(seconds, 2),
     }
-    write_atomic(out_dir / SCREEN_JSON, lambda p: p.write_text(json.dumps(summary, indent=2)))
+    write_text_atomic(out_dir / SCREEN_JSON, json.dumps(summary, indent=2))
     return design

@@ -5,14 +5,12 @@ synthetic screen exactly as it scores a real one against CORUM or HuMAP.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import polars as pl
 
-from datamodules.shards import write_atomic_parquet
+from datamodules.atomic import atomic_write
 from datamodules.synthetic.design import ScreenDesign
 
 RELATIONSHIPS = "relationships.csv"
@@ -20,20 +18,13 @@ MODULES = "modules.csv"
 PHENOTYPES = "phenotypes.parquet"
 
 
-def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """Call `write(tmp)` then rename tmp to `path`: readers never see a partial file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def write_truth(design: ScreenDesign, truth_dir: str | Path) -> Path:
     """Write the three truth files of `design` into `truth_dir` (created if needed)."""
     truth_dir = Path(truth_dir)
     truth_dir.mkdir(parents=True, exist_ok=True)
-    write_atomic(truth_dir / RELATIONSHIPS, design.relationships.write_csv)
-    write_atomic(truth_dir / MODULES, design.modules.write_csv)
-    write_atomic_parquet(design.phenotypes, truth_dir / PHENOTYPES)
+    atomic_write(truth_dir / RELATIONSHIPS, design.relationships.write_csv)
+    atomic_write(truth_dir / MODULES, design.modules.write_csv)
+    atomic_write(truth_dir / PHENOTYPES, design.phenotypes.write_parquet)
     return truth_dir
 
 
