@@ -1,6 +1,6 @@
 """Evaluation speed and memory against the peers, on the same inputs, in the same run.
 
-Cases (each side in its own child process; peak memory = the child's VmHWM):
+Cases (each side in its own child process; peak memory = the child's VmHWM, from benchmarks.harness.run_isolated):
   * TVN on 200,000 wells x 384 dims in 50 batches: ours vs efaar_benchmarking.tvn_on_controls
   * known-relationship recall, five real sources, 20,000-gene x 384 map: ours vs efaar
     known_relationship_benchmark (which holds the N x N similarity matrix)
@@ -32,13 +32,6 @@ DIM = 384
 PRELUDE = f"""
 import sys, time, json, numpy as np
 sys.path.insert(0, {str(REPO)!r})
-
-def hwm_gb():
-    # VmHWM belongs to this process's own address space (reset by exec), whereas ru_maxrss of a
-    # spawned child is floored at the parent's RSS at spawn time (Linux keeps it across exec).
-    for line in open('/proc/self/status'):
-        if line.startswith('VmHWM:'):
-            return int(line.split()[1]) / 2**20
 """
 
 
@@ -94,23 +87,23 @@ x = np.load({str(tmp / 'tvn_x.npy')!r}); meta = pl.read_parquet({str(tmp / 'tvn_
 from evaluation.align import tvn
 ctrl, batches = meta['is_control'].to_numpy(), meta['experiment'].to_numpy()
 t = time.perf_counter(); out = tvn(x, ctrl, batches); seconds = time.perf_counter() - t
-np.save({str(tmp / 'tvn_ours.npy')!r}, out); print(json.dumps({{'seconds': seconds, 'hwm_gb': hwm_gb()}}))
+np.save({str(tmp / 'tvn_ours.npy')!r}, out); print(json.dumps({{'seconds': seconds}}))
 """)
     peer = _child(load + f"""
 from efaar_benchmarking.efaar import tvn_on_controls
 from evaluation.toy import CONTROL
 md = meta.to_pandas()
 t = time.perf_counter(); out = tvn_on_controls(x, md, 'perturbation', CONTROL, 'experiment'); seconds = time.perf_counter() - t
-np.save({str(tmp / 'tvn_peer.npy')!r}, out); print(json.dumps({{'seconds': seconds, 'hwm_gb': hwm_gb()}}))
+np.save({str(tmp / 'tvn_peer.npy')!r}, out); print(json.dumps({{'seconds': seconds}}))
 """)
     diff = float(np.abs(np.load(tmp / "tvn_ours.npy").astype(np.float64) - np.load(tmp / "tvn_peer.npy")).max())
     extra = {"wells": len(screen), "dims": DIM, "batches": 50, "max_abs_diff_vs_efaar": diff,
-             "peak_gb": ours["hwm_gb"], "peer_peak_gb": peer["hwm_gb"]}
+             "peak_gb": ours["peak_gb"], "peer_peak_gb": peer["peak_gb"]}
     speed = peer["seconds"] / ours["seconds"]
     return [
         _compare(ours["seconds"], peer["seconds"], "tvn time", "s", "efaar tvn_on_controls", ">= 10x faster",
                  speed >= 10, extra),
-        _compare(ours["hwm_gb"], peer["hwm_gb"], "tvn peak memory", "GB", "efaar tvn_on_controls",
+        _compare(ours["peak_gb"], peer["peak_gb"], "tvn peak memory", "GB", "efaar tvn_on_controls",
                  "report", None, extra),
     ]
 
@@ -124,7 +117,7 @@ t = time.perf_counter()
 sources = load_sources(list(SOURCES))
 result = known_relationship_recall(genes, x, {{s: pairs_in_map(r, genes) for s, r in sources.items()}})
 seconds = time.perf_counter() - t
-result.write_parquet({str(out)!r}); print(json.dumps({{'seconds': seconds, 'hwm_gb': hwm_gb()}}))
+result.write_parquet({str(out)!r}); print(json.dumps({{'seconds': seconds}}))
 """
 
 
@@ -144,7 +137,7 @@ t = time.perf_counter()
 res = known_relationship_benchmark(Bunch(features=pd.DataFrame(x), metadata=pd.DataFrame({{'g': genes}})), 'g',
                                    benchmark_data_dir=str(annotations_dir()))
 seconds = time.perf_counter() - t
-res.to_csv({str(tmp / 'recall_peer.csv')!r}, index=False); print(json.dumps({{'seconds': seconds, 'hwm_gb': hwm_gb()}}))
+res.to_csv({str(tmp / 'recall_peer.csv')!r}, index=False); print(json.dumps({{'seconds': seconds}}))
 """)
     mine = pl.read_parquet(tmp / "recall_ours.parquet")
     theirs = pl.read_csv(tmp / "recall_peer.csv")
@@ -156,13 +149,13 @@ res.to_csv({str(tmp / 'recall_peer.csv')!r}, index=False); print(json.dumps({{'s
     extra = {"genes": n_genes, "dims": DIM, "max_abs_recall_diff_vs_efaar": max(diffs),
              "recall": dict(zip(mine.filter(pl.col("threshold_low") == 0.05)["source"],
                                 mine.filter(pl.col("threshold_low") == 0.05)["recall"])),
-             "peak_gb": ours["hwm_gb"], "peer_peak_gb": peer["hwm_gb"]}
-    speed, memory = peer["seconds"] / ours["seconds"], peer["hwm_gb"] / ours["hwm_gb"]
+             "peak_gb": ours["peak_gb"], "peer_peak_gb": peer["peak_gb"]}
+    speed, memory = peer["seconds"] / ours["seconds"], peer["peak_gb"] / ours["peak_gb"]
     return [
         _compare(ours["seconds"], peer["seconds"], "recall 5 sources time", "s", "efaar known_relationship_benchmark",
                  ">= 5x faster", speed >= 5, extra),
-        Measurement(name="recall 5 sources peak memory", value=ours["hwm_gb"], unit="GB",
-                    baseline_name="efaar known_relationship_benchmark", baseline_value=peer["hwm_gb"],
+        Measurement(name="recall 5 sources peak memory", value=ours["peak_gb"], unit="GB",
+                    baseline_name="efaar known_relationship_benchmark", baseline_value=peer["peak_gb"],
                     ratio=memory, target=">= 5x less memory", met=memory >= 5, extra=extra),
     ]
 
@@ -170,8 +163,8 @@ res.to_csv({str(tmp / 'recall_peer.csv')!r}, index=False); print(json.dumps({{'s
 def bench_large_recall(tmp: Path) -> list[Measurement]:
     map_path = _map_file(tmp, LARGE, "map_large")
     ours = _child(_recall_child(map_path, tmp / "recall_large.parquet"))
-    extra = {"genes": LARGE, "dims": DIM, "null_pairs": LARGE * (LARGE - 1) // 2, "peak_gb": ours["hwm_gb"]}
-    met = ours["seconds"] < 300 and ours["hwm_gb"] < 24
+    extra = {"genes": LARGE, "dims": DIM, "null_pairs": LARGE * (LARGE - 1) // 2, "peak_gb": ours["peak_gb"]}
+    met = ours["seconds"] < 300 and ours["peak_gb"] < 24
     return [Measurement(name=f"exact recall {LARGE} genes time", value=ours["seconds"], unit="s",
                         target="< 300 s within 24 GB", met=met, extra=extra)]
 
@@ -193,7 +186,7 @@ from evaluation.toy import CONTROL
 t = time.perf_counter(); ap = average_precision(labels, x, reference=labels == CONTROL)
 scores = mean_average_precision(ap, 1000)
 seconds = time.perf_counter() - t
-scores.write_parquet({str(tmp / 'map_ours.parquet')!r}); print(json.dumps({{'seconds': seconds, 'hwm_gb': hwm_gb()}}))
+scores.write_parquet({str(tmp / 'map_ours.parquet')!r}); print(json.dumps({{'seconds': seconds}}))
 """)
     peer = _child(load + f"""
 import pandas as pd
@@ -206,18 +199,18 @@ scores = mean_average_precision(ap, ['label'], null_size=1000, threshold=0.05, s
                                 cache_dir={str(tmp / 'copairs_cache')!r})
 seconds = time.perf_counter() - t
 scores[['label', 'mean_average_precision', 'p_value']].to_csv({str(tmp / 'map_peer.csv')!r}, index=False)
-print(json.dumps({{'seconds': seconds, 'hwm_gb': hwm_gb()}}))
+print(json.dumps({{'seconds': seconds}}))
 """)
     import polars as pl
 
     merged = pl.read_parquet(tmp / "map_ours.parquet").join(pl.read_csv(tmp / "map_peer.csv"), on="label")
     diff = float((merged["mean_average_precision"] - merged["mean_average_precision_right"]).abs().max())
     extra = {"profiles": len(screen), "dims": DIM, "labels": len(merged), "max_abs_map_diff_vs_copairs": diff,
-             "peak_gb": ours["hwm_gb"], "peer_peak_gb": peer["hwm_gb"]}
+             "peak_gb": ours["peak_gb"], "peer_peak_gb": peer["peak_gb"]}
     speed = peer["seconds"] / ours["seconds"]
     return [
         _compare(ours["seconds"], peer["seconds"], "mAP time", "s", "copairs", ">= 5x faster", speed >= 5, extra),
-        _compare(ours["hwm_gb"], peer["hwm_gb"], "mAP peak memory", "GB", "copairs", "report", None, extra),
+        _compare(ours["peak_gb"], peer["peak_gb"], "mAP peak memory", "GB", "copairs", "report", None, extra),
     ]
 
 

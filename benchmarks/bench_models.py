@@ -59,7 +59,7 @@ def train_step_fn(module, optimizer, images: torch.Tensor, bf16: bool):
 
 
 PEAK_MEMORY_CHILD = """
-import torch, json
+import torch
 torch.set_num_threads({threads})
 from benchmarks.bench_models import openphenom_module, crops, train_step_fn
 from lightning_modules.cpu_tuning import keep_freed_memory_for_reuse
@@ -67,18 +67,12 @@ keep_freed_memory_for_reuse()
 module = openphenom_module()
 optimizer = module.configure_optimizers()["optimizer"]
 train_step_fn(module, optimizer, crops(), bf16={bf16})()  # the first step allocates the optimiser state too
-hwm_kb = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
-print(json.dumps({{"vm_hwm_gb": hwm_kb / 2**20}}))
 """
 
 
 def child_peak_memory_gb(threads: int, bf16: bool) -> float:
-    """Peak RSS of a fresh process running one training step at batch 8.
-
-    VmHWM of the child's own address space, not ru_maxrss: Linux carries ru_maxrss across
-    fork + exec, so a child spawned by this (large) process would report the parent's peak.
-    """
-    return run_isolated(PEAK_MEMORY_CHILD.format(threads=threads, bf16=bf16))["vm_hwm_gb"]
+    """Peak resident memory of a fresh process running one training step at batch 8."""
+    return run_isolated(PEAK_MEMORY_CHILD.format(threads=threads, bf16=bf16))["peak_gb"]
 
 
 def run() -> list[Measurement]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -69,14 +68,16 @@ def best_time(fn: Callable[[], Any], repeats: int = 3, warmup: int = 1) -> float
 def run_isolated(code: str, timeout: float = 1800) -> dict[str, Any]:
     """Run `code` in a fresh interpreter; it must print one JSON object on its last line.
 
-    Used for peak-memory figures: ru_maxrss of a child is only meaningful in its own process.
-    The child's peak RSS (GB) is added as `peak_rss_gb`.
+    Used for peak-memory figures: the child's own peak resident memory is added as `peak_gb`.
+    It is read from VmHWM, not ru_maxrss: Linux carries ru_maxrss across fork + exec, so a child
+    of a large benchmark process would report the parent's peak instead of its own.
     """
     wrapper = (
         code
-        + "\nimport resource as _r, json as _j, sys as _s\n"
+        + "\nimport json as _j, sys as _s\n"
         + "_s.stdout.flush()\n"
-        + "print(_j.dumps({'peak_rss_gb': _r.getrusage(_r.RUSAGE_SELF).ru_maxrss / 2**20}))\n"
+        + "_hwm = next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM:'))\n"
+        + "print(_j.dumps({'peak_gb': _hwm / 2**20}))\n"
     )
     proc = subprocess.run(
         [sys.executable, "-c", wrapper], capture_output=True, text=True, timeout=timeout, check=False
@@ -87,11 +88,6 @@ def run_isolated(code: str, timeout: float = 1800) -> dict[str, Any]:
     result = json.loads(lines[-2]) if len(lines) >= 2 else {}
     result.update(json.loads(lines[-1]))
     return result
-
-
-def peak_rss_gb() -> float:
-    """Peak resident memory of this process so far, in GB."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def write_results(bench: str, measurements: list[Measurement]) -> Path:
