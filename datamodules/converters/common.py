@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import multiprocessing
 import re
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -116,9 +117,11 @@ def write_sites(
     writer = ShardWriter(out_dir, max_bytes=int(max_shard_mb * 2**20), overwrite=overwrite)
     with writer, tqdm(total=len(tasks), desc=f"shards {source}", unit="site") as progress:
         if workers > 1:
-            # spawn: forking a process that already runs polars/torch threads can deadlock
-            with multiprocessing.get_context("spawn").Pool(workers) as pool:
-                results = pool.imap(read_site, tasks, chunksize=max(1, min(16, len(tasks) // (4 * workers))))
+            # spawn: forking a process that already runs polars/torch threads can deadlock; an
+            # executor (unlike multiprocessing.Pool) raises if a worker dies instead of hanging
+            context = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(workers, mp_context=context) as pool:
+                results = pool.map(read_site, tasks, chunksize=max(1, min(16, len(tasks) // (4 * workers))))
                 for meta, (image, channels) in zip(metadata, results):
                     writer.write(image, {**meta, "channels": channels})
                     progress.update()
