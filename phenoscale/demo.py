@@ -83,7 +83,7 @@ def run_demo(settings: DemoSettings) -> pl.DataFrame:
                             fitted.global_step * cfg.scaling.effective_batch_size, seconds))
     references = {"image_stats": ImageStatistics()}
     if "mae" in settings.models:
-        mae_cfg = load_config(CONFIGS / "demo_mae.yaml", [f"data.train_shards={screen.shards}"])
+        mae_cfg = load_config(CONFIGS / "demo_mae.yaml", [f"data.train_shards={screen.shards}", *settings.overrides])
         torch.manual_seed(settings.seed)
         references["random_init"] = lightning_modules.build_module(mae_cfg.model, mae_cfg.optim, in_chans=len(CHANNELS))
     for name, model in references.items():
