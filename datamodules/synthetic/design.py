@@ -75,8 +75,10 @@ class ScreenConfig:
 
 
 PRESETS: dict[str, dict[str, object]] = {
-    # 1,536 sites of 6 x 128 x 128 (8 plates): rendered in seconds, trained on 64-px crops on a CPU
-    "demo": {},
+    # 2,304 sites of 6 x 128 x 128 (12 plates): rendered in seconds, trained on 64-px crops on a
+    # CPU. 32 control wells per plate (RxRx1 has ~30): TVN whitens each batch with the control
+    # covariance, which 16 controls estimate too poorly for 128-dimensional embeddings.
+    "demo": {"controls_per_plate": 32},
     # seconds-long end-to-end tests: 24 genes, 2 experiments x 1 plate, 1 site of 6 x 64 x 64
     "tiny": dict(genes=24, image_size=64, cell_radius=6.0, experiments=2, replicates=2, sites_per_well=1),
     # RxRx1's shape: 1,108 genes in every one of 51 experiments of 4 cell types, 4 plates of 308
