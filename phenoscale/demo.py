@@ -23,7 +23,15 @@ from evaluation import EvalConfig, EvalResult
 from phenoscale.baselines import ImageStatistics
 from phenoscale.config import load_config
 from phenoscale.demo_report import write_demo_report
-from phenoscale.workflow import Screen, embed_model, ensure_screen, eval_data_config, recall_rows, score, train
+from phenoscale.embedding import embed_model
+from phenoscale.workflow import (
+    Screen,
+    ensure_screen,
+    eval_data_config,
+    recall_rows,
+    score,
+    train,
+)
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "experiments"
 MODELS = ("mae", "camae", "wsl")

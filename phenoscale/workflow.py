@@ -15,11 +15,11 @@ import polars as pl
 import torch
 
 import datamodules
+import lightning_modules
 from datamodules.synthetic.design import preset
 from datamodules.synthetic.screen import SCREEN_JSON, write_screen
 from evaluation import EvalConfig, EvalResult, read_embeddings, run_efaar
 from evaluation.report import write_outputs
-from phenoscale.embedding import embed_model  # noqa: F401  (re-exported for the jobs)
 from phenoscale.fitting import FitResult, fit
 from phenoscale.run import RunDir
 
@@ -65,8 +65,6 @@ def train(cfg: Any) -> tuple[FitResult, torch.nn.Module]:
     checkpoint = RunDir(result.run_dir).last_checkpoint
     if checkpoint is None:
         raise RuntimeError(f"{result.run_dir} has no checkpoint after fitting")
-    import lightning_modules
-
     return result, lightning_modules.load_pretrained(checkpoint)
 
 
