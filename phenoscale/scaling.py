@@ -99,15 +99,17 @@ def collect(out: Path) -> pl.DataFrame:
 
 
 FAMILY_COLOURS = {"mae": "#3b75af", "camae": "#2e8b57", "wsl": "#c0504d"}
+SIZE_MARKERS = ("o", "s", "^", "D", "v", "P")
 
 
 def plot_scaling(table: pl.DataFrame, path: Path) -> Path:
     """Recall against training FLOPs and against crops seen: one line per model (family x size)."""
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
+    sizes = table["size"].unique(maintain_order=True).to_list()  # colour = family, marker = size
     for (model,), part in table.sort("crops_seen").group_by(["model"], maintain_order=True):
-        family = part["family"][0]
+        family, marker = part["family"][0], SIZE_MARKERS[sizes.index(part["size"][0]) % len(SIZE_MARKERS)]
         for ax, x in zip(axes, ("train_flops", "crops_seen")):
-            ax.plot(part[x], part["recall_mean"], marker="o", color=FAMILY_COLOURS.get(family),
+            ax.plot(part[x], part["recall_mean"], marker=marker, color=FAMILY_COLOURS.get(family),
                     label=str(model))
     if "oracle_recall_mean" in table.columns and table["oracle_recall_mean"].drop_nulls().len():
         for ax in axes:
