@@ -23,10 +23,14 @@ def _image_root(src: Path) -> Path:
     return src / "images" if (src / "images").is_dir() else src
 
 
-def _require(table: pl.DataFrame, columns: list[str], path: Path) -> None:
+def _metadata(src: Path, columns: list[str]) -> pl.DataFrame:
+    """`SRC/metadata.csv`, checked to hold at least `columns` (the error names the missing ones)."""
+    path = src / "metadata.csv"
+    table = read_table(path)
     missing = [c for c in columns if c not in table.columns]
     if missing:
         raise ValueError(f"{path}: missing columns {missing}; expected at least {columns}")
+    return table
 
 
 def _files_column(root: Path, channel_map: dict[int, str], address: str) -> pl.Expr:
@@ -41,9 +45,7 @@ def rxrx1_sites(src: str | Path, channel_map: dict[int, str] | None = None) -> p
     """One row per RxRx1 site from `SRC/metadata.csv`."""
     src = Path(src)
     channel_map = channel_map or RXRX_STAINS
-    path = src / "metadata.csv"
-    table = read_table(path)
-    _require(table, RXRX1_COLUMNS, path)
+    table = _metadata(src, RXRX1_COLUMNS)
     is_control = pl.col("well_type").is_in(CONTROL_LABELS) | pl.col("sirna").is_in(CONTROL_LABELS)
     extras = [c for c in ("dataset", "well_type", "sirna_id", "well_id") if c in table.columns]
     sites = table.with_columns(
@@ -69,9 +71,7 @@ def rxrx3_sites(src: str | Path, channel_map: dict[int, str] | None = None) -> p
     """One row per RxRx3 well (one site each) from `SRC/metadata.csv`; 16-bit PNGs."""
     src = Path(src)
     channel_map = channel_map or RXRX_STAINS
-    path = src / "metadata.csv"
-    table = read_table(path)
-    _require(table, RXRX3_COLUMNS, path)
+    table = _metadata(src, RXRX3_COLUMNS)
     # CRISPR wells are named by gene, compound wells by treatment (compound synonym)
     perturbation = (
         pl.when(pl.col("perturbation_type").str.to_uppercase() == "CRISPR")
