@@ -58,6 +58,8 @@ class CrossAttention(nn.Module):
 
     def __init__(self, embed_dim: int, num_heads: int = 8, qkv_bias: bool = False) -> None:
         super().__init__()
+        if embed_dim % num_heads:
+            raise ValueError(f"cross-attention width {embed_dim} is not divisible by its {num_heads} heads")
         self.num_heads = num_heads
         self.q = nn.Linear(embed_dim, embed_dim, bias=qkv_bias)
         self.kv = nn.Linear(embed_dim, embed_dim * 2, bias=qkv_bias)
@@ -85,7 +87,8 @@ class CAMAEDecoder(nn.Module):
     """
 
     def __init__(self, num_modalities: int, tokens_per_modality: int, grid: int, embed_dim: int = 512,
-                 depth: int = 8, num_heads: int = 16, mlp_ratio: float = 4.0, qkv_bias: bool = True) -> None:
+                 depth: int = 8, num_heads: int = 16, mlp_ratio: float = 4.0, qkv_bias: bool = True,
+                 cross_attention_heads: int = 8) -> None:
         super().__init__()
         if tokens_per_modality != grid * grid:
             raise ValueError(f"tokens_per_modality {tokens_per_modality} != grid² ({grid}²)")
@@ -99,7 +102,7 @@ class CAMAEDecoder(nn.Module):
             sincos_2d_embedding(embed_dim, grid, repeats=num_modalities), requires_grad=False)
         self.modality_tokens = nn.ParameterList(
             [nn.Parameter(torch.zeros(1, 1, embed_dim)) for _ in range(num_modalities)])
-        self.cross_attention = CrossAttention(embed_dim)
+        self.cross_attention = CrossAttention(embed_dim, cross_attention_heads)
         self.mlp = Mlp(embed_dim, hidden_features=int(embed_dim * mlp_ratio))
         self.decoders = nn.ModuleList(
             [_block_stack(embed_dim, depth, num_heads, mlp_ratio, qkv_bias) for _ in range(num_modalities)])

@@ -151,4 +151,4 @@ class CAMAEModule(MaskedAutoencoderModule):
     def build_decoder(self) -> nn.Module:
         cfg = self.model_cfg
         return CAMAEDecoder(self.in_chans, self.grid * self.grid, self.grid, cfg.decoder_dim,
-                            cfg.decoder_depth, cfg.decoder_heads)
+                            cfg.decoder_depth, cfg.decoder_heads, cross_attention_heads=cfg.cross_attention_heads)
