@@ -14,8 +14,10 @@ from typing import Any
 import torch
 from timm.layers import PatchEmbed
 from timm.models import build_model_with_cfg, register_model
-from timm.models.vision_transformer import ParallelScalingBlock, VisionTransformer
+from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
+
+from lightning_modules.blocks import RecursionParallelBlock
 
 SINCOS_TEMPERATURE = 10_000.0
 
@@ -35,7 +37,7 @@ RECURSION_VIT_DEFAULTS: dict[str, Any] = {
     "fc_norm": None,  # with avg pool timm then puts the final norm after pooling ("fc_norm")
     "class_token": True,
     "init_values": 1e-4,
-    "block_fn": ParallelScalingBlock,
+    "block_fn": RecursionParallelBlock,  # timm's ParallelScalingBlock, bf16-friendlier forward
     "qkv_bias": False,
     "qk_norm": True,
 }

@@ -1,0 +1,91 @@
+"""timm's ParallelScalingBlock with a forward that does not round-trip through float32 under autocast.
+
+Same parameters, same state-dict keys and the same function as timm's block (fp32 results agree to
+float rounding); only where bf16 autocast puts its casts changes. In timm's forward under CPU
+autocast, three things cost a CA-MAE ViT-S/16 step memory passes the math never needed:
+
+* `x_mlp + mlp_bias` promotes the (tokens x 4D) MLP activation to float32, so GELU runs on float32
+  and `mlp_out_proj` casts it back. Here the bias is added inside `in_proj`'s GEMM (a zero bias for
+  q, k, v), and the activation stays bf16.
+* q_norm / k_norm are LayerNorms, which autocast runs in float32 (an upcast copy each), only for
+  attention to cast their float32 outputs back to bf16. Here they run with autocast off on the
+  bf16 input and float32 weights: computed in float32 and rounded once, bit for bit what
+  attention received before.
+* Attention itself: torch's CPU flash kernel does its bf16 products through MKL's bf16 GEMM, which
+  on AMD CPUs runs no faster than float32 (~20% of the bf16 GEMM peak; 70% of a CA-MAE ViT-S/16
+  embed() on 1537 tokens). Without autograd, `blocked_attention` computes the same softmax(q kᵀ/√d)
+  v with oneDNN's bf16 matmuls, one image and 256 queries at a time so the scores stay in cache:
+  2.6x faster. Its scores are rounded to bf16 before the softmax (flash keeps them in float32),
+  which roughly doubles attention's bf16 rounding error (see tests/test_blocks.py).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from timm.models.vision_transformer import ParallelScalingBlock
+from torch import Tensor, nn
+
+
+def _norm_without_autocast(norm: nn.Module, x: Tensor) -> Tensor:
+    """LayerNorm of a low-precision tensor in its own dtype (float32 math inside, one rounding)."""
+    if not isinstance(norm, nn.LayerNorm) or not torch.is_autocast_enabled(x.device.type):
+        return norm(x)
+    with torch.autocast(x.device.type, enabled=False):
+        return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+
+
+#: Queries per score block of `blocked_attention`: 256 x 1537 scores x 6 heads stay in L2/L3.
+QUERY_BLOCK = 256
+
+
+def blocked_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """softmax(q kᵀ / √d) v for (B, H, N, D) inputs, returned as a (B, H, N, D) view of (B, N, H, D).
+
+    Same FLOPs as SDPA (two matmuls, counted as such by FlopCounterMode); for inference only
+    (no backward through the loop).
+    """
+    batch, _, tokens, head_dim = q.shape
+    out = q.new_empty(batch, tokens, q.shape[1], head_dim)
+    scale = head_dim ** -0.5
+    for b in range(batch):
+        keys_t = k[b].transpose(-2, -1).contiguous()
+        for start in range(0, tokens, QUERY_BLOCK):
+            scores = torch.matmul(q[b, :, start:start + QUERY_BLOCK] * scale, keys_t)
+            out[b, start:start + QUERY_BLOCK] = (torch.softmax(scores, dim=-1) @ v[b]).transpose(0, 1)
+    return out.transpose(1, 2)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, dropout_p: float) -> Tensor:
+    """SDPA, except bf16 CPU inference, where `blocked_attention` is 2.6x faster."""
+    inference = not torch.is_grad_enabled() or not (q.requires_grad or k.requires_grad or v.requires_grad)
+    if inference and dropout_p == 0.0 and q.device.type == "cpu" and q.dtype == torch.bfloat16:
+        return blocked_attention(q, k, v)
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+
+
+class RecursionParallelBlock(ParallelScalingBlock):
+    """ParallelScalingBlock (MLP and attention in parallel, qk_norm) without float32 detours."""
+
+    def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
+        if attn_mask is not None or is_causal or not self.fused_attn or self.out_proj is not None:
+            return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+        batch, tokens, dim = x.shape
+        y = F.linear(self.in_norm(x), self.in_proj.weight, self._in_proj_bias())
+        x_mlp, q, k, v = torch.split(y, self.in_split, dim=-1)
+        heads = (batch, tokens, self.num_heads, self.head_dim)
+        q = _norm_without_autocast(self.q_norm, q.view(heads)).transpose(1, 2)
+        k = _norm_without_autocast(self.k_norm, k.view(heads)).transpose(1, 2)
+        v = v.view(heads).transpose(1, 2)
+        x_attn = attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0)
+        x_attn = x_attn.transpose(1, 2).reshape(batch, tokens, dim)
+        x_mlp = self.mlp_drop(self.mlp_act(x_mlp))
+        y = self.attn_out_proj(x_attn) + self.mlp_out_proj(x_mlp)
+        return x + self.drop_path(self.ls(y))
+
+    def _in_proj_bias(self) -> Optional[Tensor]:
+        """in_proj's bias with the MLP bias in front (zeros for q, k, v when qkv_bias is off)."""
+        if self.mlp_bias is None:  # qkv_bias: timm keeps the MLP bias inside in_proj.bias already
+            return self.in_proj.bias
+        return torch.cat([self.mlp_bias, self.mlp_bias.new_zeros(sum(self.in_split[1:]))])

@@ -1,0 +1,63 @@
+"""RecursionParallelBlock: timm's ParallelScalingBlock computed with fewer bf16 <-> float32 round trips."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from timm.models.vision_transformer import ParallelScalingBlock
+
+from lightning_modules.blocks import RecursionParallelBlock, blocked_attention
+
+
+def block_pair(dim: int = 64, heads: int = 4) -> tuple[ParallelScalingBlock, RecursionParallelBlock]:
+    """timm's block with non-trivial weights and ours sharing them (same state dict)."""
+    torch.manual_seed(0)
+    timm_block = ParallelScalingBlock(dim, heads, qk_norm=True, init_values=1.0)
+    with torch.no_grad():
+        for param in timm_block.parameters():
+            param.add_(0.1 * torch.randn_like(param))
+    ours = RecursionParallelBlock(dim, heads, qk_norm=True, init_values=1.0)
+    ours.load_state_dict(timm_block.state_dict())
+    return timm_block, ours
+
+
+def relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
+    value, reference = value.detach().float(), reference.detach().float()
+    return float((value - reference).norm() / reference.norm())
+
+
+def test_same_function_as_timm_block_in_float32_forward_and_backward():
+    timm_block, ours = block_pair()
+    x = torch.randn(2, 300, 64, requires_grad=True)
+    x_ours = x.detach().clone().requires_grad_(True)
+    torch.testing.assert_close(ours(x_ours), timm_block(x), atol=1e-5, rtol=1e-5)
+    timm_block(x).square().sum().backward()
+    ours(x_ours).square().sum().backward()
+    torch.testing.assert_close(x_ours.grad, x.grad, atol=1e-4, rtol=1e-4)
+    for (name, p_ours), p_timm in zip(ours.named_parameters(), timm_block.parameters()):
+        torch.testing.assert_close(p_ours.grad, p_timm.grad, atol=1e-4, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_bf16_autocast_is_as_close_to_float32_as_timm_block(grad):
+    """Inference takes blocked_attention, training SDPA; both within timm-under-autocast's error."""
+    timm_block, ours = block_pair()
+    x = torch.randn(2, 300, 64, requires_grad=grad)
+    reference = timm_block(x).detach()
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.set_grad_enabled(grad):
+        timm_error = relative_error(timm_block(x), reference)
+        our_error = relative_error(ours(x), reference)
+    assert our_error < max(2 * timm_error, 1e-3)
+
+
+def test_blocked_attention_matches_sdpa_with_a_partial_last_query_block():
+    q, k, v = (torch.randn(2, 3, 300, 64) for _ in range(3))
+    expected = F.scaled_dot_product_attention(q, k, v)
+    torch.testing.assert_close(blocked_attention(q, k, v), expected, atol=1e-5, rtol=1e-4)
+    bf16 = blocked_attention(*(t.bfloat16() for t in (q, k, v)))
+    assert bf16.dtype == torch.bfloat16 and relative_error(bf16, expected) < 1e-2
+
+
+def test_state_dict_keys_are_timm_blocks():
+    timm_block, ours = block_pair()
+    assert list(ours.state_dict()) == list(timm_block.state_dict())
