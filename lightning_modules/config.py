@@ -36,6 +36,9 @@ class ModelConfig:
     cross_attention_heads: int = 8
     fourier_alpha: float = 0.01  # loss = (1-a)·masked MSE + a·Fourier L1
     norm_pix: bool = False
+    # variance floor of norm_pix: MAE's 1e-6 suits natural images; in self-standardised microscopy
+    # many single-channel patches are background (std ~0.05) that 1e-6 blows up to unit-variance noise
+    norm_pix_eps: float = 1e-6
     # WSL
     wsl_hidden_dim: int = 1024
     wsl_embed_dim: int = 512

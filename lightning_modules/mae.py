@@ -96,7 +96,7 @@ class MaskedAutoencoderModule(PhenoModule):
         pred = self.decoder_pred(decoded[:, self.encoder.num_prefix_tokens:])
         target = patchify(x, self.patch_size, self.channel_agnostic)
         if self.model_cfg.norm_pix:
-            target = norm_pix(target)
+            target = norm_pix(target, self.model_cfg.norm_pix_eps)
         return pred, target, mask
 
     def compute_losses(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:

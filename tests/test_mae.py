@@ -95,6 +95,17 @@ def test_norm_pix_standardises_each_token():
     torch.testing.assert_close(target.std(-1), torch.ones(2, 4), atol=1e-3, rtol=0)
 
 
+def test_norm_pix_eps_keeps_background_tokens_quiet():
+    """A flat background token (std 0.05) stays near its own scale under a 0.1 variance floor,
+    while a textured token (std 1) is still standardised; MAE's 1e-6 turns both to unit std."""
+    background, texture = torch.randn(1, 1, 4096) * 0.05, torch.randn(1, 1, 4096)
+    tokens = torch.cat([background, texture], dim=1)
+    floored, plain = norm_pix(tokens, eps=0.1).std(-1)[0], norm_pix(tokens).std(-1)[0]
+    assert floored[0].item() == pytest.approx(0.05 / (0.05**2 + 0.1) ** 0.5, rel=0.05)
+    assert floored[1].item() == pytest.approx(1 / 1.1**0.5, rel=0.05)
+    torch.testing.assert_close(plain, torch.ones(2), atol=1e-3, rtol=0)
+
+
 def test_masked_token_mean_counts_only_hidden_tokens():
     per_token = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
     assert masked_token_mean(per_token, torch.tensor([[0.0, 1.0, 0.0, 1.0]])).item() == pytest.approx(3.0)
