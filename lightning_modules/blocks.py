@@ -1,4 +1,4 @@
-"""timm's ParallelScalingBlock with a forward that does not round-trip through float32 under autocast.
+"""timm's ParallelScalingBlock without float32 round trips under autocast; faster bf16 CPU attention.
 
 Same parameters, same state-dict keys and the same function as timm's block (fp32 results agree to
 float rounding); only where bf16 autocast puts its casts changes. In timm's forward under CPU
@@ -13,10 +13,12 @@ autocast, three things cost a CA-MAE ViT-S/16 step memory passes the math never 
   attention received before.
 * Attention itself: torch's CPU flash kernel does its bf16 products through MKL's bf16 GEMM, which
   on AMD CPUs runs no faster than float32 (~20% of the bf16 GEMM peak; 70% of a CA-MAE ViT-S/16
-  embed() on 1537 tokens). Without autograd, `blocked_attention` computes the same softmax(q kᵀ/√d)
-  v with oneDNN's bf16 matmuls, one image and 256 queries at a time so the scores stay in cache:
-  2.6x faster. Its scores are rounded to bf16 before the softmax (flash keeps them in float32),
-  which roughly doubles attention's bf16 rounding error (see tests/test_blocks.py).
+  embed() on 1537 tokens). For bf16 inference on CPU, `blocked_attention` computes the same
+  softmax(q kᵀ/√d) v with oneDNN's bf16 matmuls, one image and 256 queries at a time so the
+  scores stay in cache: 2.6x faster than flash. Its scores are rounded to bf16 before the softmax
+  (flash keeps them in float32): attention's own bf16 error grows 1.8x, the embedding's error
+  against float32 does not (0.00100 vs 0.00099; tests/test_blocks.py). Its FLOPs are the same
+  two matmuls (flops.py counts in float32, through SDPA, anyway).
 """
 from __future__ import annotations
 
@@ -58,9 +60,14 @@ def blocked_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, dropout_p: float) -> Tensor:
-    """SDPA, except bf16 CPU inference, where `blocked_attention` is 2.6x faster."""
-    inference = not torch.is_grad_enabled() or not (q.requires_grad or k.requires_grad or v.requires_grad)
-    if inference and dropout_p == 0.0 and q.device.type == "cpu" and q.dtype == torch.bfloat16:
+    """SDPA, except for bf16 inference on CPU, where `blocked_attention` is 2.6x faster.
+
+    Training keeps SDPA: a matmul attention with a recomputing backward measured no faster in a
+    CA-MAE training step than the flash kernel (its extra float32 passes ate the GEMM gain).
+    """
+    bf16_cpu = q.device.type == "cpu" and q.dtype == k.dtype == v.dtype == torch.bfloat16
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if bf16_cpu and dropout_p == 0.0 and not needs_grad:
         return blocked_attention(q, k, v)
     return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
 

@@ -10,12 +10,12 @@ from __future__ import annotations
 from functools import partial
 
 import torch
-import torch.nn.functional as F
 from timm.layers import Mlp
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
 from lightning_modules.backbones import sincos_2d_embedding
+from lightning_modules.blocks import attention
 from lightning_modules.tokens import gather_tokens
 
 DecoderNorm = partial(nn.LayerNorm, eps=1e-6)
@@ -54,7 +54,8 @@ class MAEDecoder(nn.Module):
 
 
 class CrossAttention(nn.Module):
-    """Multi-head cross-attention (q from queries, k/v from a context) on fused SDPA kernels."""
+    """Multi-head cross-attention (q from queries, k/v from a context): SDPA, or for bf16 CPU
+    inference the faster `lightning_modules.blocks.attention`."""
 
     def __init__(self, embed_dim: int, num_heads: int = 8, qkv_bias: bool = False) -> None:
         super().__init__()
@@ -70,7 +71,7 @@ class CrossAttention(nn.Module):
         head_dim = dim // self.num_heads
         q = self.q(queries).reshape(batch, n_q, self.num_heads, head_dim).transpose(1, 2)
         k, v = self.kv(context).reshape(batch, -1, 2, self.num_heads, head_dim).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v)
+        out = attention(q, k, v, dropout_p=0.0)
         return self.proj(out.transpose(1, 2).reshape(batch, n_q, dim))
 
 

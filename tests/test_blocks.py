@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import ParallelScalingBlock
 
 from lightning_modules.blocks import RecursionParallelBlock, blocked_attention
+from tiny_models import real_crops, tiny_module
 
 
 def block_pair(dim: int = 64, heads: int = 4) -> tuple[ParallelScalingBlock, RecursionParallelBlock]:
@@ -61,3 +62,16 @@ def test_blocked_attention_matches_sdpa_with_a_partial_last_query_block():
 def test_state_dict_keys_are_timm_blocks():
     timm_block, ours = block_pair()
     assert list(ours.state_dict()) == list(timm_block.state_dict())
+
+
+def test_camae_bf16_embedding_stays_close_to_float32(shared_data):
+    """embed() under bf16 autocast runs RecursionParallelBlock with blocked_attention end to end."""
+    module = tiny_module("camae").eval()
+    with torch.no_grad():
+        for block in module.encoder.vit_backbone.blocks:
+            block.ls.gamma.fill_(0.5)  # LayerScale 1e-4 would hide the blocks' rounding
+    images = real_crops(shared_data, 4)
+    reference = module.embed(images)
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.inference_mode():
+        bf16 = module.embed(images)
+    assert bf16.dtype == torch.float32 and relative_error(bf16, reference) < 5e-3
