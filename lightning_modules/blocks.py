@@ -32,9 +32,11 @@ from torch import Tensor, nn
 
 def _norm_without_autocast(norm: nn.Module, x: Tensor) -> Tensor:
     """LayerNorm of a low-precision tensor in its own dtype (float32 math inside, one rounding)."""
-    if not isinstance(norm, nn.LayerNorm) or not torch.is_autocast_enabled(x.device.type):
+    device = x.device.type
+    autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+    if not autocast or not isinstance(norm, nn.LayerNorm):  # meta tensors have no autocast
         return norm(x)
-    with torch.autocast(x.device.type, enabled=False):
+    with torch.autocast(device, enabled=False):
         return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
 
 
