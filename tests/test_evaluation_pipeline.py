@@ -55,7 +55,7 @@ def test_streaming_null_equals_brute_force_sort(monkeypatch, caplog, locator):
 
     if locator != "whole":
         monkeypatch.setattr(recall, "SMALL_NULL", 0)
-        monkeypatch.setattr(recall, "SAMPLE_SIDE", 60)
+        monkeypatch.setattr(recall, "SAMPLE_SIDE", 30)
     if locator == "histogram_fallback":
         monkeypatch.setattr(recall, "WINDOW_SE", -50.0)  # empty sampled windows force the fallback
     rng = np.random.default_rng(1)

@@ -5,8 +5,8 @@ cosines and, for every annotated pair q, ranks r_right = #null <= q and r_left =
 q is recalled when r_right / M <= low or r_left / M >= high. That is equivalent to two order
 statistics of the null: with K = max{k : k/M <= low} and L = min{l : l/M >= high} (the same
 float64 divisions), q is recalled iff q < s_(K+1) or q > s_(L). So the null never needs to be
-held: a 2048 x 2048 grid of pairs between random genes (one small GEMM) brackets each needed
-order statistic in a narrow value window (+-8 measured standard errors); one streamed pass over the similarity blocks then
+held: 256 independent 128 x 128 grids of pairs between random genes (one batched matmul)
+bracket each needed order statistic in a narrow value window (+-8 measured standard errors); one streamed pass over the similarity blocks then
 counts the null values below each window, keeps the few inside it, and reads the query pairs'
 values from the same blocks (bit-identical to the null's). The order statistic is selected
 exactly from the window; if a window ever missed, a histogram pass
@@ -20,7 +20,7 @@ import logging
 import numpy as np
 import polars as pl
 
-from evaluation.relate import cosine, l2_normalised, upper_triangle_blocks
+from evaluation.relate import l2_normalised, upper_triangle_blocks
 
 THRESHOLDS = ((0.05, 0.95), (0.1, 0.9))
 MIN_GENES = 20
@@ -28,8 +28,8 @@ N_BINS = 65536
 HIST_RANGE = (-1.01, 1.01)  # cosines of float32 unit vectors may exceed 1 by rounding
 EDGE_MARGIN = 1e-6  # larger than any rounding difference between locator values and the exact pass
 SMALL_NULL = 2**24  # nulls up to this many pairs (64 MB) are held whole in the exact pass
-SAMPLE_SIDE = 2048  # the locating sample: a 2048 x 2048 grid of pairs (4M values, one GEMM)
-SAMPLE_GROUPS = 16  # disjoint sub-grids whose spread measures the sample quantiles' error
+SAMPLE_SIDE = 128  # the locating sample: SAMPLE_GROUPS grids of 128 x 128 gene pairs ...
+SAMPLE_GROUPS = 256  # ... (4M values from one batched matmul), whose spread measures the error
 WINDOW_SE = 8.0
 log = logging.getLogger(__name__)
 
@@ -87,25 +87,22 @@ def _histogram_windows(unit: np.ndarray, ranks: list[int], **kwargs) -> dict[int
 def _sample_windows(unit: np.ndarray, ranks: list[int], n_null: int, seed: int = 0) -> dict[int, tuple[float, float]]:
     """Cheap locator: value windows that contain each order statistic with overwhelming probability.
 
-    The sample is a SAMPLE_SIDE x SAMPLE_SIDE grid of pairs between two disjoint random gene sets,
-    computed by one small GEMM (a pair-by-pair gather of as many values costs as much as the whole
-    exact pass). Grid pairs share genes, so the binomial standard error of a sample quantile would
-    be too optimistic; the error is measured instead, from the spread of the quantile over
-    SAMPLE_GROUPS disjoint diagonal sub-grids (each has 1/groups of the rows and columns, so its
-    variance is at least `groups` times the full grid's: the estimate is conservative). Windows are
-    the grid quantile +- WINDOW_SE of those errors; the selection pass verifies containment and
-    falls back to the histogram locator if ever needed, so exactness never depends on the sample.
+    The sample is SAMPLE_GROUPS independent grids, each SAMPLE_SIDE random genes x SAMPLE_SIDE
+    other random genes, computed as one batched matmul (a pair-by-pair gather of as many values
+    costs as much as the whole exact pass). Pairs of one grid share genes, so the binomial error
+    of a sample quantile would be too optimistic; the error is measured instead, as the spread of
+    the quantile over the independent grids. Windows are the pooled quantile +- WINDOW_SE of that
+    error; the selection pass verifies containment and falls back to the histogram locator if
+    ever needed, so exactness never depends on the sample.
     """
     rng = np.random.default_rng(seed)
-    side = min(SAMPLE_SIDE, len(unit) // 2)
-    genes = rng.permutation(len(unit))[: 2 * side]
-    grid = cosine(unit[genes[:side]], unit[genes[side:]])
-    groups = max(1, min(SAMPLE_GROUPS, side // 4))
-    step = side // groups
-    sub_grids = [grid[g * step:(g + 1) * step, g * step:(g + 1) * step].ravel() for g in range(groups)]
+    n = len(unit)
+    side = min(SAMPLE_SIDE, n // 2)
+    genes = np.stack([rng.choice(n, 2 * side, replace=False) for _ in range(SAMPLE_GROUPS)])
+    grids = np.matmul(unit[genes[:, :side]], unit[genes[:, side:]].transpose(0, 2, 1)).reshape(SAMPLE_GROUPS, -1)
     fractions = np.array([k / n_null for k in ranks])
-    centre = np.quantile(grid, fractions)
-    spread = np.std([np.quantile(sub, fractions) for sub in sub_grids], axis=0) / np.sqrt(groups)
+    centre = np.quantile(grids, fractions)
+    spread = np.quantile(grids, fractions, axis=1).std(axis=1) / np.sqrt(SAMPLE_GROUPS)
     return {k: (float(c - WINDOW_SE * e) - EDGE_MARGIN, float(c + WINDOW_SE * e) + EDGE_MARGIN)
             for k, c, e in zip(ranks, centre, spread)}
 
