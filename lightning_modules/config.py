@@ -11,6 +11,7 @@ FAMILIES = ("mae", "camae", "wsl")
 POOLINGS = ("mean", "cls", "channelwise")
 OPTIMIZERS = ("lion", "adamw")
 SCHEDULES = ("onecycle", "cosine")
+MASK_MODES = ("joint", "spatial")
 
 
 @dataclass
@@ -28,6 +29,9 @@ class ModelConfig:
     drop_path: float = 0.1
     # MAE / CA-MAE
     mask_ratio: float = 0.75
+    # CA-MAE: "joint" hides channel-patches independently (the reference); "spatial" hides a position
+    # in every channel at once, so a hidden patch cannot be copied from another stain at the same place
+    mask_mode: str = "joint"
     decoder_dim: int = 512
     decoder_depth: int = 8
     decoder_heads: int = 16
@@ -54,6 +58,8 @@ class ModelConfig:
             raise ValueError(f"model.family must be one of {FAMILIES}, got {self.family!r}")
         if self.embed_pooling not in POOLINGS:
             raise ValueError(f"model.embed_pooling must be one of {POOLINGS}, got {self.embed_pooling!r}")
+        if self.mask_mode not in MASK_MODES:
+            raise ValueError(f"model.mask_mode must be one of {MASK_MODES}, got {self.mask_mode!r}")
         if not 0.0 <= self.mask_ratio < 1.0:
             raise ValueError(f"model.mask_ratio must be in [0, 1), got {self.mask_ratio}")
         if not 0.0 <= self.fourier_alpha < 1.0:

@@ -56,12 +56,19 @@ class TokenMask:
 
 
 def random_token_mask(batch: int, length: int, ratio: float, device: torch.device,
-                      generator: torch.Generator | None = None) -> TokenMask:
-    """Uniform random masking, independent per sample, over all `length` tokens jointly."""
+                      generator: torch.Generator | None = None, tied_channels: int = 1) -> TokenMask:
+    """Uniform random masking, independent per sample, over all `length` tokens jointly.
+
+    tied_channels=C (channel-by-channel tokens, C blocks of length/C) draws one score per spatial
+    position shared by its C tokens, so a position is hidden or visible in every channel at once
+    (when length·(1-ratio) is a multiple of C).
+    """
     if not 0.0 <= ratio < 1.0:
         raise ValueError(f"mask ratio must be in [0, 1), got {ratio}")
+    if length % tied_channels:
+        raise ValueError(f"{length} tokens do not split into {tied_channels} channels")
     n_keep = int(length * (1 - ratio))
-    noise = torch.rand(batch, length, device=device, generator=generator)
+    noise = torch.rand(batch, length // tied_channels, device=device, generator=generator).repeat(1, tied_channels)
     shuffle = torch.argsort(noise, dim=1)
     restore = torch.argsort(shuffle, dim=1)
     mask = torch.ones(batch, length, device=device)

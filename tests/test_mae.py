@@ -95,6 +95,17 @@ def test_norm_pix_standardises_each_token():
     torch.testing.assert_close(target.std(-1), torch.ones(2, 4), atol=1e-3, rtol=0)
 
 
+def test_spatial_masking_hides_a_position_in_every_channel():
+    chans, positions, ratio = 6, 16, 0.75
+    mask = random_token_mask(4, chans * positions, ratio, torch.device("cpu"), torch.Generator().manual_seed(2),
+                             tied_channels=chans)
+    per_channel = mask.mask.reshape(4, chans, positions)
+    assert torch.all(per_channel == per_channel[:, :1])  # the same positions hidden in every channel
+    assert torch.all(per_channel[:, 0].sum(1) == positions * ratio)
+    with pytest.raises(ValueError, match="do not split"):
+        random_token_mask(1, 10, 0.5, torch.device("cpu"), tied_channels=3)
+
+
 def test_norm_pix_eps_keeps_background_tokens_quiet():
     """A flat background token (std 0.05) stays near its own scale under a 0.1 variance floor,
     while a textured token (std 1) is still standardised; MAE's 1e-6 turns both to unit std."""
