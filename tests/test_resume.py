@@ -86,7 +86,8 @@ def test_kill_9_loses_at_most_the_steps_since_the_last_checkpoint(shards: Path, 
     proc.communicate(timeout=60)
     reached = audit(run_dir)["step"].max()
     saved = _saved_step(run_dir / "checkpoints" / "last.ckpt")
-    assert saved % 3 == 0 and 0 < reached - saved < 3 + 1  # lost only the steps after the checkpoint
+    # lost only the steps after the checkpoint (none when the kill lands just after one is written)
+    assert saved % 3 == 0 and 0 <= reached - saved <= 3
 
     done = run_cli(cmd)
     assert done.returncode == 0, done.stderr[-3000:]
