@@ -1,8 +1,9 @@
 """`phenoscale demo`: does a masked autoencoder learn biology better than its baselines?
 
 On the built-in synthetic screen (planted modules, batch effects) it trains a tiny MAE, CA-MAE and
-WSL classifier, embeds every site with them and with three references (a randomly initialised
-encoder, per-channel image statistics, and the planted phenotypes themselves: the oracle), and
+WSL classifier, embeds every site with them and with references (each masked autoencoder's
+randomly initialised twin, per-channel image statistics, and the planted phenotypes themselves:
+the oracle), and
 scores known-relationship recall with and without TVN alignment. It also runs the CA-MAE on a
 5-channel subset and a permuted channel order (the channel-agnostic claim) and scores every
 block of the MAE encoder (the intermediate-layer finding). Everything lands in OUT.
