@@ -67,6 +67,8 @@ def embed_model(model: Any, data_cfg: Any, out: str | os.PathLike, pooling: str 
                 sums = torch.zeros(manifest.height, int(width), dtype=torch.float64, device=device)
             dist.all_reduce(sums)
             dist.all_reduce(counts)
+            if own_group:
+                dist.barrier()  # no rank tears its gloo group down while another still uses it
     finally:
         if own_group:
             dist.destroy_process_group()  # a live gloo group at interpreter exit can abort

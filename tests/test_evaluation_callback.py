@@ -144,7 +144,8 @@ from pathlib import Path
 data = ToyEvalData(toy_screen(N_GENES, dim=16, seed=3), batch_size={batch_size})
 callback = EFAARCallback(data, _config(Path({tmp!r}) / str(dist.get_rank())))
 metrics = callback.evaluate(ToyModel(data))
-print(json.dumps(metrics))
+print(json.dumps(metrics), flush=True)
+dist.barrier()  # neither rank tears gloo down while the other still talks to it (teardown races abort)
 dist.destroy_process_group()
 """
 

@@ -298,6 +298,7 @@ def _ddp_worker(rank: int, world: int, shards: str, init_file: str, out_dir: str
         gathered = [torch.zeros_like(steps) for _ in range(world)]
         torch.distributed.all_gather(gathered, steps)  # would hang if ranks disagreed on collectives
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps({"epochs": epochs, "steps": [g.tolist() for g in gathered]}))
+        torch.distributed.barrier()  # neither rank tears gloo down while the other still uses it
     finally:
         torch.distributed.destroy_process_group()
 
