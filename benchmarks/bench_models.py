@@ -5,8 +5,9 @@ backward at mask 0.75) divided by the GEMM peak measured in the same run, in the
 the same threads, so that CPU contention from other processes hits numerator and denominator
 alike. Training = forward + backward + Lion step, fp32 and bf16 autocast; inference = embed()
 under bf16 autocast, which on CPU takes the blocked bf16 attention of lightning_modules/blocks.py
-(its FLOPs counted as SDPA's: the same two matmuls, checked equal to the float32 count). Peak memory is the max RSS of a fresh child process doing bf16 training
-steps at batch 8 (fp32 in another child is the same-run baseline).
+(its FLOPs counted as SDPA's: the same two matmuls, checked equal to the float32 count). Peak
+memory is the max RSS of a fresh child process doing bf16 training steps at batch 8 (fp32 in
+another child is the same-run baseline).
 
 Reference (issue 3, the public implementation on this machine at batch 8): bf16 training MFU
 0.48 (1.14 crops/s), fp32 0.41 crops/s (MFU 0.77), bf16 embedding MFU 0.27, 5.9 GB peak.

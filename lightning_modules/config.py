@@ -31,6 +31,7 @@ class ModelConfig:
     mask_ratio: float = 0.75
     # CA-MAE: "joint" hides channel-patches independently (the reference); "spatial" hides a position
     # in every channel at once, so a hidden patch cannot be copied from another stain at the same place
+    # (MAE tokens already hold every channel of a position: both modes are the same there)
     mask_mode: str = "joint"
     decoder_dim: int = 512
     decoder_depth: int = 8

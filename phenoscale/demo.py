@@ -25,14 +25,7 @@ from phenoscale.baselines import ImageStatistics
 from phenoscale.config import load_config
 from phenoscale.demo_report import write_demo_report
 from phenoscale.embedding import embed_model
-from phenoscale.workflow import (
-    Screen,
-    ensure_screen,
-    eval_data_config,
-    recall_rows,
-    score,
-    train,
-)
+from phenoscale.workflow import Screen, ensure_screen, eval_data_config, recall_rows, score, train
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "experiments"
 MODELS = ("mae", "camae", "wsl")
@@ -83,6 +76,7 @@ def run_demo(settings: DemoSettings) -> pl.DataFrame:
     rows: list[DemoRow] = []
     crop = 0
     trained: dict[str, torch.nn.Module] = {}
+    embedded: dict[str, Path] = {}
     for name in settings.models:
         overrides = [f"data.train_shards={screen.shards}", f"run.run_dir={out / name}",
                      f"run.seed={settings.seed}", *settings.overrides]
@@ -95,6 +89,7 @@ def run_demo(settings: DemoSettings) -> pl.DataFrame:
         crop = cfg.model.img_size
         trained[name] = model
         embeddings = embed_model(model, eval_data_config(screen.shards, crop), out / "embeddings" / f"{name}.parquet")
+        embedded[name] = embeddings
         rows.append(DemoRow(name, score(embeddings, eval_cfg, out / "eval" / name), fitted.global_step,
                             fitted.global_step * cfg.scaling.effective_batch_size, seconds))
     references = {"image_stats": ImageStatistics()}
@@ -106,7 +101,7 @@ def run_demo(settings: DemoSettings) -> pl.DataFrame:
         embeddings = embed_model(model.eval(), eval_data_config(screen.shards, crop or 64),
                                  out / "embeddings" / f"{name}.parquet")
         rows.append(DemoRow(name, score(embeddings, eval_cfg, out / "eval" / name)))
-    channels = channel_generalisation(trained.get("camae"), screen, crop, eval_cfg, out)
+    channels = channel_generalisation(trained.get("camae"), embedded.get("camae"), screen, crop, eval_cfg, out)
     blocks = block_scan(trained.get("mae"), screen, crop, eval_cfg, out)
     table = recall_table(rows)
     write_demo_report(out, table, channels, blocks, settings)
@@ -136,11 +131,11 @@ def recall_table(rows: list[DemoRow]) -> pl.DataFrame:
     return pl.DataFrame(records)
 
 
-def channel_generalisation(camae: Optional[torch.nn.Module], screen: Screen, crop: int, eval_cfg: EvalConfig,
-                           out: Path) -> pl.DataFrame:
+def channel_generalisation(camae: Optional[torch.nn.Module], as_trained: Optional[Path], screen: Screen, crop: int,
+                           eval_cfg: EvalConfig, out: Path) -> pl.DataFrame:
     """CA-MAE recall on all 6 channels, a 5-channel subset and a permuted order (no retraining).
 
-    The 6-channel row reuses the CA-MAE's own embeddings (`embeddings/camae.parquet`).
+    The 6-channel row scores `as_trained`, the CA-MAE's own embeddings, instead of embedding again.
     """
     if camae is None:
         return pl.DataFrame()
@@ -149,7 +144,7 @@ def channel_generalisation(camae: Optional[torch.nn.Module], screen: Screen, cro
     records = []
     for label, channels in variants.items():
         if channels is None:
-            embeddings = out / "embeddings" / "camae.parquet"
+            embeddings = as_trained
         else:
             path = out / "embeddings" / f"camae_{len(channels)}ch_{'_'.join(c[:3] for c in channels)}.parquet"
             embeddings = embed_model(camae, eval_data_config(screen.shards, crop, channels=channels), path)

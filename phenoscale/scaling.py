@@ -23,14 +23,7 @@ from phenoscale.embedding import embed_model
 from phenoscale.grid import Cell, GridConfig, cell_layers, cells, steps_for
 from phenoscale.launch import detect_launch, resolve_topology
 from phenoscale.plan import model_size
-from phenoscale.workflow import (
-    Screen,
-    ensure_screen,
-    eval_data_config,
-    recall_rows,
-    score,
-    train,
-)
+from phenoscale.workflow import Screen, ensure_screen, eval_data_config, recall_rows, score, train
 
 RESULT = "result.json"
 
