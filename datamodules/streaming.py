@@ -38,7 +38,8 @@ def resolve_shards(pattern: str, verify: bool = True) -> tuple[list[Path], pl.Da
     """Shard files of `pattern` (a directory or a glob of tars) and the manifest rows they hold.
 
     Raises ValueError if nothing matches, the tars span several directories, or the manifest
-    and the shards disagree (shards missing on either side, keys differing inside a shard).
+    and the shards disagree (shards missing on either side, keys differing inside a shard: checked
+    under DDP by each rank for every world-size-th shard).
     """
     path = Path(pattern)
     files = sorted(path.glob("*.tar")) if path.is_dir() else sorted(Path(p) for p in glob.glob(pattern))
@@ -57,8 +58,12 @@ def resolve_shards(pattern: str, verify: bool = True) -> tuple[list[Path], pl.Da
         raise ValueError(f"{root / 'manifest.parquet'} disagrees with the shards: {unlisted[:5]} are not in it")
     manifest = manifest.filter(pl.col("shard").is_in(sorted(found)))
     if verify:
-        for shard in files:
-            check_shard_keys(shard, set(manifest.filter(pl.col("shard") == shard.name)["key"].to_list()))
+        # each rank reads the tar headers of its own share of the shards (a thousand-shard set is
+        # verified once per job, not once per GPU); a mismatch stops the rank that finds it
+        rank, world = rank_and_world()
+        keys = dict(manifest.group_by("shard").agg("key").iter_rows())
+        for shard in files[rank::world]:
+            check_shard_keys(shard, set(keys.get(shard.name, [])))
     return files, manifest
 
 

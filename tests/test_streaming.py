@@ -288,6 +288,19 @@ def test_bad_input_is_a_clear_error_before_training(shards, tmp_path):
         build_datamodule(config(shards))
 
 
+def test_each_rank_verifies_its_own_share_of_the_shards(shards, tmp_path, monkeypatch):
+    """Under DDP the tar-header check is split over ranks: rank 1 of 2 checks shards 1, 3, ...
+    and so does not see a bad shard 0, which rank 0 reports."""
+    renamed = write_toy_shards(tmp_path / "renamed", n_sites=N_SITES, seed=0)
+    shutil.copy(renamed / "shard-000001.tar", shards / "shard-000000.tar")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    build_datamodule(config(shards))
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(ValueError, match="manifest disagrees with .*shard-000000.tar"):
+        build_datamodule(config(shards))
+
+
 def _ddp_worker(rank: int, world: int, shards: str, init_file: str, out_dir: str) -> None:
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
