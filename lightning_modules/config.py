@@ -11,7 +11,7 @@ FAMILIES = ("mae", "camae", "wsl")
 POOLINGS = ("mean", "cls", "channelwise")
 OPTIMIZERS = ("lion", "adamw")
 SCHEDULES = ("onecycle", "cosine")
-MASK_MODES = ("joint", "spatial")
+MASK_MODES = ("joint", "spatial", "channel")
 
 
 @dataclass
@@ -30,8 +30,9 @@ class ModelConfig:
     # MAE / CA-MAE
     mask_ratio: float = 0.75
     # CA-MAE: "joint" hides channel-patches independently (the reference); "spatial" hides a position
-    # in every channel at once, so a hidden patch cannot be copied from another stain at the same place
-    # (MAE tokens already hold every channel of a position: both modes are the same there)
+    # in every channel at once, so a hidden patch cannot be copied from another stain at the same place;
+    # "channel" also hides one whole stain per image, to be predicted from the others (ChA-MAEViT)
+    # (MAE tokens already hold every channel of a position: all modes are the same there)
     mask_mode: str = "joint"
     decoder_dim: int = 512
     decoder_depth: int = 8

@@ -43,12 +43,12 @@ class MaskedEncoder(nn.Module):
         return vit.norm_pre(vit._pos_embed(vit.patch_embed(images)))
 
     def forward_masked(self, images: Tensor, mask_ratio: float, generator: torch.Generator | None = None,
-                       tied_channels: int = 1) -> tuple[Tensor, TokenMask]:
+                       channels: int = 1, mask_mode: str = "joint") -> tuple[Tensor, TokenMask]:
         """Encode the visible tokens: (B, prefix + K, D) after the final norm, and the mask used."""
         x = self.tokens(images)
         prefix, patches = x[:, : self.num_prefix_tokens], x[:, self.num_prefix_tokens:]
         mask = random_token_mask(patches.shape[0], patches.shape[1], mask_ratio, patches.device, generator,
-                                 tied_channels)
+                                 channels, mask_mode)
         x = torch.cat([prefix, gather_tokens(patches, mask.keep)], dim=1)
         return self.vit_backbone.norm(self.vit_backbone.blocks(x)), mask
 
@@ -92,8 +92,9 @@ class MaskedAutoencoderModule(PhenoModule):
     def forward(self, images: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, TokenMask]:
         """Raw images -> (pixel predictions (B, L, P), standardised pixel targets (B, L, P), mask)."""
         x = self_standardize(images)
-        tied = x.shape[1] if self.channel_agnostic and self.model_cfg.mask_mode == "spatial" else 1
-        latent, mask = self.encoder.forward_masked(x, self.model_cfg.mask_ratio, generator, tied)
+        channels = x.shape[1] if self.channel_agnostic else 1
+        latent, mask = self.encoder.forward_masked(x, self.model_cfg.mask_ratio, generator, channels,
+                                                   self.model_cfg.mask_mode)
         decoded = self.decoder(self.encoder_decoder_proj(latent), mask.restore)
         pred = self.decoder_pred(decoded[:, self.encoder.num_prefix_tokens:])
         target = patchify(x, self.patch_size, self.channel_agnostic)

@@ -56,19 +56,32 @@ class TokenMask:
 
 
 def random_token_mask(batch: int, length: int, ratio: float, device: torch.device,
-                      generator: torch.Generator | None = None, tied_channels: int = 1) -> TokenMask:
-    """Uniform random masking, independent per sample, over all `length` tokens jointly.
+                      generator: torch.Generator | None = None, channels: int = 1,
+                      mode: str = "joint") -> TokenMask:
+    """Random masking, independent per sample, keeping int(length·(1 - ratio)) tokens.
 
-    tied_channels=C (channel-by-channel tokens, C blocks of length/C) draws one score per spatial
-    position shared by its C tokens, so a position is hidden or visible in every channel at once
-    (when length·(1-ratio) is a multiple of C).
+    For channel-by-channel tokens (`channels`=C blocks of length/C; 1 for MAE tokens, where all
+    modes are the same), `mode` says what is hidden together:
+    "joint": every token on its own, uniformly (the reference CA-MAE);
+    "spatial": a position in all channels at once (when length·(1-ratio) is a multiple of C);
+    "channel": one whole random channel per sample, the rest uniformly (ChA-MAEViT's channel
+    masking, with C >= 2 and ratio >= 1/C), so that a stain must be predicted from the others.
     """
     if not 0.0 <= ratio < 1.0:
         raise ValueError(f"mask ratio must be in [0, 1), got {ratio}")
-    if length % tied_channels:
-        raise ValueError(f"{length} tokens do not split into {tied_channels} channels")
+    if length % channels:
+        raise ValueError(f"{length} tokens do not split into {channels} channels")
     n_keep = int(length * (1 - ratio))
-    noise = torch.rand(batch, length // tied_channels, device=device, generator=generator).repeat(1, tied_channels)
+    if mode == "spatial":
+        noise = torch.rand(batch, length // channels, device=device, generator=generator).repeat(1, channels)
+    else:
+        noise = torch.rand(batch, length, device=device, generator=generator)
+    if mode == "channel" and channels > 1:
+        if n_keep > length - length // channels:
+            raise ValueError(f"mask ratio {ratio} keeps more tokens than {channels - 1} of {channels} channels hold")
+        hidden = torch.randint(channels, (batch, 1), device=device, generator=generator)
+        channel_of = torch.arange(length, device=device) // (length // channels)
+        noise = noise + (channel_of == hidden).to(noise.dtype)  # scores above 1 sort last: hidden
     shuffle = torch.argsort(noise, dim=1)
     restore = torch.argsort(shuffle, dim=1)
     mask = torch.ones(batch, length, device=device)

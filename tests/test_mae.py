@@ -98,12 +98,27 @@ def test_norm_pix_standardises_each_token():
 def test_spatial_masking_hides_a_position_in_every_channel():
     chans, positions, ratio = 6, 16, 0.75
     mask = random_token_mask(4, chans * positions, ratio, torch.device("cpu"), torch.Generator().manual_seed(2),
-                             tied_channels=chans)
+                             channels=chans, mode="spatial")
     per_channel = mask.mask.reshape(4, chans, positions)
     assert torch.all(per_channel == per_channel[:, :1])  # the same positions hidden in every channel
     assert torch.all(per_channel[:, 0].sum(1) == positions * ratio)
     with pytest.raises(ValueError, match="do not split"):
-        random_token_mask(1, 10, 0.5, torch.device("cpu"), tied_channels=3)
+        random_token_mask(1, 10, 0.5, torch.device("cpu"), channels=3, mode="spatial")
+
+
+def test_channel_masking_hides_one_whole_channel_and_keeps_the_budget():
+    chans, positions, ratio, batch = 6, 16, 0.75, 64
+    mask = random_token_mask(batch, chans * positions, ratio, torch.device("cpu"), torch.Generator().manual_seed(3),
+                             channels=chans, mode="channel")
+    per_channel = mask.mask.reshape(batch, chans, positions)
+    fully_hidden = (per_channel == 1).all(dim=2)
+    assert torch.all(fully_hidden.sum(1) >= 1)  # at least one stain entirely hidden per image
+    assert len(set(fully_hidden.float().argmax(1).tolist())) > 1  # which one varies between images
+    assert torch.all(mask.mask.sum(1) == chans * positions - int(chans * positions * (1 - ratio)))
+    visible = torch.gather(mask.mask, 1, mask.keep)
+    assert torch.all(visible == 0)
+    with pytest.raises(ValueError, match="keeps more tokens"):
+        random_token_mask(1, 12, 0.1, torch.device("cpu"), channels=3, mode="channel")
 
 
 def test_norm_pix_eps_keeps_background_tokens_quiet():
