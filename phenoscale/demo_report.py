@@ -47,8 +47,12 @@ def plot_blocks(blocks: pl.DataFrame, path: Path) -> Path:
 
 def write_demo_report(out: Path, table: pl.DataFrame, channels: pl.DataFrame, blocks: pl.DataFrame,
                       settings: Any) -> Path:
-    """OUT/report.md, OUT/recall_table.parquet and the figures."""
+    """OUT/report.md, the tables behind it (recall_table, channel_generalisation and
+    recall_by_block .parquet) and the figures."""
     table.write_parquet(out / "recall_table.parquet")
+    for frame, name in ((channels, "channel_generalisation"), (blocks, "recall_by_block")):
+        if frame.height:
+            frame.write_parquet(out / f"{name}.parquet")
     figures = {"Recall per embedder": plot_recall_by_embedder(table, out / "recall_by_embedder.png")}
     lines = ["# phenoscale demo", "",
              f"Synthetic screen: {settings.genes} genes, seed {settings.seed} (`{out / 'screen'}`). "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pytest
 
@@ -29,3 +30,25 @@ def test_reduced_demo_mae_beats_random_init_and_tvn_helps(tmp_path: Path) -> Non
     report = (tmp_path / "demo" / "report.md").read_text()
     assert "Intermediate layers" in report and "random-init MAE encoder" in report
     assert pl.read_parquet(tmp_path / "demo" / "recall_table.parquet").height == table.height
+
+
+@pytest.mark.slow
+def test_reduced_demo_camae_channel_rows(tmp_path: Path) -> None:
+    """The CA-MAE path of the demo: its random-init twin is scored, and the channel-generalisation
+    rows embed a 5-channel subset (same width) and a reversed channel order, which the
+    channel-agnostic encoder must embed exactly as the original order (mean pooling)."""
+    out = tmp_path / "demo"
+    table = run_demo(DemoSettings(out=out, genes=40, seed=0, max_steps=5, models=("camae",)))
+    assert {LABELS["camae"], LABELS["random_init_camae"]} <= set(table["embedder"])
+    channels = pl.read_parquet(out / "channel_generalisation.parquet")
+    assert channels["channels"].unique().len() == 3
+    embeddings = {path.stem: pl.read_parquet(path) for path in (out / "embeddings").glob("camae*.parquet")}
+    as_trained = embeddings.pop("camae")
+    reversed_order = next(frame for name, frame in embeddings.items() if name.startswith("camae_6ch"))
+    subset = next(frame for name, frame in embeddings.items() if name.startswith("camae_5ch"))
+    keys = as_trained.select("key")
+    original = np.stack(as_trained["embedding"].to_numpy())
+    flipped = np.stack(keys.join(reversed_order, on="key", how="left")["embedding"].to_numpy())
+    five = np.stack(keys.join(subset, on="key", how="left")["embedding"].to_numpy())
+    np.testing.assert_allclose(flipped, original, rtol=1e-4, atol=1e-4 * np.abs(original).max())
+    assert five.shape == original.shape and not np.allclose(five, original, atol=1e-3)
