@@ -15,7 +15,7 @@ from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
 from lightning_modules.backbones import sincos_2d_embedding
-from lightning_modules.blocks import attention
+from lightning_modules.blocks import DecoderAttention, attention
 from lightning_modules.tokens import gather_tokens
 
 DecoderNorm = partial(nn.LayerNorm, eps=1e-6)
@@ -30,8 +30,8 @@ def unshuffle_with_mask_tokens(visible: Tensor, mask_token: Tensor, restore: Ten
 
 
 def _block_stack(dim: int, depth: int, num_heads: int, mlp_ratio: float, qkv_bias: bool) -> nn.Sequential:
-    return nn.Sequential(*[Block(dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, norm_layer=DecoderNorm)
-                           for _ in range(depth)])
+    return nn.Sequential(*[Block(dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, norm_layer=DecoderNorm,
+                                 attn_layer=DecoderAttention) for _ in range(depth)])
 
 
 class MAEDecoder(nn.Module):

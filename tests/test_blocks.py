@@ -4,9 +4,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from timm.models.vision_transformer import ParallelScalingBlock
+from timm.models.vision_transformer import Block, ParallelScalingBlock
 
-from lightning_modules.blocks import RecursionParallelBlock, blocked_attention
+from lightning_modules import blocks
+from lightning_modules.blocks import (DecoderAttention, MatmulAttention, RecursionParallelBlock, attention,
+                                      blocked_attention)
 from tiny_models import real_crops, tiny_module
 
 
@@ -75,3 +77,41 @@ def test_camae_bf16_embedding_stays_close_to_float32(shared_data):
     with torch.autocast("cpu", dtype=torch.bfloat16), torch.inference_mode():
         bf16 = module.embed(images)
     assert bf16.dtype == torch.float32 and relative_error(bf16, reference) < 5e-3
+
+
+def test_matmul_attention_gradients_are_exact_and_bf16_close_to_flash():
+    """MatmulAttention's own backward against autograd (float64 gradcheck), and in bf16 within
+    the error flash attention itself makes against float32."""
+    q, k, v = (torch.randn(2, 3, 17, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    assert torch.autograd.gradcheck(MatmulAttention.apply, (q, k, v))
+    q, k, v = (torch.randn(2, 4, 256, 32, requires_grad=True) for _ in range(3))
+    grad_out = torch.randn(2, 4, 256, 32)
+    reference = torch.autograd.grad(F.scaled_dot_product_attention(q, k, v), (q, k, v), grad_out)
+    low = [t.detach().bfloat16().requires_grad_(True) for t in (q, k, v)]
+    ours = torch.autograd.grad(attention(*low, dropout_p=0.0), low, grad_out.bfloat16())
+    flash = torch.autograd.grad(F.scaled_dot_product_attention(*low), low, grad_out.bfloat16())
+    for name, mine, theirs, exact in zip("qkv", ours, flash, reference):
+        assert relative_error(mine, exact) < max(2 * relative_error(theirs, exact), 1e-2), name
+
+
+def test_decoder_attention_is_timm_attention_in_float32():
+    torch.manual_seed(0)
+    timm_block = Block(64, 4, qkv_bias=True)
+    ours = Block(64, 4, qkv_bias=True, attn_layer=DecoderAttention)
+    ours.load_state_dict(timm_block.state_dict())
+    x = torch.randn(2, 50, 64)
+    torch.testing.assert_close(ours(x), timm_block(x), atol=1e-5, rtol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert relative_error(ours(x.requires_grad_(True)), timm_block(x)) < 2e-2
+
+
+def test_training_attention_splits_long_sequences_into_image_chunks(monkeypatch):
+    """Past the score budget, MatmulAttention runs a few images per call: same values and gradients."""
+    q, k, v = (torch.randn(5, 2, 64, 16, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    whole = attention(q, k, v, dropout_p=0.0)
+    grads = torch.autograd.grad(whole.float().square().sum(), (q, k, v))
+    monkeypatch.setattr(blocks, "MATMUL_ATTENTION_MAX_SCORES", 2 * 2 * 64 * 64)  # two images per call
+    chunked = attention(q, k, v, dropout_p=0.0)
+    torch.testing.assert_close(chunked, whole)  # bf16 tolerances
+    for mine, theirs in zip(torch.autograd.grad(chunked.float().square().sum(), (q, k, v)), grads):
+        torch.testing.assert_close(mine, theirs)
