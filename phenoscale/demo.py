@@ -34,9 +34,6 @@ LABELS = {"mae": "MAE", "camae": "CA-MAE", "wsl": "WSL", "random_init": "random-
           "oracle": "oracle (planted phenotypes)"}
 #: the untrained twin each masked autoencoder must beat (same architecture, seed and pooling)
 RANDOM_INIT = {"mae": "random_init", "camae": "random_init_camae"}
-#: every demo embedding runs under bf16 autocast: the 12 embedding passes took 40% of the demo in
-#: float32; recall moves by at most a pair or two (embeddings within 0.1%)
-PRECISION = "bf16"
 
 
 @dataclass
@@ -91,8 +88,7 @@ def run_demo(settings: DemoSettings) -> pl.DataFrame:
         seconds = time.perf_counter() - start
         crop = cfg.model.img_size
         trained[name] = model
-        embeddings = embed_model(model, eval_data_config(screen.shards, crop), out / "embeddings" / f"{name}.parquet",
-                                 precision=PRECISION)
+        embeddings = embed_model(model, eval_data_config(screen.shards, crop), out / "embeddings" / f"{name}.parquet")
         embedded[name] = embeddings
         rows.append(DemoRow(name, score(embeddings, eval_cfg, out / "eval" / name), fitted.global_step,
                             fitted.global_step * cfg.scaling.effective_batch_size, seconds))
@@ -103,7 +99,7 @@ def run_demo(settings: DemoSettings) -> pl.DataFrame:
         references[RANDOM_INIT[name]] = lightning_modules.build_module(cfg.model, cfg.optim, in_chans=len(CHANNELS))
     for name, model in references.items():
         embeddings = embed_model(model.eval(), eval_data_config(screen.shards, crop or 64),
-                                 out / "embeddings" / f"{name}.parquet", precision=PRECISION)
+                                 out / "embeddings" / f"{name}.parquet")
         rows.append(DemoRow(name, score(embeddings, eval_cfg, out / "eval" / name)))
     channels = channel_generalisation(trained.get("camae"), embedded.get("camae"), screen, crop, eval_cfg, out)
     blocks = block_scan(trained.get("mae"), embedded.get("mae"), screen, crop, eval_cfg, out)
@@ -151,8 +147,7 @@ def channel_generalisation(camae: Optional[torch.nn.Module], as_trained: Optiona
             embeddings = as_trained
         else:
             path = out / "embeddings" / f"camae_{len(channels)}ch_{'_'.join(c[:3] for c in channels)}.parquet"
-            embeddings = embed_model(camae, eval_data_config(screen.shards, crop, channels=channels), path,
-                                     precision=PRECISION)
+            embeddings = embed_model(camae, eval_data_config(screen.shards, crop, channels=channels), path)
         for r in recall_rows(score(embeddings, eval_cfg)).iter_rows(named=True):
             records.append({"channels": label, **r})
     return pl.DataFrame(records)
@@ -172,8 +167,7 @@ def block_scan(mae: Optional[torch.nn.Module], as_trained: Optional[Path], scree
             embeddings = as_trained
         else:
             path = out / "embeddings" / f"mae_block{block}.parquet"
-            embeddings = embed_model(mae, eval_data_config(screen.shards, crop), path, block=block,
-                                     precision=PRECISION)
+            embeddings = embed_model(mae, eval_data_config(screen.shards, crop), path, block=block)
         for r in recall_rows(score(embeddings, eval_cfg)).iter_rows(named=True):
             records.append({"block": block, **r})
     return pl.DataFrame(records)

@@ -39,7 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, help="crops per batch (default: data.batch_size)")
     parser.add_argument("--num-workers", type=int, help="loader processes (default: data.num_workers)")
     parser.add_argument("--precision", default="32",
-                        help="32 (default) or bf16: embed under bfloat16 autocast (faster; within 0.1%% of float32)")
+                        help="32 (default) or bf16: bfloat16 autocast, faster; TVN can amplify its rounding "
+                             "(see phenoscale.embedding.PRECISIONS)")
 
 
 def data_config(args: argparse.Namespace, crop_size: int):
