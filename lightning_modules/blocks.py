@@ -68,7 +68,7 @@ def blocked_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 
 
 class MatmulAttention(torch.autograd.Function):
-    """softmax(q kᵀ / √d) v in the inputs' dtype, saving only q, k, v (as flash does).
+    """softmax(q kᵀ / √d) v in the inputs' dtype, saving only q, k, v (flash also recomputes P).
 
     Backward recomputes the probabilities P and uses torch's fused softmax backward,
     dS = P ⊙ (dP - Σ dP ⊙ P): five matmuls and two elementwise passes, all in bf16 (the scores are
