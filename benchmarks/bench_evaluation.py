@@ -93,7 +93,9 @@ np.save({str(tmp / 'tvn_ours.npy')!r}, out); print(json.dumps({{'seconds': secon
 from efaar_benchmarking.efaar import tvn_on_controls
 from evaluation.toy import CONTROL
 md = meta.to_pandas()
-t = time.perf_counter(); out = tvn_on_controls(x, md, 'perturbation', CONTROL, 'experiment'); seconds = time.perf_counter() - t
+t = time.perf_counter()
+out = tvn_on_controls(x, md, 'perturbation', CONTROL, 'experiment')
+seconds = time.perf_counter() - t
 np.save({str(tmp / 'tvn_peer.npy')!r}, out); print(json.dumps({{'seconds': seconds}}))
 """)
     diff = float(np.abs(np.load(tmp / "tvn_ours.npy").astype(np.float64) - np.load(tmp / "tvn_peer.npy")).max())

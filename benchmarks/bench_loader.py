@@ -29,7 +29,8 @@ PHENIX = "data/images/pediatric_cancer_atlas_BR00143976_C03_f03"
 def real_sites() -> list[np.ndarray]:
     """SITES distinct 6x512x512 uint8 sites: the 4 windows of the real field x 8 orientations, +1 offsets."""
     shared = Path(os.environ.get("PHENOSCALE_SHARED", Path(__file__).resolve().parents[2] / "shared"))
-    planes = [tifffile.imread(shared / PHENIX / f"r03c03f03p01-ch{c}sk1fk1fl1.tiff").astype(np.float32) for c in range(1, 7)]
+    planes = [tifffile.imread(shared / PHENIX / f"r03c03f03p01-ch{c}sk1fk1fl1.tiff").astype(np.float32)
+              for c in range(1, 7)]
     field = np.stack([np.clip(p / np.percentile(p, 99.9) * 255, 0, 255).astype(np.uint8) for p in planes])
     windows = [field[:, top : top + 512, left : left + 512] for top in (0, 512) for left in (0, 512)]
     return [np.ascontiguousarray(dihedral(windows[i % 4], (i // 4) % 8)) for i in range(SITES)]
@@ -90,7 +91,8 @@ def run() -> list[Measurement]:
     ratio = shard_rate / png_rate
     extra = {"sites": SITES, "crops_per_site": CROPS_PER_SITE, "batch_size": BATCH, "crop": CROP,
              "site": "6x512x512 uint8 (real Phenix field, 8-bit)", "npy_mb_per_site": round(sites[0].nbytes / 2**20, 2),
-             "png_mb_per_site": round(png_bytes / 2**20, 2), "workers": "num_workers=0 (the timing process is the worker)"}
+             "png_mb_per_site": round(png_bytes / 2**20, 2),
+             "workers": "num_workers=0 (the timing process is the worker)"}
     return [
         Measurement(
             name="train crops/s per worker core (shards, 256px from 6x512x512 uint8, 4 crops/site)",

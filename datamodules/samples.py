@@ -65,7 +65,8 @@ def parse_sample(
     except (ValueError, OSError, SyntaxError) as err:
         raise BadSampleError(f"unreadable .npy header ({err})") from None
     if fortran or len(shape) != 3 or dtype not in ALLOWED_DTYPES:
-        raise BadSampleError(f".npy is {dtype} {shape}{' fortran' if fortran else ''}, expected C-order C x H x W uint8/uint16")
+        raise BadSampleError(f".npy is {dtype} {shape}{' fortran' if fortran else ''}, "
+                             "expected C-order C x H x W uint8/uint16")
     offset = stream.tell()
     expected = int(np.prod(shape)) * dtype.itemsize
     if len(npy) - offset != expected:

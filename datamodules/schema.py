@@ -80,6 +80,7 @@ def validate_metadata(meta: dict[str, Any], n_channels: int | None = None) -> di
             raise ValueError(f"sample {key!r}: metadata key {name!r} is reserved for the manifest")
         if name not in REQUIRED_KEYS and not isinstance(value, _SCALARS):
             raise ValueError(
-                f"sample {key!r}: extra metadata key {name!r} must be a str/int/float/bool/None, got {type(value).__name__}"
+                f"sample {key!r}: extra metadata key {name!r} must be a str/int/float/bool/None, "
+                f"got {type(value).__name__}"
             )
     return out

@@ -103,7 +103,8 @@ def channel_layout(manifest: pl.DataFrame, channels: list[str] | None, source: s
         missing = [c for c in channels if c not in layout]
         if missing:
             key = manifest.filter(pl.col("channels") == pl.lit(layout, dtype=pl.List(pl.Utf8)))["key"][0]
-            raise ValueError(f"{source}: site {key!r} has channels {layout}, lacking {missing} requested by DataConfig.channels")
+            raise ValueError(f"{source}: site {key!r} has channels {layout}, "
+                             f"lacking {missing} requested by DataConfig.channels")
     return list(channels)
 
 
@@ -148,7 +149,8 @@ class ShardDataModule(L.LightningDataModule):
         if not cfg.train_shards or cfg.train_shards == "???":
             raise ValueError("DataConfig.train_shards is required: a shard directory or a glob of its .tar files")
         if cfg.crops_per_site < 1 or cfg.batch_size % cfg.crops_per_site:
-            raise ValueError(f"DataConfig.batch_size ({cfg.batch_size}) must be a multiple of crops_per_site ({cfg.crops_per_site})")
+            raise ValueError(f"DataConfig.batch_size ({cfg.batch_size}) must be a multiple of "
+                             f"crops_per_site ({cfg.crops_per_site})")
         self.cfg, self.seed = cfg, seed
         self.train_files, self.train_manifest = resolve_shards(cfg.train_shards, cfg.verify_shards)
         if cfg.eval_shards is None or cfg.eval_shards == cfg.train_shards:
@@ -169,9 +171,11 @@ class ShardDataModule(L.LightningDataModule):
         self.dtype = dtypes[0]
         small = both.filter((pl.col("height") < cfg.crop_size) | (pl.col("width") < cfg.crop_size))
         if small.height:
-            raise ValueError(f"{small.height} sites are smaller than crop_size {cfg.crop_size} (e.g. {small['key'][0]!r})")
+            raise ValueError(f"{small.height} sites are smaller than crop_size {cfg.crop_size} "
+                             f"(e.g. {small['key'][0]!r})")
         if cfg.label_key not in self.train_manifest.columns:
-            raise ValueError(f"label_key {cfg.label_key!r} is not a manifest column; available: {self.train_manifest.columns}")
+            raise ValueError(f"label_key {cfg.label_key!r} is not a manifest column; "
+                             f"available: {self.train_manifest.columns}")
         labels = self.train_manifest[cfg.label_key].drop_nulls().cast(pl.Utf8).unique().sort()
         # perturbation -> class index (sorted, so the same manifest always gives the same labels)
         self.vocab = pl.DataFrame({cfg.label_key: labels, "label": range(len(labels))},
@@ -268,12 +272,14 @@ class ShardDataModule(L.LightningDataModule):
         rows = self.manifest.slice(lo, hi - lo).select("shard", "key").iter_rows()
         root = self.eval_files[0].parent
         sites = [(lo + i, str(root / shard), key) for i, (shard, key) in enumerate(rows)]
-        tiles_per_site = (self.manifest["height"].min() // self.cfg.crop_size) * (self.manifest["width"].min() // self.cfg.crop_size)
+        crop = self.cfg.crop_size
+        tiles_per_site = (self.manifest["height"].min() // crop) * (self.manifest["width"].min() // crop)
         stream = EvalStream(sites, sites_per_batch=max(1, self.cfg.batch_size // tiles_per_site),
                             crop_size=self.cfg.crop_size, sample_filter=self._sample_filter(), bad=self._bad)
         workers = min(self.cfg.num_workers, len(stream))
         return DataLoader(stream, batch_size=None, num_workers=workers,
-                          prefetch_factor=self.cfg.prefetch_factor if workers > 0 else None, pin_memory=self.cfg.pin_memory)
+                          prefetch_factor=self.cfg.prefetch_factor if workers > 0 else None,
+                          pin_memory=self.cfg.pin_memory)
 
     def predict_dataloader(self) -> DataLoader:
         return self.eval_dataloader()

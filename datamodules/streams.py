@@ -161,7 +161,8 @@ class TrainStream(IterableDataset):
                 if len(empty) == len(self.shards):
                     raise RuntimeError(f"no readable sample in any of the {len(self.shards)} training shards")
 
-    def _batch(self, group: list[tuple[RawSample, np.ndarray | None]], rng: np.random.Generator) -> dict[str, torch.Tensor]:
+    def _batch(self, group: list[tuple[RawSample, np.ndarray | None]],
+               rng: np.random.Generator) -> dict[str, torch.Tensor]:
         n_channels = len(self.filter.channels) if self.filter.channels else self.filter.n_channels
         image = np.empty((self.batch_size, n_channels, self.crop_size, self.crop_size), dtype=self.filter.dtype)
         labels = np.empty(self.batch_size, dtype=np.int64)
@@ -213,7 +214,8 @@ class EvalStream(IterableDataset):
                     crops.append(tiles)
                     index.append(np.full(len(tiles), row, dtype=np.int64))
                 if crops:
-                    yield {"image": torch.from_numpy(np.concatenate(crops)), "site_index": torch.from_numpy(np.concatenate(index))}
+                    yield {"image": torch.from_numpy(np.concatenate(crops)),
+                           "site_index": torch.from_numpy(np.concatenate(index))}
         finally:
             reader.close()
 

@@ -126,7 +126,8 @@ def run_efaar(embeddings: pl.DataFrame | pl.LazyFrame, cfg: EvalConfig) -> EvalR
             ap = _attempt(rows, method, "map", lambda: average_precision(labels, aligned, reference=is_control))
             if ap is not None:
                 scores = mean_average_precision(ap, cfg.map_null_size, cfg.seed)
-                _metric(rows, method, "map", "map_mean", scores["mean_average_precision"].mean() if len(scores) else None,
+                mean = scores["mean_average_precision"].mean() if len(scores) else None
+                _metric(rows, method, "map", "map_mean", mean,
                         None if len(scores) else "no perturbation has two replicates")
                 _metric(rows, method, "map", "map_significant_fraction",
                         *_share_significant(scores["p_value"]) if len(scores) else (None, "no scores"))
@@ -192,7 +193,8 @@ def _generalisation(rows, metadata, cfg, labels, features, is_control, batches) 
     result = batch_generalisation(labels, features, is_control, experiments, cfg.alignment, batches, cfg.knn_k)
     for method in dict.fromkeys(["none", *cfg.alignment]):
         accuracies = result.filter(pl.col("alignment") == method)
-        value = (accuracies["accuracy"] * accuracies["n_test"]).sum() / accuracies["n_test"].sum() if len(accuracies) else None
+        weighted = (accuracies["accuracy"] * accuracies["n_test"]).sum()
+        value = weighted / accuracies["n_test"].sum() if len(accuracies) else None
         _metric(rows, method, "generalisation", "knn_accuracy", value,
                 None if len(accuracies) else "no held-out well has a perturbation seen elsewhere")
     return result

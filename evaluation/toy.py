@@ -71,7 +71,8 @@ def toy_relationships(genes: np.ndarray | int, module_size: int = 4) -> pl.DataF
     return pl.DataFrame({"entity1": names[i[same]], "entity2": names[j[same]]})
 
 
-def _write_truth(truth_dir: Path, names: np.ndarray, module: np.ndarray, phenotype: np.ndarray, module_size: int) -> None:
+def _write_truth(truth_dir: Path, names: np.ndarray, module: np.ndarray, phenotype: np.ndarray,
+                 module_size: int) -> None:
     truth_dir.mkdir(parents=True, exist_ok=True)
     pl.DataFrame({"perturbation": names, "module": module}).with_columns(
         pl.Series("latent", phenotype, dtype=pl.Array(pl.Float32, phenotype.shape[1]))

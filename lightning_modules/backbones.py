@@ -137,7 +137,8 @@ class ChannelAgnosticViT(VisionTransformer):
 def _build(variant: str, model_cls: type[VisionTransformer], size: str, patch: int,
            pretrained: bool, **kwargs: Any) -> VisionTransformer:
     if pretrained:
-        raise ValueError(f"{variant} has no downloadable weights; load a checkpoint with lightning_modules.load_pretrained")
+        raise ValueError(f"{variant} has no downloadable weights; "
+                         "load a checkpoint with lightning_modules.load_pretrained")
     args = {**RECURSION_VIT_DEFAULTS, **VIT_SIZES[size], "patch_size": patch, **kwargs}
     return build_model_with_cfg(model_cls, variant, pretrained=False, **args)
 

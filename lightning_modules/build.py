@@ -22,7 +22,8 @@ def as_plain_dict(cfg: Any, schema: type) -> dict[str, Any]:
         cfg = asdict(cfg)
     unknown = set(cfg) - set(schema.__dataclass_fields__)
     if unknown:
-        raise ValueError(f"unknown {schema.__name__} keys {sorted(unknown)}; allowed: {sorted(schema.__dataclass_fields__)}")
+        raise ValueError(f"unknown {schema.__name__} keys {sorted(unknown)}; "
+                         f"allowed: {sorted(schema.__dataclass_fields__)}")
     return asdict(schema(**cfg))
 
 

@@ -115,7 +115,8 @@ def plan_row(name: str, params: int, encoder_params: int, flops_per_crop: float,
 
 
 PLAN_COLUMNS = {
-    "run": "run", "params_M": "params (M)", "encoder_params_M": "encoder (M)", "train_GFLOPs_per_crop": "train GFLOPs/crop",
+    "run": "run", "params_M": "params (M)", "encoder_params_M": "encoder (M)",
+    "train_GFLOPs_per_crop": "train GFLOPs/crop",
     "crops": "crops", "total_EFLOPs": "total EFLOPs", "gpu_hours": "GPU-hours",
     "wall_hours": "wall hours", "crops_per_s_per_gpu": "crops/s/GPU",
     "loader_cores_per_gpu": "loader cores/GPU", "storage_MB_per_s_per_gpu": "storage MB/s/GPU",

@@ -30,7 +30,8 @@ def numpy_sincos(dim: int, grid: int) -> np.ndarray:
 
 
 def test_all_paper_backbones_are_registered_in_timm():
-    names = [f"{ca}vit_{size}_patch{p}_256" for ca in ("", "ca_") for size in ("small", "base", "large") for p in (16, 8)]
+    names = [f"{ca}vit_{size}_patch{p}_256"
+             for ca in ("", "ca_") for size in ("small", "base", "large") for p in (16, 8)]
     assert sorted(RECURSION_BACKBONES) == sorted(names)
     assert all(timm.is_model(n) for n in names)
 
@@ -91,7 +92,8 @@ def test_any_timm_cnn_is_a_wsl_backbone_with_channels_from_the_data(name, stem):
     module = tiny_module("wsl", in_chans=5, num_classes=3, backbone=name, backbone_kwargs=TINY_CNNS[name],
                          patch_size=None)
     assert module.backbone.get_submodule(stem).weight.shape[1] == 5
-    assert module.embed(torch.zeros(2, 5, 32, 32, dtype=torch.uint8) + torch.arange(32, dtype=torch.uint8)).shape == (2, 16)
+    images = torch.zeros(2, 5, 32, 32, dtype=torch.uint8) + torch.arange(32, dtype=torch.uint8)
+    assert module.embed(images).shape == (2, 16)
 
 
 @register_model

@@ -11,7 +11,8 @@ from phenoscale.cli import main
 from phenoscale.config import ConfigError, load_config, plan_batch, save_config
 
 REPO = Path(__file__).resolve().parents[1]
-EXPERIMENT_FILES = sorted([*(REPO / "configs" / "experiments").glob("*.yaml"), *(REPO / "configs" / "paper").glob("*.yaml")])
+EXPERIMENT_FILES = sorted([*(REPO / "configs" / "experiments").glob("*.yaml"),
+                           *(REPO / "configs" / "paper").glob("*.yaml")])
 
 
 def write(tmp_path: Path, text: str) -> Path:

@@ -72,7 +72,8 @@ def test_cpjump1_missing_channels_error_then_allow_missing(tmp_path, shared_data
         pl.read_csv(target / "JUMP-Target-1_orf_platemap.tsv", separator="\t")
         .join(pl.read_csv(target / "JUMP-Target-1_orf_metadata.tsv", separator="\t"), on="broad_sample")
         .select(pl.col("well_position").alias("well"), pl.col("gene").alias("perturbation"),
-                pl.lit("orf").alias("perturbation_type"), (pl.col("control_type").fill_null("") == "negcon").alias("is_control"),
+                pl.lit("orf").alias("perturbation_type"),
+                (pl.col("control_type").fill_null("") == "negcon").alias("is_control"),
                 pl.lit("A549").alias("cell_type"))
     )
     wells.write_csv(tmp_path / "wells.csv")
@@ -81,7 +82,8 @@ def test_cpjump1_missing_channels_error_then_allow_missing(tmp_path, shared_data
                 "--well-metadata", str(tmp_path / "wells.csv")]) == 0
     row = read_manifest(out).row(0, named=True)
     assert row["channels"] == ["AGP", "RNA", "DNA"]  # ch2, ch3, ch5 present; names from the parquet
-    assert (row["perturbation"], row["perturbation_type"], row["is_control"], row["cell_type"]) == ("KCNN1", "orf", False, "A549")
+    assert (row["perturbation"], row["perturbation_type"], row["is_control"], row["cell_type"]) == (
+        "KCNN1", "orf", False, "A549")
     image = shard_images(out)[row["key"]]
     for index, ch in enumerate([2, 3, 5]):
         np.testing.assert_array_equal(image[index], tifffile.imread(src / f"r01c01f01p01-ch{ch}sk1fk1fl1.tiff"))
@@ -100,7 +102,8 @@ def test_folder_layout_uint8_example_human(tmp_path, shared_data):
     assert cli(["shards", "folder", str(tmp_path / "sites.csv"), str(tmp_path / "out"), "--workers", "1"]) == 0
     row = read_manifest(tmp_path / "out").row(0, named=True)
     assert row["channels"] == ["DNA", "PH3", "Cell"] and row["dtype"] == "uint8"
-    assert (row["key"], row["experiment"], row["is_control"], row["perturbation_type"]) == ("AS_09125_D03_0", "AS_09125", True, "unknown")
+    assert (row["key"], row["experiment"], row["is_control"], row["perturbation_type"]) == (
+        "AS_09125_D03_0", "AS_09125", True, "unknown")
     image = shard_images(tmp_path / "out")["AS_09125_D03_0"]
     np.testing.assert_array_equal(image, np.stack([tifffile.imread(f) for f in files]))
 
@@ -111,13 +114,15 @@ def rxrx1_folder(tmp_path_factory, phenix_planes) -> Path:
     root = tmp_path_factory.mktemp("rxrx1")
     planes8 = [(p >> 8).astype(np.uint8) for p in phenix_planes]  # test input only: 16 -> 8 bit
     rows = []
-    for w, (well, sirna, well_type) in enumerate([("B02", "s21721", "treatment"), ("B03", "EMPTY", "negative_control")]):
+    wells = [("B02", "s21721", "treatment"), ("B03", "EMPTY", "negative_control")]
+    for w, (well, sirna, well_type) in enumerate(wells):
         for site in (1, 2):
             folder = root / "HEPG2-01" / "Plate1"
             folder.mkdir(parents=True, exist_ok=True)
             top, left = 512 * (site - 1), 512 * w
             for ch in range(6):
-                Image.fromarray(planes8[ch][top : top + 512, left : left + 512]).save(folder / f"{well}_s{site}_w{ch + 1}.png")
+                plane = planes8[ch][top : top + 512, left : left + 512]
+                Image.fromarray(plane).save(folder / f"{well}_s{site}_w{ch + 1}.png")
             rows.append(dict(site_id=f"HEPG2-01_1_{well}_{site}", well_id=f"HEPG2-01_1_{well}", cell_type="HEPG2",
                              dataset="train", experiment="HEPG2-01", plate=1, well=well, site=site,
                              well_type=well_type, sirna=sirna, sirna_id=w))
@@ -138,7 +143,8 @@ def test_rxrx1_layout_round_trip_and_controls(tmp_path, rxrx1_folder):
     images = shard_images(out)
     for key in manifest["key"]:
         row = manifest.filter(pl.col("key") == key).row(0, named=True)
-        expected = np.stack([np.asarray(Image.open(rxrx1_folder / "HEPG2-01" / "Plate1" / f"{row['well']}_s{row['site']}_w{c}.png"))
+        plate = rxrx1_folder / "HEPG2-01" / "Plate1"
+        expected = np.stack([np.asarray(Image.open(plate / f"{row['well']}_s{row['site']}_w{c}.png"))
                              for c in range(1, 7)])
         assert images[key].dtype == np.uint8
         np.testing.assert_array_equal(images[key], expected)
@@ -161,11 +167,14 @@ def test_rxrx3_sixteen_bit_png(tmp_path, phenix_planes):
     folder = tmp_path / "src" / "gene-001" / "Plate3"
     folder.mkdir(parents=True)
     rows = []
-    for w, (address, gene, treatment) in enumerate([("AA02", "RPLP2", "RPLP2_guide_4"), ("AB03", "EMPTY_control", "EMPTY_control")]):
+    wells = [("AA02", "RPLP2", "RPLP2_guide_4"), ("AB03", "EMPTY_control", "EMPTY_control")]
+    for w, (address, gene, treatment) in enumerate(wells):
         for ch in range(6):
-            Image.fromarray(phenix_planes[ch][:300, 300 * w : 300 * (w + 1)]).save(folder / f"{address}_s1_w{ch + 1}.png")
-        rows.append(dict(well_id=f"gene-001_3_{address}", experiment_name="gene-001", plate=3, address=address, gene=gene,
-                         treatment=treatment, SMILES=None, concentration=None, perturbation_type="CRISPR", cell_type="HUVEC"))
+            plane = phenix_planes[ch][:300, 300 * w : 300 * (w + 1)]
+            Image.fromarray(plane).save(folder / f"{address}_s1_w{ch + 1}.png")
+        rows.append(dict(well_id=f"gene-001_3_{address}", experiment_name="gene-001", plate=3, address=address,
+                         gene=gene, treatment=treatment, SMILES=None, concentration=None, perturbation_type="CRISPR",
+                         cell_type="HUVEC"))
     pl.DataFrame(rows).write_csv(tmp_path / "src" / "metadata.csv")
     assert cli(["shards", "rxrx3", str(tmp_path / "src"), str(tmp_path / "out"), "--workers", "1"]) == 0
     manifest = read_manifest(tmp_path / "out")

@@ -50,7 +50,8 @@ def test_pipeline_recovers_planted_modules_and_alignment_helps(relationships):
 
 @pytest.mark.parametrize("locator", ["whole", "sample", "histogram_fallback"])
 def test_streaming_null_equals_brute_force_sort(monkeypatch, caplog, locator):
-    """Many tiny blocks, and each way of locating the order statistics, give efaar's definition on a sorted full null."""
+    """Many tiny blocks, and each way of locating the order statistics, give efaar's definition on a
+    sorted full null."""
     from evaluation.benchmarks import recall
 
     if locator != "whole":

@@ -76,9 +76,11 @@ def test_openphenom_embedding_matches_an_independent_computation(openphenom, sha
     module, state = openphenom
     images = real_crops(shared_data, 1, size=256, dtype=torch.uint8)
     x = torch.nn.InstanceNorm2d(6, affine=False, eps=1e-5)(images.float() / 255.0)
-    weight, bias = state["encoder.vit_backbone.patch_embed.proj.weight"], state["encoder.vit_backbone.patch_embed.proj.bias"]
-    tokens = torch.cat([F.conv2d(x[:, c:c + 1], weight, bias, stride=16).flatten(2).transpose(1, 2) for c in range(6)], 1)
-    tokens = torch.cat([state["encoder.vit_backbone.cls_token"], tokens], 1) + state["encoder.vit_backbone.pos_embed"][:, :1 + 6 * 256]
+    vit = "encoder.vit_backbone."
+    weight, bias = state[vit + "patch_embed.proj.weight"], state[vit + "patch_embed.proj.bias"]
+    tokens = torch.cat([F.conv2d(x[:, c:c + 1], weight, bias, stride=16).flatten(2).transpose(1, 2)
+                        for c in range(6)], 1)
+    tokens = torch.cat([state[vit + "cls_token"], tokens], 1) + state[vit + "pos_embed"][:, :1 + 6 * 256]
     with torch.no_grad():
         for block in module.encoder.vit_backbone.blocks:
             tokens = block(tokens)
@@ -101,7 +103,8 @@ def test_shape_mismatch_is_listed(shared_data, tmp_path):
     state = random_openphenom_checkpoint(shared_data, path, values=False)
     state["decoder_pred.weight"] = torch.zeros(128, 512)
     torch.save({"state_dict": state}, path)
-    with pytest.raises(ValueError, match=r"shape mismatches \(1\): decoder_pred.weight \(128, 512\) \(model \(256, 512\)\)"):
+    mismatch = r"shape mismatches \(1\): decoder_pred.weight \(128, 512\) \(model \(256, 512\)\)"
+    with pytest.raises(ValueError, match=mismatch):
         load_pretrained(path)
 
 

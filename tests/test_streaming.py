@@ -23,7 +23,8 @@ N_SITES, SIZE = 24, 40
 PHENIX = "images/pediatric_cancer_atlas_BR00143976_C03_f03"
 
 
-def write_toy_shards(out: Path, n_sites: int = N_SITES, size: int = SIZE, sites_per_shard: int = 5, seed: int = 0) -> Path:
+def write_toy_shards(out: Path, n_sites: int = N_SITES, size: int = SIZE, sites_per_shard: int = 5,
+                     seed: int = 0) -> Path:
     """Sites whose channel 0 is constant = the site number (so a crop says where it came from);
     channels 1-2 are noise. 4 perturbations + controls, several shards."""
     rng = np.random.default_rng(seed)
@@ -44,7 +45,8 @@ def shards(tmp_path) -> Path:
 
 
 def config(shards: Path, **overrides) -> DataConfig:
-    values = dict(train_shards=str(shards), crop_size=16, crops_per_site=2, batch_size=4, num_workers=0, shuffle_buffer=4)
+    values = dict(train_shards=str(shards), crop_size=16, crops_per_site=2, batch_size=4, num_workers=0,
+                  shuffle_buffer=4)
     values.update(overrides)
     return DataConfig(**values)
 
@@ -54,14 +56,16 @@ def epoch_batches(loader) -> list[dict[str, torch.Tensor]]:
 
 
 def same(a: list[dict], b: list[dict]) -> bool:
-    return len(a) == len(b) and all(torch.equal(x["image"], y["image"]) and torch.equal(x["label"], y["label"]) for x, y in zip(a, b))
+    return len(a) == len(b) and all(torch.equal(x["image"], y["image"]) and torch.equal(x["label"], y["label"])
+                                    for x, y in zip(a, b))
 
 
 def test_train_batch_contract_and_labels(shards):
     dm = build_datamodule(config(shards), seed=3)
     assert (dm.in_chans, dm.channel_names, dm.num_classes) == (3, ["DNA", "ER", "RNA"], 5)
     assert dm.vocab["perturbation"].to_list() == ["GENE1", "GENE2", "GENE3", "GENE4", "NTC"]
-    perturbation = dict(read_manifest(shards).select(pl.col("key").str.slice(4).cast(pl.Int64), "perturbation").iter_rows())
+    site_numbers = pl.col("key").str.slice(4).cast(pl.Int64)
+    perturbation = dict(read_manifest(shards).select(site_numbers, "perturbation").iter_rows())
     label_of = dict(dm.vocab.iter_rows())
     batches = epoch_batches(dm.train_dataloader())
     seen = set()
@@ -169,7 +173,8 @@ def test_channel_subset_and_permutation(tmp_path):
         for i in range(4):
             image = np.stack([np.full((24, 24), 10 * (c + 1), np.uint8) for c in range(3)])
             writer.write(image, dict(key=f"k{i}", experiment="e", plate="p", well="A01", site=i, perturbation="x",
-                                     perturbation_type="gene", is_control=False, cell_type="c", channels=["DNA", "ER", "RNA"]))
+                                     perturbation_type="gene", is_control=False, cell_type="c",
+                                     channels=["DNA", "ER", "RNA"]))
     dm = build_datamodule(config(tmp_path / "s", channels=["RNA", "DNA"], in_chans=2, augment=False), seed=0)
     batch = next(iter(dm.train_dataloader()))
     assert batch["image"].shape[1] == 2
@@ -223,7 +228,8 @@ def test_eval_every_site_once_across_ranks_tiled(shards, monkeypatch):
 
 
 def test_eval_tiles_are_pixel_exact_on_the_real_field(tmp_path, shared_data):
-    planes = np.stack([tifffile.imread(shared_data / PHENIX / f"r03c03f03p01-ch{i}sk1fk1fl1.tiff") for i in range(1, 7)])
+    planes = np.stack([tifffile.imread(shared_data / PHENIX / f"r03c03f03p01-ch{i}sk1fk1fl1.tiff")
+                       for i in range(1, 7)])
     with ShardWriter(tmp_path / "s") as writer:
         writer.write(planes, dict(key="C03_3", experiment="BR00143976", plate="BR00143976", well="C03", site=3,
                                   perturbation="DAOY", perturbation_type="control", is_control=True, cell_type="DAOY",
@@ -310,7 +316,8 @@ def _ddp_worker(rank: int, world: int, shards: str, init_file: str, out_dir: str
         steps = torch.tensor([len(epochs[0]), len(epochs[1]), len(loader)])
         gathered = [torch.zeros_like(steps) for _ in range(world)]
         torch.distributed.all_gather(gathered, steps)  # would hang if ranks disagreed on collectives
-        Path(out_dir, f"rank{rank}.json").write_text(json.dumps({"epochs": epochs, "steps": [g.tolist() for g in gathered]}))
+        record = {"epochs": epochs, "steps": [g.tolist() for g in gathered]}
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(record))
         torch.distributed.barrier()  # neither rank tears gloo down while the other still uses it
     finally:
         torch.distributed.destroy_process_group()
@@ -357,7 +364,8 @@ def test_lightning_epochs_and_resume_from_checkpoint(shards, tmp_path):
     assert [s for e, _, s in full.seen if e == 0] != [s for e, _, s in full.seen if e == 1]
 
     checkpoint = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=5, save_top_k=-1)
-    fit(build_datamodule(config(shards), seed=2), RecordingModule(), tmp_path / "first", callbacks=[checkpoint], max_steps=5)
+    fit(build_datamodule(config(shards), seed=2), RecordingModule(), tmp_path / "first", callbacks=[checkpoint],
+        max_steps=5)
     (ckpt,) = list((tmp_path / "ckpt").glob("*.ckpt"))
     assert torch.load(ckpt, weights_only=False)["ShardDataModule"]["batches"] == 5
 

@@ -16,7 +16,7 @@ PEDIATRIC_FIELD = "images/pediatric_cancer_atlas_BR00143976_C03_f03"
 
 def tiny_model_cfg(family: str, **overrides: object) -> ModelConfig:
     """32x32 crops, 8x8 patches, width 32: a few ms per step on one core."""
-    backbone = {"mae": "vit_small_patch16_256", "camae": "ca_vit_small_patch16_256"}.get(family, "vit_small_patch16_256")
+    backbone = {"camae": "ca_vit_small_patch16_256"}.get(family, "vit_small_patch16_256")
     fields = dict(family=family, backbone=backbone, backbone_kwargs=dict(TINY_VIT), img_size=32, patch_size=8,
                   drop_path=0.0, decoder_dim=32, decoder_depth=1, decoder_heads=2,
                   wsl_hidden_dim=32, wsl_embed_dim=16)

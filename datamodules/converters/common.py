@@ -71,7 +71,8 @@ def read_site(task: tuple[str, list[str], list[str], bool]) -> tuple[np.ndarray,
     key, files, channels, allow_missing = task
     missing = [f for f in files if not Path(f).is_file()]
     if missing and not allow_missing:
-        raise ValueError(f"site {key!r}: missing channel files {missing} (use --allow-missing to keep the present ones)")
+        raise ValueError(f"site {key!r}: missing channel files {missing} "
+                         "(use --allow-missing to keep the present ones)")
     kept = [(f, c) for f, c in zip(files, channels) if f not in missing]
     if not kept:
         raise ValueError(f"site {key!r}: none of its channel files exist: {files}")
@@ -112,7 +113,8 @@ def write_sites(
     reproducible. Returns the manifest.
     """
     check_site_table(sites, source)
-    tasks = [(r["key"], r[FILES], r["channels"], allow_missing) for r in sites.select("key", FILES, "channels").iter_rows(named=True)]
+    tasks = [(r["key"], r[FILES], r["channels"], allow_missing)
+             for r in sites.select("key", FILES, "channels").iter_rows(named=True)]
     metadata = sites.drop(FILES, "channels").to_dicts()
     writer = ShardWriter(out_dir, max_bytes=int(max_shard_mb * 2**20), overwrite=overwrite)
     with writer, tqdm(total=len(tasks), desc=f"shards {source}", unit="site") as progress:

@@ -14,7 +14,8 @@ import polars as pl
 
 from datamodules.converters.common import FILES, SITE_COLUMNS, normalise_metadata, read_table, safe_key
 
-DEFAULTS = {"site": "1", "perturbation": "unknown", "perturbation_type": "unknown", "is_control": "false", "cell_type": "unknown"}
+DEFAULTS = {"site": "1", "perturbation": "unknown", "perturbation_type": "unknown", "is_control": "false",
+            "cell_type": "unknown"}
 
 
 def _metadata_name(column: str) -> str:
@@ -46,7 +47,8 @@ def folder_sites(table_path: str | Path) -> pl.DataFrame:
         )
     folder = str(table_path.parent.resolve())
     paths = [
-        (pl.col(f"PathName_{s}") if f"PathName_{s}" in table.columns else pl.lit(folder)) + "/" + pl.col(f"FileName_{s}")
+        (pl.col(f"PathName_{s}") if f"PathName_{s}" in table.columns else pl.lit(folder))
+        + "/" + pl.col(f"FileName_{s}")
         for s in stains
     ]
     channel_columns = [c for c in table.columns if c.startswith(("FileName_", "PathName_"))]

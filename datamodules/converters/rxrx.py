@@ -15,7 +15,8 @@ from datamodules.converters.common import FILES, normalise_metadata, read_table,
 RXRX_STAINS = {1: "Hoechst", 2: "ConA", 3: "Phalloidin", 4: "Syto14", 5: "MitoTracker", 6: "WGA"}
 CONTROL_LABELS = ["EMPTY_control", "CRISPR_control", "negative_control", "EMPTY"]
 RXRX1_COLUMNS = ["site_id", "cell_type", "experiment", "plate", "well", "site", "well_type", "sirna"]
-RXRX3_COLUMNS = ["well_id", "experiment_name", "plate", "address", "gene", "treatment", "perturbation_type", "cell_type"]
+RXRX3_COLUMNS = ["well_id", "experiment_name", "plate", "address", "gene", "treatment", "perturbation_type",
+                 "cell_type"]
 
 
 def _image_root(src: Path) -> Path:
@@ -35,7 +36,8 @@ def _metadata(src: Path, columns: list[str]) -> pl.DataFrame:
 
 def _files_column(root: Path, channel_map: dict[int, str], address: str) -> pl.Expr:
     """`files`: one path per channel index, in the channel map's index order."""
-    base = pl.lit(str(root) + "/") + pl.col("_experiment") + pl.lit("/Plate") + pl.col("plate") + pl.lit("/") + pl.col(address)
+    base = (pl.lit(str(root) + "/") + pl.col("_experiment") + pl.lit("/Plate") + pl.col("plate")
+            + pl.lit("/") + pl.col(address))
     return pl.concat_list(
         [base + pl.lit("_s") + pl.col("_site_text") + pl.lit(f"_w{index}.png") for index in sorted(channel_map)]
     ).alias(FILES)
@@ -79,7 +81,8 @@ def rxrx3_sites(src: str | Path, channel_map: dict[int, str] | None = None) -> p
         .otherwise(pl.col("treatment"))
     )
     is_control = perturbation.is_in(CONTROL_LABELS) | pl.col("treatment").is_in(CONTROL_LABELS)
-    kind = pl.when(pl.col("perturbation_type").str.to_uppercase() == "CRISPR").then(pl.lit("gene")).otherwise(pl.lit("compound"))
+    is_crispr = pl.col("perturbation_type").str.to_uppercase() == "CRISPR"
+    kind = pl.when(is_crispr).then(pl.lit("gene")).otherwise(pl.lit("compound"))
     extras = [c for c in ("treatment", "SMILES", "concentration") if c in table.columns]
     sites = table.with_columns(
         pl.col("experiment_name").alias("_experiment"), pl.lit("1").alias("_site_text")

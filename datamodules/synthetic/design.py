@@ -248,7 +248,8 @@ def _latents(cfg: ScreenConfig, genes: list[str], modules: list[list[str]], name
         strength = cfg.phenotype_strength * rng.uniform(0.6, 1.4)
         noise = rng.standard_normal(K) / math.sqrt(K)
         if g in module_of:
-            latent, module, role = strength * (directions[module_of[g]] + cfg.gene_noise * noise), names[module_of[g]], "module"
+            latent = strength * (directions[module_of[g]] + cfg.gene_noise * noise)
+            module, role = names[module_of[g]], "module"
         elif g in singletons:
             latent, module, role = strength * _sparse_direction(rng, cfg.axes_per_module), None, "singleton"
         else:
@@ -293,7 +294,8 @@ def _layout(cfg: ScreenConfig, genes: list[str]) -> pl.DataFrame:
     wells = _wells(cfg)
     capacity = len(wells) - cfg.controls_per_plate
     if capacity < 1:
-        raise ValueError(f"controls_per_plate={cfg.controls_per_plate} leaves no gene wells on a {len(wells)}-well plate")
+        raise ValueError(f"controls_per_plate={cfg.controls_per_plate} leaves no gene wells "
+                         f"on a {len(wells)}-well plate")
     n_plates = max(1, math.ceil(max(len(m) for m in members) / capacity))
     rows = []
     for (experiment, cell_type), genes_e in zip(experiment_names(cfg), members):
@@ -324,8 +326,10 @@ def _optics(cfg: ScreenConfig, plates: pl.DataFrame) -> pl.DataFrame:
     per_exp = {}
     for experiment in plates["experiment"].unique(maintain_order=True):
         per_exp[experiment] = dict(
-            gain=np.exp(rng.normal(0, 0.25 * t, len(CHANNELS))), offset=rng.uniform(0.01, 0.01 + 0.08 * t, len(CHANNELS)),
-            blur=rng.uniform(0, 1.2 * t * mag), illum_amp=rng.uniform(0, 0.35 * t), illum_angle=rng.uniform(0, 2 * np.pi),
+            gain=np.exp(rng.normal(0, 0.25 * t, len(CHANNELS))),
+            offset=rng.uniform(0.01, 0.01 + 0.08 * t, len(CHANNELS)),
+            blur=rng.uniform(0, 1.2 * t * mag), illum_amp=rng.uniform(0, 0.35 * t),
+            illum_angle=rng.uniform(0, 2 * np.pi),
             vignette=rng.uniform(0, 0.4 * t))
     rows = []
     for experiment, plate in plates.select("experiment", "plate").iter_rows():

@@ -223,7 +223,8 @@ def render_site(
     rr = r_in + t * (0.95 - r_in)
     mito_total = 4.5 * mag**2 / frag * np.exp(-0.25 * z[_AX["rna_mito_intensity"]])  # per cell: constant
     sa = np.sqrt(aspect[owner])  # stretch positions with the cell ellipse
-    _splat(image[MITO], rng, centres, rc, theta, owner, ox[owner] + rr * np.cos(ang) * sa, oy[owner] + rr * np.sin(ang) / sa,
+    _splat(image[MITO], rng, centres, rc, theta, owner,
+           ox[owner] + rr * np.cos(ang) * sa, oy[owner] + rr * np.sin(ang) / sa,
            sigma=0.9 * mag / np.sqrt(frag), total=mito_total * bright[MITO, owner])
     nucleoli_mean = 2.5 * np.exp(0.45 * z[_AX["nucleoli_count"]])
     n_nucleoli = rng.poisson(nucleoli_mean, n) * (~mitotic)

@@ -70,7 +70,8 @@ def write_screen(
     """Write OUT/shards/*.tar + manifest.parquet, OUT/truth/ and OUT/screen.json; return the design."""
     out_dir = Path(out_dir)
     if (out_dir / SCREEN_JSON).exists() and not overwrite:
-        raise ValueError(f"{out_dir} already holds a synthetic screen ({SCREEN_JSON}); pass overwrite=True / --overwrite")
+        raise ValueError(f"{out_dir} already holds a synthetic screen ({SCREEN_JSON}); "
+                         "pass overwrite=True / --overwrite")
     (out_dir / SCREEN_JSON).unlink(missing_ok=True)
     workers = max(1, workers if workers is not None else (os.cpu_count() or 1))
     start = time.perf_counter()
@@ -79,7 +80,8 @@ def write_screen(
     meta_columns = ["key", "experiment", "plate", "well", "site", "perturbation", "perturbation_type",
                     "is_control", "cell_type"]
     channels = list(CHANNELS)
-    with ShardWriter(out_dir / "shards", max_bytes=cfg.shard_max_mb * 2**20, prefix="synth", overwrite=overwrite) as writer:
+    with ShardWriter(out_dir / "shards", max_bytes=cfg.shard_max_mb * 2**20, prefix="synth",
+                     overwrite=overwrite) as writer:
         images = render_sites(design, workers)
         rows = design.sites.select(meta_columns).iter_rows(named=True)
         for meta, image in tqdm(zip(rows, images), total=design.sites.height, desc="synth: rendering sites",

@@ -60,7 +60,8 @@ def consistency(
             rows.append((str(name), n, None, None))
             continue
         if n not in nulls and n <= len(controls):
-            nulls[n] = np.sort([mean_pairwise_cosine(controls[s]) for s in _control_sets(len(controls), n, n_null, rng)])
+            control_sets = _control_sets(len(controls), n, n_null, rng)
+            nulls[n] = np.sort([mean_pairwise_cosine(controls[s]) for s in control_sets])
         stat = mean_pairwise_cosine(treated[a:b])
         null = nulls.get(n)
         p = None if null is None else float(1 - np.searchsorted(null, stat) / len(null))

@@ -22,8 +22,10 @@ HELP = "evaluate embeddings: EFAAR recall, consistency, clusters, mAP, generalis
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("embeddings", type=Path, help="embeddings parquet (metadata + embedding Array column)")
     parser.add_argument("--annotations", nargs="+", default=list(SOURCES),
-                        help="relationship files (entity1,entity2) or source names in $PHENOSCALE_SHARED/data/annotations")
-    parser.add_argument("--alignment", nargs="+", default=["tvn"], help="first is primary: none centerscale pca_centerscale tvn")
+                        help="relationship files (entity1,entity2) or source names in "
+                             "$PHENOSCALE_SHARED/data/annotations")
+    parser.add_argument("--alignment", nargs="+", default=["tvn"],
+                        help="first is primary: none centerscale pca_centerscale tvn")
     parser.add_argument("--truth", type=Path, default=None, help="synthetic screen truth/ dir: adds the oracle recall")
     parser.add_argument("--out", type=Path, required=True, help="output directory")
     parser.add_argument("--batch-column", default="experiment", help="alignment batches ('' for one batch)")

@@ -39,7 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     jump.add_argument("--load-data", help="CellProfiler load_data table giving FileName_Orig<Stain> per channel")
     jump.add_argument("--plate", help="plate name (default: the load_data table's Metadata_Plate, else SRC's name)")
     jump.add_argument("--experiment", help="experiment / batch name (default: the plate)")
-    jump.add_argument("--well-metadata", help="table with 'well' + perturbation, perturbation_type, is_control, cell_type")
+    jump.add_argument("--well-metadata",
+                      help="table with 'well' + perturbation, perturbation_type, is_control, cell_type")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -52,7 +52,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="complex file 'name<TAB>space-separated genes' (e.g. CORUM_clusters.tsv): "
                              "real complexes become the planted modules and the truth")
     parser.add_argument("--dtype", choices=["uint8", "uint16"], help="pixel depth (default uint8, like RxRx1)")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="render processes (default: all cores)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                        help="render processes (default: all cores)")
     parser.add_argument("--overwrite", action="store_true", help="replace a screen already in OUT")
 
 
