@@ -77,22 +77,23 @@ class MatmulAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        ctx.save_for_backward(q, k, v)
-        return torch.matmul(MatmulAttention.probabilities(q, k), v)
+        ctx.save_for_backward(q, k, v)  # q unscaled: the scaled copy would live until backward
+        return torch.matmul(MatmulAttention.probabilities(q * q.shape[-1] ** -0.5, k), v)
 
     @staticmethod
-    def probabilities(q: Tensor, k: Tensor) -> Tensor:
-        return torch.softmax(torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-2, -1)), dim=-1)
+    def probabilities(scaled_q: Tensor, k: Tensor) -> Tensor:
+        return torch.softmax(torch.matmul(scaled_q, k.transpose(-2, -1)), dim=-1)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         q, k, v = ctx.saved_tensors
         scale = q.shape[-1] ** -0.5
-        probs = MatmulAttention.probabilities(q, k)
+        scaled_q = q * scale  # once, for the recomputed probabilities and for k's gradient
+        probs = MatmulAttention.probabilities(scaled_q, k)
         grad_v = torch.matmul(probs.transpose(-2, -1), grad_out)
         grad_probs = torch.matmul(grad_out, v.transpose(-2, -1))
         grad_scores = torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
-        return torch.matmul(grad_scores, k * scale), torch.matmul(grad_scores.transpose(-2, -1), q * scale), grad_v
+        return torch.matmul(grad_scores, k * scale), torch.matmul(grad_scores.transpose(-2, -1), scaled_q), grad_v
 
 
 #: Most scores (images x heads x queries x keys) one MatmulAttention call holds in training: 64 MB
