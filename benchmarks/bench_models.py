@@ -3,9 +3,10 @@
 Throughput is reported as crops/s and as MFU = counted model FLOP/s (FlopCounterMode, forward +
 backward at mask 0.75) divided by the GEMM peak measured in the same run, in the same dtype, on
 the same threads, so that CPU contention from other processes hits numerator and denominator
-alike. Training = forward + backward + Lion step, fp32 and bf16 autocast; inference = embed()
-under bf16 autocast, which on CPU takes the blocked bf16 attention of lightning_modules/blocks.py
-(its FLOPs counted as SDPA's: the same two matmuls, checked equal to the float32 count). Peak
+alike. Training = forward + backward + Lion step, fp32 and bf16 autocast (bf16 on CPU takes the
+MatmulAttention of lightning_modules/blocks.py); inference = embed() under bf16 autocast, which on
+CPU takes the blocked bf16 attention there (FLOPs of both counted as SDPA's, in float32: the same
+matmuls of the model, not the backward's recomputation). Peak
 memory is the max RSS of a fresh child process doing bf16 training steps at batch 8 (fp32 in
 another child is the same-run baseline).
 
