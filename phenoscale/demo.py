@@ -135,7 +135,8 @@ def channel_generalisation(camae: Optional[torch.nn.Module], as_trained: Optiona
                            eval_cfg: EvalConfig, out: Path) -> pl.DataFrame:
     """CA-MAE recall on all 6 channels, a 5-channel subset and a permuted order (no retraining).
 
-    The 6-channel row scores `as_trained`, the CA-MAE's own embeddings, instead of embedding again.
+    The 6-channel row scores `as_trained`, the CA-MAE's own embeddings, instead of embedding again;
+    each row names the embeddings file it scored.
     """
     if camae is None:
         return pl.DataFrame()
@@ -149,7 +150,7 @@ def channel_generalisation(camae: Optional[torch.nn.Module], as_trained: Optiona
             path = out / "embeddings" / f"camae_{len(channels)}ch_{'_'.join(c[:3] for c in channels)}.parquet"
             embeddings = embed_model(camae, eval_data_config(screen.shards, crop, channels=channels), path)
         for r in recall_rows(score(embeddings, eval_cfg)).iter_rows(named=True):
-            records.append({"channels": label, **r})
+            records.append({"channels": label, "embeddings": str(embeddings), **r})
     return pl.DataFrame(records)
 
 

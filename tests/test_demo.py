@@ -41,14 +41,15 @@ def test_reduced_demo_camae_channel_rows(tmp_path: Path) -> None:
     table = run_demo(DemoSettings(out=out, genes=40, seed=0, max_steps=5, models=("camae",)))
     assert {LABELS["camae"], LABELS["random_init_camae"]} <= set(table["embedder"])
     channels = pl.read_parquet(out / "channel_generalisation.parquet")
-    assert channels["channels"].unique().len() == 3
-    embeddings = {path.stem: pl.read_parquet(path) for path in (out / "embeddings").glob("camae*.parquet")}
-    as_trained = embeddings.pop("camae")
-    reversed_order = next(frame for name, frame in embeddings.items() if name.startswith("camae_6ch"))
-    subset = next(frame for name, frame in embeddings.items() if name.startswith("camae_5ch"))
+    files = dict(channels.select("channels", "embeddings").unique().iter_rows())
+    assert len(files) == 3 and files["6 channels (as trained)"] == str(out / "embeddings" / "camae.parquet")
+    as_trained = pl.read_parquet(files["6 channels (as trained)"])
     keys = as_trained.select("key")
+
+    def aligned(label: str) -> np.ndarray:
+        return np.stack(keys.join(pl.read_parquet(files[label]), on="key", how="left")["embedding"].to_numpy())
+
     original = np.stack(as_trained["embedding"].to_numpy())
-    flipped = np.stack(keys.join(reversed_order, on="key", how="left")["embedding"].to_numpy())
-    five = np.stack(keys.join(subset, on="key", how="left")["embedding"].to_numpy())
+    flipped, five = aligned("6 channels, reversed order"), aligned("5 channels (last dropped)")
     np.testing.assert_allclose(flipped, original, rtol=1e-4, atol=1e-4 * np.abs(original).max())
     assert five.shape == original.shape and not np.allclose(five, original, atol=1e-3)
