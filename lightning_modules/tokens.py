@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from lightning_modules.config import MASK_MODES
+
 
 def patchify(images: Tensor, patch: int, channel_agnostic: bool) -> Tensor:
     """(B, C, H, W) -> pixel tokens.
@@ -69,6 +71,8 @@ def random_token_mask(batch: int, length: int, ratio: float, device: torch.devic
     """
     if not 0.0 <= ratio < 1.0:
         raise ValueError(f"mask ratio must be in [0, 1), got {ratio}")
+    if mode not in MASK_MODES:
+        raise ValueError(f"mask mode must be one of {MASK_MODES}, got {mode!r}")
     if length % channels:
         raise ValueError(f"{length} tokens do not split into {channels} channels")
     n_keep = int(length * (1 - ratio))

@@ -104,6 +104,8 @@ def test_spatial_masking_hides_a_position_in_every_channel():
     assert torch.all(per_channel[:, 0].sum(1) == positions * ratio)
     with pytest.raises(ValueError, match="do not split"):
         random_token_mask(1, 10, 0.5, torch.device("cpu"), channels=3, mode="spatial")
+    with pytest.raises(ValueError, match="mask mode must be one of"):  # a typo is not joint masking
+        random_token_mask(1, 12, 0.5, torch.device("cpu"), channels=3, mode="spacial")
 
 
 def test_channel_masking_hides_one_whole_channel_and_keeps_the_budget():
