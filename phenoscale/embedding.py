@@ -51,6 +51,12 @@ def site_embeddings(model: Any, loader: Any, n_sites: int, device: torch.device,
     return sums, counts
 
 
+def check_precision(precision: str) -> None:
+    """Raise ValueError unless `precision` is one of PRECISIONS (callers check before loading weights)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+
+
 def embed_model(model: Any, data_cfg: Any, out: str | os.PathLike, pooling: str | None = None,
                  block: int | None = None, seed: int = 0, precision: str = "32") -> Path | None:
     """Write OUT (parquet: manifest metadata + `embedding`); returns OUT on rank 0, else None.
@@ -58,8 +64,7 @@ def embed_model(model: Any, data_cfg: Any, out: str | os.PathLike, pooling: str 
     `model`: anything with embed() (see lightning_modules.load_pretrained); `precision`: one of
     PRECISIONS.
     """
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    check_precision(precision)
     env = detect_launch()
     device = torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
     own_group = env.world_size > 1 and not dist.is_initialized()

@@ -91,15 +91,13 @@ def test_fit_embed_evaluate_on_a_synthetic_screen(screen: Path, tmp_path: Path) 
         with torch.no_grad():
             expected = model.embed(_tiles(screen, frame["key"][row])).mean(0).numpy()
         np.testing.assert_allclose(matrix[row], expected, rtol=1e-4, atol=1e-5)
-    # bf16 autocast: the same embeddings to bf16 accuracy; an unknown precision is a usage error
+    # bf16 autocast: the same embeddings to bf16 accuracy
     fast = run_dir / "embeddings" / "screen_bf16.parquet"
     assert main(["embed", str(run_dir / "checkpoints" / "last.ckpt"), str(screen / "shards"), str(fast),
                  "--num-workers", "0", "--precision", "bf16"]) == 0
     fast_matrix = pl.read_parquet(fast)["embedding"].to_numpy()
     error = np.linalg.norm(fast_matrix - matrix) / np.linalg.norm(matrix)
     assert 0 < error < 0.02
-    assert main(["embed", str(run_dir / "checkpoints" / "last.ckpt"), str(screen / "shards"), str(fast),
-                 "--precision", "fp8"]) == 2
 
     report = run_dir / "reports"
     assert main(["evaluate", str(embeddings), "--annotations", str(screen / "truth" / "relationships.csv"),
@@ -165,6 +163,13 @@ def test_missing_shards_is_named_before_anything_starts(tmp_path: Path, capsys: 
     assert main(["fit", str(TINY), f"run.run_dir={tmp_path / 'run'}"]) == 2
     assert "missing mandatory values: data.train_shards" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_bad_embed_precision_is_named_before_the_checkpoint_loads(tmp_path: Path, capsys: pytest.CaptureFixture
+                                                                  ) -> None:
+    missing = tmp_path / "no_such.ckpt"  # loading it would fail with "not found": the precision must fail first
+    assert main(["embed", str(missing), str(tmp_path), str(tmp_path / "e.parquet"), "--precision", "fp8"]) == 2
+    assert "precision must be one of ('32', 'bf16'), got 'fp8'" in capsys.readouterr().err
 
 
 def test_launcher_mismatch_fails_before_anything_starts(screen: Path, tmp_path: Path) -> None:

@@ -60,9 +60,10 @@ def data_config(args: argparse.Namespace, crop_size: int):
 
 def run(args: argparse.Namespace) -> int:
     import lightning_modules
-    from phenoscale.embedding import embed_model
+    from phenoscale.embedding import check_precision, embed_model
 
     try:
+        check_precision(args.precision)  # before the checkpoint load, which can take minutes
         model = lightning_modules.load_pretrained(args.checkpoint)
         data_cfg, seed = data_config(args, model.model_cfg.img_size)
         written = embed_model(model, data_cfg, args.out, args.pooling, args.block, seed, args.precision)
