@@ -44,9 +44,9 @@ DNA, ER, ACTIN, RNA, MITO, MEMBRANE = range(6)
 # Cell radius (pixels) at which the fine-structure sizes below are given; other magnifications
 # scale edges, textures, puncta and blur by cell_radius / REFERENCE_RADIUS.
 REFERENCE_RADIUS = 9.0
-# Integrated stain per unit of cell area of an unperturbed cell (its look at state 0); MitoTracker
-# is all puncta, whose total is held constant separately.
-_STAIN_PER_AREA = np.array([0.28, 0.54, 0.6, 0.32, 0.0, 0.5])
+# Integrated stain per unit of cell area of an unperturbed cell (its look at state 0); for
+# MitoTracker this is only its diffuse part: its puncta's total is held constant separately.
+_STAIN_PER_AREA = np.array([0.28, 0.54, 0.6, 0.32, 0.5, 0.5])
 
 
 @dataclass(frozen=True)
@@ -168,6 +168,12 @@ def render_site(
     nucleus = _sigmoid(nuc_edge_px / (0.6 * mag)) * cell
     cyto = np.clip(cell - nucleus, 0, None)
     dist_nuc = np.clip(-nuc_edge_px, 0, None) / rc_          # from the nuclear edge, units of rc
+    # A widefield image integrates each stain over the cell's height. Cells are thickest around
+    # the nucleus and thin out towards the membrane, and cytoplasm lies above and below the
+    # nucleus, so every cytoplasmic stain is brightest near the nucleus and the stains co-localise
+    # (measured within cells of the real Cell Painting fields in ../shared/data/images: pixel
+    # correlations 0.4-0.98 between stains, DNA included; docs/synthetic.md).
+    column = (cyto + 0.8 * nucleus) * (0.3 + 0.7 * np.exp(-dist_nuc / 0.4))
 
     bright = np.exp(rng.normal(0, 0.15, (6, n)))  # cell-to-cell stain variation
     layers = np.empty((6, n, 2 * half + 1, 2 * half + 1), dtype=np.float32)
@@ -175,25 +181,26 @@ def render_site(
     layers[DNA] = nucleus
     # ER: cytoplasm with a perinuclear gradient whose length scale follows er_spread
     er_len = 0.35 * np.exp(0.45 * z[_AX["er_spread"]])
-    layers[ER] = cyto * (0.25 + np.exp(-dist_nuc / er_len))
+    layers[ER] = column * (0.25 + np.exp(-dist_nuc / er_len))
     # Actin: cortical ring + stress fibres parallel to the cell's long axis
     fibres = float(np.clip(0.35 + 0.35 * z[_AX["actin_fibres"]], 0, 1.2))
     period = 3.2 * mag / rc_
     stripes = 0.5 * (1 + np.cos(2 * np.pi * v / period + _col(rng.uniform(0, 2 * np.pi, n))))
     cortex = np.exp(-(edge_px / (1.2 * mag)) ** 2) * cell
-    layers[ACTIN] = 0.25 * cell + 0.9 * cortex + fibres * stripes * cyto * _col(~mitotic)
+    layers[ACTIN] = column + 0.4 * cortex + fibres * stripes * cyto * _col(~mitotic)
     # RNA: diffuse cytoplasm + nucleus (nucleoli added as puncta below)
     rna_gain = np.exp(0.25 * z[_AX["rna_mito_intensity"]])
-    layers[RNA] = 0.35 * cyto + 0.2 * nucleus
-    layers[MITO] = 0.0  # puncta only
+    layers[RNA] = 0.35 * column + 0.2 * nucleus
+    layers[MITO] = column  # the diffuse part; the mitochondria are puncta, added below
     # WGA: membrane ring (plasma membrane glycoproteins)
-    layers[MEMBRANE] = np.exp(-(edge_px / mag) ** 2) + 0.1 * cell
+    layers[MEMBRANE] = 0.5 * np.exp(-(edge_px / mag) ** 2) + column
     # Stains bind stoichiometrically: a cell's integrated signal is set by its content (DNA
     # doubled in mitosis), not by its shape, so a bigger nucleus is dimmer, not brighter. This
     # keeps morphology from leaking into mean intensities, as in real Cell Painting.
     content = _STAIN_PER_AREA[:, None] * np.pi * rc[None, :] ** 2 * bright
     content[DNA] *= np.where(mitotic, 2.0, 1.0)
     content[RNA] *= rna_gain
+    content[MITO] /= rna_gain
     sums = layers.sum((2, 3))
     layers *= np.divide(content, sums, out=np.zeros_like(sums), where=sums > 0)[:, :, None, None]
 
@@ -221,7 +228,7 @@ def render_site(
     ang = rng.uniform(0, 2 * np.pi, owner.size)
     r_in = rn[owner] * 1.05
     rr = r_in + t * (0.95 - r_in)
-    mito_total = 4.5 * mag**2 / frag * np.exp(-0.25 * z[_AX["rna_mito_intensity"]])  # per cell: constant
+    mito_total = 3.0 * mag**2 / frag * np.exp(-0.25 * z[_AX["rna_mito_intensity"]])  # per cell: constant
     sa = np.sqrt(aspect[owner])  # stretch positions with the cell ellipse
     _splat(image[MITO], rng, centres, rc, theta, owner,
            ox[owner] + rr * np.cos(ang) * sa, oy[owner] + rr * np.sin(ang) / sa,
