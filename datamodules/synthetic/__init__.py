@@ -8,5 +8,6 @@ from datamodules.synthetic.truth import Truth, read_truth, write_truth
 
 __all__ = [
     "AXES", "CHANNELS", "PRESETS", "SCREEN_JSON", "Optics", "ScreenConfig", "ScreenDesign", "Truth",
-    "design_screen", "in_cell_stain_correlation", "preset", "read_truth", "render_site", "render_sites", "write_screen", "write_truth",
+    "design_screen", "in_cell_stain_correlation", "preset", "read_truth", "render_site", "render_sites",
+    "write_screen", "write_truth",
 ]
