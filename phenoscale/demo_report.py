@@ -57,7 +57,8 @@ def write_demo_report(out: Path, table: pl.DataFrame, channels: pl.DataFrame, bl
     lines = ["# phenoscale demo", "",
              f"Synthetic screen: {settings.genes} genes, seed {settings.seed} (`{out / 'screen'}`). "
              "Recall of the planted relationships at the (0.05, 0.95) percentiles of all gene pairs; "
-             "random = 0.10. Training budgets are given per model.", "",
+             "random = 0.10. Training budgets are given per model; `embed_precision` is that of each "
+             "embedder's embed() pass (see phenoscale.demo.EMBED_PRECISION).", "",
              markdown(table), ""]
     if channels.height:
         wide = channels.filter(pl.col("alignment") == "tvn").select("channels", "source", "recall")

@@ -51,5 +51,10 @@ def test_reduced_demo_camae_channel_rows(tmp_path: Path) -> None:
 
     original = np.stack(as_trained["embedding"].to_numpy())
     flipped, five = aligned("6 channels, reversed order"), aligned("5 channels (last dropped)")
-    np.testing.assert_allclose(flipped, original, rtol=1e-4, atol=1e-4 * np.abs(original).max())
-    assert five.shape == original.shape and not np.allclose(five, original, atol=1e-3)
+    # the demo embeds the CA-MAE in bf16, which a reversed order must not change either: the same
+    # tokens, summed in another order (measured 7e-6); dropping a stain changes it (measured 4e-3)
+    assert set(table.filter(pl.col("embedder").is_in([LABELS["camae"], LABELS["random_init_camae"]]))
+               ["embed_precision"]) == {"bf16"}
+    flip_error = np.linalg.norm(flipped - original) / np.linalg.norm(original)
+    five_error = np.linalg.norm(five - original) / np.linalg.norm(original)
+    assert five.shape == original.shape and flip_error < 1e-4 and five_error > 10 * flip_error
