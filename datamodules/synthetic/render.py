@@ -171,8 +171,8 @@ def render_site(
     # A widefield image integrates each stain over the cell's height. Cells are thickest around
     # the nucleus and thin out towards the membrane, and cytoplasm lies above and below the
     # nucleus, so every cytoplasmic stain is brightest near the nucleus and the stains co-localise
-    # (measured within cells of the real Cell Painting fields in ../shared/data/images: pixel
-    # correlations 0.4-0.98 between stains, DNA included; docs/synthetic.md).
+    # (measured within the cells of the real Cell Painting field in ../shared/data/images: pixel
+    # correlations 0.38-0.98 between stains, DNA included; docs/synthetic.md).
     column = (cyto + 0.8 * nucleus) * (0.3 + 0.7 * np.exp(-dist_nuc / 0.4))
 
     bright = np.exp(rng.normal(0, 0.15, (6, n)))  # cell-to-cell stain variation
@@ -182,7 +182,7 @@ def render_site(
     # ER: cytoplasm with a perinuclear gradient whose length scale follows er_spread
     er_len = 0.35 * np.exp(0.45 * z[_AX["er_spread"]])
     layers[ER] = column * (0.25 + np.exp(-dist_nuc / er_len))
-    # Actin: cortical ring + stress fibres parallel to the cell's long axis
+    # Actin: diffuse over the cell's height + cortical ring + stress fibres along the long axis
     fibres = float(np.clip(0.35 + 0.35 * z[_AX["actin_fibres"]], 0, 1.2))
     period = 3.2 * mag / rc_
     stripes = 0.5 * (1 + np.cos(2 * np.pi * v / period + _col(rng.uniform(0, 2 * np.pi, n))))
@@ -192,7 +192,8 @@ def render_site(
     rna_gain = np.exp(0.25 * z[_AX["rna_mito_intensity"]])
     layers[RNA] = 0.35 * column + 0.2 * nucleus
     layers[MITO] = column  # the diffuse part; the mitochondria are puncta, added below
-    # WGA: membrane ring (plasma membrane glycoproteins)
+    # WGA: plasma membrane glycoproteins, the ring at the cell's edge and the membrane above and
+    # below the cell, seen over its height
     layers[MEMBRANE] = 0.5 * np.exp(-(edge_px / mag) ** 2) + column
     # Stains bind stoichiometrically: a cell's integrated signal is set by its content (DNA
     # doubled in mitosis), not by its shape, so a bigger nucleus is dimmer, not brighter. This
