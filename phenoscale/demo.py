@@ -35,9 +35,11 @@ LABELS = {"mae": "MAE", "camae": "CA-MAE", "wsl": "WSL", "random_init": "random-
 #: the untrained twin each masked autoencoder must beat (same architecture, seed and pooling)
 RANDOM_INIT = {"mae": "random_init", "camae": "random_init_camae"}
 #: embed() precision per embedder, float32 ("32") unless named here. The CA-MAE's 384-token passes
-#: (four of them: trained, random-init, 5 channels, reversed) are about half the demo's embedding
-#: time in float32 and 2.6x faster in bf16, with the same TVN recall to 4 digits (0.3361 both, seed
-#: 0). The WSL's 512-d neck is not safe there: TVN amplifies bf16 rounding (0.30 -> 0.22).
+#: (four of them: trained, random-init, 5 channels, reversed) are most of the demo's embedding time
+#: in float32 (53-87 s each) and 38-42 s in bf16. Measured on the demo screen, seed 0, TVN recall
+#: in bf16 against float32: trained 0.3361 and 0.3361, random-init 0.2531 and 0.2573, 5 channels
+#: 0.3071 and 0.3029. The WSL's embeddings are not safe there: TVN amplified their bf16 rounding
+#: (0.30 -> 0.22), so everything else stays float32.
 EMBED_PRECISION = {"camae": "bf16", "random_init_camae": "bf16"}
 
 

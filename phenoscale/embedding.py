@@ -21,11 +21,11 @@ from phenoscale.launch import detect_launch
 
 #: manifest columns that describe storage, not biology: left out of the embeddings parquet
 STORAGE_COLUMNS = ("shard", "height", "width", "dtype")
-#: embed() numerics: "32" in float32; "bf16" under bfloat16 autocast, 2.6x faster for the demo's
-#: CA-MAE on this CPU with embeddings within 0.1-0.3% of float32. TVN whitens with the controls'
-#: covariance and so amplifies that rounding along low-variance directions: the demo's WSL
-#: embeddings (512-d neck, ~140 controls per batch) recall 0.22 with TVN in bf16 against 0.30 in
-#: float32. Score bf16 embeddings with centerscale, or check them against a float32 run.
+#: embed() numerics: "32" in float32; "bf16" under bfloat16 autocast, 1.4-2.6x faster for the
+#: demo's CA-MAE on this CPU (between runs) with embeddings within 0.1-0.3% of float32. TVN whitens
+#: with the controls' covariance and so amplifies that rounding along low-variance directions: the
+#: demo's WSL embeddings (128-d, ~140 controls per batch) recalled 0.22 with TVN in bf16 against 0.30
+#: in float32. Score bf16 embeddings with centerscale, or check them against a float32 run.
 PRECISIONS = ("32", "bf16")
 
 
