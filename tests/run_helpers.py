@@ -9,14 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
-import tifffile
 
 from datamodules import ShardWriter
+from real_field import PEDIATRIC_STAINS, pediatric_field
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "experiments" / "tiny.yaml"
-PEDIATRIC_FIELD = "images/pediatric_cancer_atlas_BR00143976_C03_f03"
-STAINS = ["Brightfield", "ER", "AGP", "Mito", "DNA", "RNA"]  # ch1..ch6 of that field (shared README)
 GENES = ["NT", "GENE_A", "GENE_B", "GENE_C"]
 
 
@@ -26,8 +24,7 @@ def write_real_shards(shared_data: Path, out: Path, sites: int = 16, size: int =
     Real pixels, invented layout: 4 plates-worth of wells, one gene per well, NT as control.
     Small shards (several per directory) so streams resample across files as at scale.
     """
-    folder = shared_data / PEDIATRIC_FIELD
-    field = np.stack([tifffile.imread(folder / f"r03c03f03p01-ch{c}sk1fk1fl1.tiff") for c in range(1, 7)])
+    field = pediatric_field(shared_data)
     per_row = field.shape[2] // size
     with ShardWriter(out, max_bytes=4 * 6 * size * size * 2 + 4096) as writer:
         for i in range(sites):
@@ -38,7 +35,7 @@ def write_real_shards(shared_data: Path, out: Path, sites: int = 16, size: int =
                 "key": f"site{i:04d}", "experiment": f"exp{i % 2}", "plate": f"P{i % 2}",
                 "well": f"W{i:02d}", "site": 1, "perturbation": gene,
                 "perturbation_type": "control" if gene == "NT" else "gene", "is_control": gene == "NT",
-                "cell_type": "DAOY", "channels": STAINS,
+                "cell_type": "DAOY", "channels": PEDIATRIC_STAINS,
             })
     return out
 

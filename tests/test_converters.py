@@ -14,11 +14,10 @@ from datamodules import read_manifest
 from datamodules.converters import jump_sites, parse_channel_map, read_site, rxrx1_sites
 from datamodules.samples import iter_shard
 from phenoscale.cli import main as cli
+from real_field import PEDIATRIC_FIELD, PEDIATRIC_STAINS, pediatric_field
 
-PHENIX = "images/pediatric_cancer_atlas_BR00143976_C03_f03"
 CPJUMP1 = "images/jump_cpjump1_BR00117006_A01_f01"
 HUMAN = "images/cellprofiler_ExampleHuman"
-PHENIX_STAINS = ["Brightfield", "ER", "AGP", "Mito", "DNA", "RNA"]  # ch1..ch6, from its load_data parquet
 
 
 def shard_images(out: Path) -> dict[str, np.ndarray]:
@@ -28,16 +27,16 @@ def shard_images(out: Path) -> dict[str, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def phenix_planes(shared_data: Path) -> list[np.ndarray]:
-    return [tifffile.imread(shared_data / PHENIX / f"r03c03f03p01-ch{i}sk1fk1fl1.tiff") for i in range(1, 7)]
+    return list(pediatric_field(shared_data))
 
 
 def test_jump_phenix_channel_map_from_load_data(tmp_path, shared_data, phenix_planes):
     out = tmp_path / "out"
-    assert cli(["shards", "jump", str(shared_data / PHENIX), str(out), "--workers", "1"]) == 0
+    assert cli(["shards", "jump", str(shared_data / PEDIATRIC_FIELD), str(out), "--workers", "1"]) == 0
     manifest = read_manifest(out)
     row = manifest.row(0, named=True)
     assert (row["plate"], row["well"], row["site"], row["dtype"]) == ("BR00143976", "C03", 3, "uint16")
-    assert row["channels"] == PHENIX_STAINS
+    assert row["channels"] == PEDIATRIC_STAINS
     image = shard_images(out)[row["key"]]
     assert image.shape == (6, 1080, 1080)
     for index in range(6):  # ch{i} at index i-1: the map says which stain each index is
@@ -47,7 +46,7 @@ def test_jump_phenix_channel_map_from_load_data(tmp_path, shared_data, phenix_pl
 def test_jump_channel_map_option_and_no_guessing(tmp_path, shared_data):
     bare = tmp_path / "bare"  # the TIFFs without their load_data table
     bare.mkdir()
-    for tiff in (shared_data / PHENIX).glob("*.tiff"):
+    for tiff in (shared_data / PEDIATRIC_FIELD).glob("*.tiff"):
         (bare / tiff.name).symlink_to(tiff)
     with pytest.raises(ValueError, match="never assumed"):
         jump_sites(bare)

@@ -14,8 +14,8 @@ import webdataset as wds
 
 from datamodules import ShardWriter, read_manifest
 from datamodules.samples import iter_shard
+from real_field import pediatric_field
 
-PHENIX = "images/pediatric_cancer_atlas_BR00143976_C03_f03"
 HUMAN = "images/cellprofiler_ExampleHuman"
 
 
@@ -27,8 +27,7 @@ def meta(key: str, channels: list[str], **extra) -> dict:
 @pytest.fixture(scope="module")
 def phenix_field(shared_data: Path) -> np.ndarray:
     """The real 6-channel uint16 field, 256x256 corner (enough for format tests, fast)."""
-    files = sorted((shared_data / PHENIX).glob("*.tiff"))
-    return np.stack([tifffile.imread(f)[:256, :256] for f in files])
+    return np.ascontiguousarray(pediatric_field(shared_data)[:, :256, :256])
 
 
 @pytest.fixture(scope="module")

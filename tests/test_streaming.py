@@ -12,15 +12,14 @@ import lightning as L
 import numpy as np
 import polars as pl
 import pytest
-import tifffile
 import torch
 import torch.multiprocessing as mp
 
 from datamodules import DataConfig, ShardWriter, StreamEpochCallback, build_datamodule, read_manifest
 from datamodules.transforms import copy_dihedral, dihedral, fill_random_crops, tile_origins
+from real_field import PEDIATRIC_STAINS, pediatric_field
 
 N_SITES, SIZE = 24, 40
-PHENIX = "images/pediatric_cancer_atlas_BR00143976_C03_f03"
 
 
 def write_toy_shards(out: Path, n_sites: int = N_SITES, size: int = SIZE, sites_per_shard: int = 5,
@@ -228,12 +227,11 @@ def test_eval_every_site_once_across_ranks_tiled(shards, monkeypatch):
 
 
 def test_eval_tiles_are_pixel_exact_on_the_real_field(tmp_path, shared_data):
-    planes = np.stack([tifffile.imread(shared_data / PHENIX / f"r03c03f03p01-ch{i}sk1fk1fl1.tiff")
-                       for i in range(1, 7)])
+    planes = pediatric_field(shared_data)
     with ShardWriter(tmp_path / "s") as writer:
         writer.write(planes, dict(key="C03_3", experiment="BR00143976", plate="BR00143976", well="C03", site=3,
                                   perturbation="DAOY", perturbation_type="control", is_control=True, cell_type="DAOY",
-                                  channels=["Brightfield", "ER", "AGP", "Mito", "DNA", "RNA"]))
+                                  channels=PEDIATRIC_STAINS))
     dm = build_datamodule(config(tmp_path / "s", crop_size=256, batch_size=16, crops_per_site=4), seed=0)
     (batch,) = list(dm.eval_dataloader())
     assert batch["image"].shape == (16, 6, 256, 256) and batch["image"].dtype == torch.uint16

@@ -1,17 +1,15 @@
 """Tiny CPU model configs and real image crops shared by the model tests (test_backbones, test_mae, ...)."""
 from __future__ import annotations
 
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
-import tifffile
 import torch
 
 from lightning_modules import ModelConfig, OptimConfig, build_module
+from real_field import pediatric_field
 
 TINY_VIT = {"embed_dim": 32, "depth": 2, "num_heads": 2}
-PEDIATRIC_FIELD = "images/pediatric_cancer_atlas_BR00143976_C03_f03"
 
 
 def tiny_model_cfg(family: str, **overrides: object) -> ModelConfig:
@@ -30,16 +28,9 @@ def tiny_module(family: str, in_chans: int = 6, num_classes: int = 0, total_step
                         in_chans=in_chans, num_classes=num_classes, total_steps=total_steps)
 
 
-@lru_cache(maxsize=2)
-def _pediatric_field(shared_data: Path) -> np.ndarray:
-    """The real 6-channel 1080x1080 uint16 Opera Phenix field (ch1..ch6)."""
-    folder = shared_data / PEDIATRIC_FIELD
-    return np.stack([tifffile.imread(folder / f"r03c03f03p01-ch{c}sk1fk1fl1.tiff") for c in range(1, 7)])
-
-
 def real_crops(shared_data: Path, n: int, size: int = 32, dtype: torch.dtype = torch.uint16) -> torch.Tensor:
     """n non-overlapping size x size crops (n, 6, size, size) of the real field, in its uint16 (or uint8)."""
-    field = _pediatric_field(shared_data)[:, 256:, 256:]  # the well-populated centre of the field
+    field = pediatric_field(shared_data)[:, 256:, 256:]  # the well-populated centre of the field
     per_row = field.shape[2] // size
     crops = [field[:, (i // per_row) * size:(i // per_row + 1) * size, (i % per_row) * size:(i % per_row + 1) * size]
              for i in range(n)]
