@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 export PHENOSCALE_SHARED ?= $(abspath ../shared)
 GRID   ?= configs/scaling/cpu.yaml
 
-.PHONY: help install demo test test-fast bench scaling clean
+.PHONY: help install demo test test-fast bench gpu-check scaling clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -28,8 +28,11 @@ test: install  ## the whole test suite, slow and DDP tests included
 test-fast: install  ## tests not marked slow or ddp
 	$(PY) -m pytest -q -m "not slow and not ddp"
 
-bench: install  ## speed and memory benchmarks -> benchmarks/results/*.json and README.md
+bench: install  ## CPU speed and memory benchmarks, precision chosen by the hardware -> benchmarks/results/*.json and README.md
 	$(PY) -m benchmarks
+
+gpu-check: install  ## on a CUDA machine: the GPU tests, then bf16-mixed speed and MFU of the paper models -> benchmarks/results/gpu.json
+	$(PY) -m benchmarks.gpu_check
 
 scaling: install  ## fit and evaluate a grid of model sizes x training crops (GRID=configs/scaling/cpu.yaml)
 	$(VENV)/bin/phenoscale scaling $(GRID) --out runs/scaling

@@ -6,11 +6,13 @@ import sys
 from pathlib import Path
 
 from benchmarks.harness import write_results, write_table
+from lightning_modules.hardware import numerics
 
 
 def main(argv: list[str]) -> None:
     here = Path(__file__).resolve().parent
     names = argv or sorted(p.stem.removeprefix("bench_") for p in here.glob("bench_*.py"))
+    print(f"== numerics: {numerics('cpu').describe()}", flush=True)
     for name in names:
         print(f"== benchmark {name}", flush=True)
         module = importlib.import_module(f"benchmarks.bench_{name}")

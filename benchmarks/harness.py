@@ -41,8 +41,14 @@ def machine() -> dict[str, Any]:
                 break
     except OSError:
         pass
+    from lightning_modules.hardware import cpu_capability, cpu_has_native_bf16
+
+    gpu = {"gpu": torch.cuda.get_device_name()} if torch.cuda.is_available() else {}
     return {
         "cpu": cpu,
+        "cpu_capability": cpu_capability(),
+        "cpu_native_bf16": cpu_has_native_bf16(),
+        **gpu,
         "cores": os.cpu_count(),
         "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
         "python": sys.version.split()[0],
@@ -108,10 +114,10 @@ def write_results(bench: str, measurements: list[Measurement]) -> Path:
 def write_table() -> Path:
     """Collect every results/*.json into results/README.md, one markdown table."""
     rows = []
-    machine_desc = None
+    machines = []
     for path in sorted(RESULTS_DIR.glob("*.json")):
         data = json.loads(path.read_text())
-        machine_desc = machine_desc or data["machine"]
+        machines.append(f"- {data['benchmark']}: " + ", ".join(f"{k}={v}" for k, v in data["machine"].items()))
         for m in data["measurements"]:
             ratio = f"{m['ratio']:.2f}x" if m.get("ratio") is not None else ""
             base = (
@@ -124,9 +130,7 @@ def write_table() -> Path:
                 f"| {data['benchmark']} | {m['name']} | {m['value']:.4g} {m['unit']} | {base} | {ratio} "
                 f"| {m.get('target') or ''} | {met} |"
             )
-    lines = ["# Benchmark results", ""]
-    if machine_desc:
-        lines += ["Machine: " + ", ".join(f"{k}={v}" for k, v in machine_desc.items()), ""]
+    lines = ["# Benchmark results", "", "Machines:", *machines, ""]
     lines += [
         "| benchmark | measurement | value | same-run baseline | ratio | target | met |",
         "|---|---|---|---|---|---|---|",

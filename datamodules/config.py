@@ -28,7 +28,7 @@ class DataConfig:
     shuffle_buffer: int = 64  # sites held per worker for shuffling across shard boundaries
     num_workers: int = 4
     prefetch_factor: int = 2
-    pin_memory: bool = False
+    pin_memory: Optional[bool] = None  # page-locked batches for fast host-to-GPU copies; None: when CUDA is available
     verify_shards: bool = True  # check every shard's tar index against the manifest at setup
     # writing: the default shard size of converters (`phenoscale shards --max-shard-mb`)
     max_shard_mb: int = 512

@@ -24,6 +24,7 @@ from typing import Any
 
 import lightning as L
 import polars as pl
+import torch
 from torch.utils.data import DataLoader
 
 from datamodules.config import DataConfig
@@ -225,7 +226,7 @@ class ShardDataModule(L.LightningDataModule):
         workers = cfg.num_workers
         return TrainLoader(
             self._stream, self.position, num_workers=workers, persistent_workers=workers > 0,
-            prefetch_factor=cfg.prefetch_factor if workers > 0 else None, pin_memory=cfg.pin_memory,
+            prefetch_factor=cfg.prefetch_factor if workers > 0 else None, pin_memory=self.pin_memory,
         )
 
     def set_epoch(self, epoch: int) -> None:
@@ -279,7 +280,12 @@ class ShardDataModule(L.LightningDataModule):
         workers = min(self.cfg.num_workers, len(stream))
         return DataLoader(stream, batch_size=None, num_workers=workers,
                           prefetch_factor=self.cfg.prefetch_factor if workers > 0 else None,
-                          pin_memory=self.cfg.pin_memory)
+                          pin_memory=self.pin_memory)
+
+    @property
+    def pin_memory(self) -> bool:
+        """data.pin_memory, or (unset) whether batches will go to a CUDA GPU: pinning pays only there."""
+        return torch.cuda.is_available() if self.cfg.pin_memory is None else self.cfg.pin_memory
 
     def predict_dataloader(self) -> DataLoader:
         return self.eval_dataloader()

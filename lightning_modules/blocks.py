@@ -1,29 +1,23 @@
-"""timm's ParallelScalingBlock without float32 round trips under autocast; faster bf16 CPU attention.
+"""timm's ParallelScalingBlock without float32 round trips under autocast; bf16 CPU attention kernels.
 
 Same parameters, same state-dict keys and the same function as timm's block (fp32 results agree to
-float rounding); only where bf16 autocast puts its casts changes. In timm's forward under CPU
-autocast, three things cost a CA-MAE ViT-S/16 step memory passes the math never needed:
+float rounding); only where bf16 autocast puts its casts changes:
 
-* `x_mlp + mlp_bias` promotes the (tokens x 4D) MLP activation to float32, so GELU runs on float32
-  and `mlp_out_proj` casts it back. Here the bias is added inside `in_proj`'s GEMM (a zero bias for
-  q, k, v), and the activation stays bf16.
-* q_norm / k_norm are LayerNorms, which autocast runs in float32 (an upcast copy each), only for
-  attention to cast their float32 outputs back to bf16. Here they run with autocast off on the
-  bf16 input and float32 weights: computed in float32 and rounded once, bit for bit what
-  attention received before.
-* Attention itself: torch's CPU flash kernel does its bf16 products through MKL's bf16 GEMM, which
-  on AMD CPUs runs no faster than float32 (~20% of the bf16 GEMM peak; 70% of a CA-MAE ViT-S/16
-  embed() on 1537 tokens). For bf16 inference on CPU, `blocked_attention` computes the same
-  softmax(q kᵀ/√d) v with oneDNN's bf16 matmuls, one image and 256 queries at a time so the
-  scores stay in cache: 2.6x faster than flash. Its scores are rounded to bf16 before the softmax
-  (flash keeps them in float32): attention's own bf16 error grows 1.8x, the embedding's error
-  against float32 does not (0.00100 vs 0.00099; tests/test_blocks.py). Its FLOPs are the same
-  two matmuls (flops.py counts in float32, through SDPA, anyway).
-* The same holds in training: `MatmulAttention` (bf16 matmuls, softmax and its fused backward,
-  recomputing the probabilities in backward as flash does) runs the OpenPhenom decoder's
-  16 x 32-wide heads over 256 tokens 2.1x faster than flash forward + backward, and the encoder's
-  6 x 64-wide heads over 385 tokens 2.2x faster. Long sequences (the cross-attention's 1536
-  queries x 1536 keys) run a few images per call to bound the score matrices' memory.
+* `x_mlp + mlp_bias` would promote the (tokens x 4D) MLP activation to float32, so GELU would run
+  on float32 and `mlp_out_proj` cast it back. Here the bias is added inside `in_proj`'s GEMM (a
+  zero bias for q, k, v), and the activation stays in the autocast dtype.
+* On CPU, q_norm / k_norm run with autocast off on the bf16 input and float32 weights: computed in
+  float32 and rounded once, bit for bit what attention received before, without autocast's upcast
+  copy. CUDA's layer_norm takes no such mixed dtypes, so there they run under autocast as usual.
+* Attention: on CPUs that multiply bf16 natively (`lightning_modules.hardware`), torch's CPU flash
+  kernel does its bf16 products through a GEMM no faster than float32's. There `blocked_attention`
+  (inference: one image and QUERY_BLOCK queries at a time, so the scores stay in cache) and
+  `MatmulAttention` (training: bf16 matmuls and torch's fused softmax backward, recomputing the
+  probabilities as flash does) compute the same softmax(q kᵀ/√d) v with oneDNN's bf16 matmuls.
+  Their scores are rounded to bf16 before the softmax (flash keeps them in float32); the
+  embedding's error against float32 stays that of flash (tests/test_blocks.py). Everywhere else
+  (CUDA, float32, CPUs without native bf16) attention is `F.scaled_dot_product_attention`, which
+  picks the flash / memory-efficient kernels on GPUs. Measured speeds: docs/models.md.
 """
 from __future__ import annotations
 
@@ -35,14 +29,19 @@ from timm.layers import Attention
 from timm.models.vision_transformer import ParallelScalingBlock
 from torch import Tensor, nn
 
+from lightning_modules import hardware
+
 
 def _norm_without_autocast(norm: nn.Module, x: Tensor) -> Tensor:
-    """LayerNorm of a low-precision tensor in its own dtype (float32 math inside, one rounding)."""
-    device = x.device.type
-    autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
-    if not autocast or not isinstance(norm, nn.LayerNorm):  # meta tensors have no autocast
+    """LayerNorm of a bf16 CPU tensor in its own dtype (float32 math inside, one rounding).
+
+    CPU only: CUDA's layer_norm rejects a bf16 input with float32 weights, so off the CPU (and
+    without autocast, and on meta tensors, which have none) the norm runs as it is.
+    """
+    autocast = x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+    if not autocast or not isinstance(norm, nn.LayerNorm):
         return norm(x)
-    with torch.autocast(device, enabled=False):
+    with torch.autocast("cpu", enabled=False):
         return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
 
 
@@ -103,10 +102,10 @@ MATMUL_ATTENTION_MAX_SCORES = 32 * 1024 * 1024
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, dropout_p: float) -> Tensor:
-    """SDPA, except in bf16 on CPU without dropout: `blocked_attention` for inference (2.6x
-    faster) and `MatmulAttention` for training, in chunks of images holding at most
-    MATMUL_ATTENTION_MAX_SCORES scores (2.1x faster forward + backward than flash)."""
-    bf16_cpu = q.device.type == "cpu" and q.dtype == k.dtype == v.dtype == torch.bfloat16
+    """SDPA, except for bf16 without dropout on a CPU with native bf16: `blocked_attention` for
+    inference and `MatmulAttention` for training, in chunks of images holding at most
+    MATMUL_ATTENTION_MAX_SCORES scores."""
+    bf16_cpu = q.dtype == k.dtype == v.dtype and hardware.use_cpu_bf16_kernels(q.device.type, q.dtype)
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     if bf16_cpu and dropout_p == 0.0:
         if not needs_grad:

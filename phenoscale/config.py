@@ -24,10 +24,8 @@ from datamodules.atomic import write_text_atomic
 from datamodules.config import DataConfig
 from evaluation.config import EvalConfig
 from lightning_modules.config import ModelConfig, OptimConfig
+from lightning_modules.hardware import TRAIN_PRECISIONS
 
-# what Lightning 2.6 accepts for `precision` (lightning.fabric.connector._PRECISION_INPUT_STR)
-PRECISIONS = ("64-true", "32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true",
-              "transformer-engine", "transformer-engine-float16", "64", "32", "16", "bf16")
 
 
 class LRRule(str, Enum):
@@ -44,11 +42,12 @@ class TrainerConfig:
 
     max_steps: int = 1000  # optimizer steps; -1 = run max_epochs
     max_epochs: Optional[int] = None
-    precision: str = "32-true"
+    precision: str = "auto"  # auto: bf16-mixed where the device has native bf16, else 32-true (docs/hardware.md)
     accelerator: str = "auto"
     devices: str = "auto"  # 'auto' or processes per node; must match the launcher
     num_nodes: str = "auto"  # 'auto' or node count; must match the launcher
     strategy: str = "auto"  # "auto": ddp when world size > 1 (gloo on CPU, nccl on GPU)
+    compile: bool = False  # torch.compile the LightningModule (GPU users; the first steps compile)
     accumulate_grad_batches: int = 1
     gradient_clip_val: Optional[float] = None
     log_every_n_steps: int = 10
@@ -188,8 +187,8 @@ def split_cli_args(items: Sequence[str]) -> tuple[list[str], list[str]]:
 def _check_values(cfg: Any) -> None:
     """Range checks OmegaConf's types cannot express."""
     t = cfg.trainer
-    if t.precision not in PRECISIONS:
-        raise ConfigError(f"trainer.precision={t.precision!r}: allowed are {', '.join(PRECISIONS)}")
+    if t.precision not in TRAIN_PRECISIONS:
+        raise ConfigError(f"trainer.precision={t.precision!r}: allowed are {', '.join(TRAIN_PRECISIONS)}")
     if t.max_steps == -1 and t.max_epochs is None:
         raise ConfigError("trainer.max_steps=-1 needs trainer.max_epochs (otherwise it never stops)")
     for name in ("accumulate_grad_batches", "log_every_n_steps", "checkpoint_every_n_steps"):

@@ -10,6 +10,7 @@ block of the MAE encoder (the intermediate-layer finding). Everything lands in O
 """
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,13 +19,15 @@ from typing import Optional
 import polars as pl
 import torch
 
+import datamodules
 import lightning_modules
 from datamodules.synthetic.render import CHANNELS
 from evaluation import EvalConfig, EvalResult
+from lightning_modules.hardware import resolve_embed_precision
 from phenoscale.baselines import ImageStatistics
 from phenoscale.config import load_config
 from phenoscale.demo_report import write_demo_report
-from phenoscale.embedding import embed_model
+from phenoscale.embedding import embed_model, embedding_device
 from phenoscale.workflow import Screen, ensure_screen, eval_data_config, recall_rows, score, train
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "experiments"
@@ -34,13 +37,16 @@ LABELS = {"mae": "MAE", "camae": "CA-MAE", "wsl": "WSL", "random_init": "random-
           "oracle": "oracle (planted phenotypes)"}
 #: the untrained twin each masked autoencoder must beat (same architecture, seed and pooling)
 RANDOM_INIT = {"mae": "random_init", "camae": "random_init_camae"}
-#: embed() precision per embedder, float32 ("32") unless named here. The CA-MAE's 384-token passes
-#: (four of them: trained, random-init, 5 channels, reversed) are most of the demo's embedding time
-#: in float32 (53-87 s each) and 38-42 s in bf16. Measured on the demo screen, seed 0, TVN recall
-#: in bf16 against float32: trained 0.3361 and 0.3361, random-init 0.2531 and 0.2573, 5 channels
-#: 0.3071 and 0.3029. The WSL's embeddings are not safe there: TVN amplified their bf16 rounding
-#: (0.30 -> 0.22), so everything else stays float32.
-EMBED_PRECISION = {"camae": "bf16", "random_init_camae": "bf16"}
+#: embed() precision per embedder, float32 ("32") unless named here. The CA-MAE's passes (trained,
+#: random-init, 5 channels, reversed) take most of the demo's embedding time; "auto" runs them in
+#: bf16 where the CPU or GPU multiplies bf16 natively, which leaves their recall unchanged, and in
+#: float32 elsewhere (lightning_modules.hardware). The WSL's embeddings stay float32: TVN amplified
+#: their bf16 rounding (docs/runs.md).
+EMBED_PRECISION = {"camae": "auto", "random_init_camae": "auto"}
+#: evaluation batches on which the CA-MAE embeds the channels in reversed order too: its encoder is
+#: permutation-equivariant over channels by construction, so a whole pass (a quarter of the demo's
+#: CA-MAE embedding time) would recompute the same numbers; the sample measures how equal they are
+ORDER_CHECK_BATCHES = 8
 
 
 @dataclass
@@ -62,7 +68,12 @@ class DemoRow:
     steps: int = 0
     crops_seen: int = 0
     train_seconds: float = 0.0
-    precision: str = "32"  # of its embed() pass
+    precision: str = "32"  # of its embed() pass, as resolved for the hardware
+
+
+def embed_precision(name: str) -> str:
+    """'32' or 'bf16': the embedder's EMBED_PRECISION entry resolved for this machine."""
+    return resolve_embed_precision(EMBED_PRECISION.get(name, "32"), embedding_device().type)
 
 
 def demo_eval_config(screen: Screen) -> EvalConfig:
@@ -96,7 +107,7 @@ def run_demo(settings: DemoSettings) -> pl.DataFrame:
         seconds = time.perf_counter() - start
         crop = cfg.model.img_size
         trained[name] = model
-        precision = EMBED_PRECISION.get(name, "32")
+        precision = embed_precision(name)
         embeddings = embed_model(model, eval_data_config(screen.shards, crop), out / "embeddings" / f"{name}.parquet",
                                  precision=precision)
         embedded[name] = embeddings
@@ -108,14 +119,15 @@ def run_demo(settings: DemoSettings) -> pl.DataFrame:
         torch.manual_seed(settings.seed)
         references[RANDOM_INIT[name]] = lightning_modules.build_module(cfg.model, cfg.optim, in_chans=len(CHANNELS))
     for name, model in references.items():
-        precision = EMBED_PRECISION.get(name, "32")
+        precision = embed_precision(name)
         embeddings = embed_model(model.eval(), eval_data_config(screen.shards, crop or 64),
                                  out / "embeddings" / f"{name}.parquet", precision=precision)
         rows.append(DemoRow(name, score(embeddings, eval_cfg, out / "eval" / name), precision=precision))
     channels = channel_generalisation(trained.get("camae"), embedded.get("camae"), screen, crop, eval_cfg, out)
+    order = channel_order_check(trained.get("camae"), screen, crop)
     blocks = block_scan(trained.get("mae"), embedded.get("mae"), screen, crop, eval_cfg, out)
     table = recall_table(rows)
-    write_demo_report(out, table, channels, blocks, settings)
+    write_demo_report(out, table, channels, blocks, settings, order)
     return table
 
 
@@ -145,15 +157,14 @@ def recall_table(rows: list[DemoRow]) -> pl.DataFrame:
 
 def channel_generalisation(camae: Optional[torch.nn.Module], as_trained: Optional[Path], screen: Screen, crop: int,
                            eval_cfg: EvalConfig, out: Path) -> pl.DataFrame:
-    """CA-MAE recall on all 6 channels, a 5-channel subset and a permuted order (no retraining).
+    """CA-MAE recall on all 6 channels and a 5-channel subset (no retraining).
 
     The 6-channel row scores `as_trained`, the CA-MAE's own embeddings, instead of embedding again;
     each row names the embeddings file it scored.
     """
     if camae is None:
         return pl.DataFrame()
-    variants = {"6 channels (as trained)": None, "5 channels (last dropped)": list(CHANNELS[:-1]),
-                "6 channels, reversed order": list(reversed(CHANNELS))}
+    variants = {"6 channels (as trained)": None, "5 channels (last dropped)": list(CHANNELS[:-1])}
     records = []
     for label, channels in variants.items():
         if channels is None:
@@ -161,10 +172,31 @@ def channel_generalisation(camae: Optional[torch.nn.Module], as_trained: Optiona
         else:
             path = out / "embeddings" / f"camae_{len(channels)}ch_{'_'.join(c[:3] for c in channels)}.parquet"
             embeddings = embed_model(camae, eval_data_config(screen.shards, crop, channels=channels), path,
-                                     precision=EMBED_PRECISION["camae"])
+                                     precision=embed_precision("camae"))
         for r in recall_rows(score(embeddings, eval_cfg)).iter_rows(named=True):
             records.append({"channels": label, "embeddings": str(embeddings), **r})
     return pl.DataFrame(records)
+
+
+def channel_order_check(camae: Optional[torch.nn.Module], screen: Screen, crop: int) -> Optional[dict[str, float]]:
+    """The CA-MAE's embeddings of the first ORDER_CHECK_BATCHES evaluation batches with the stains in
+    reversed order against the original order: relative difference overall and of the worst crop."""
+    if camae is None:
+        return None
+    device = embedding_device()
+    bf16 = embed_precision("camae") == "bf16"
+    loader = datamodules.build_datamodule(eval_data_config(screen.shards, crop)).eval_dataloader()
+    original, reversed_order = [], []
+    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        model = camae.to(device).eval()
+        for batch in itertools.islice(loader, ORDER_CHECK_BATCHES):
+            images = batch["image"].to(device)
+            original.append(model.embed(images).double().cpu())
+            reversed_order.append(model.embed(images.flip(1)).double().cpu())
+    a, b = torch.cat(original), torch.cat(reversed_order)
+    per_crop = (b - a).norm(dim=1) / a.norm(dim=1)
+    return {"crops": len(a), "relative_difference": float((b - a).norm() / a.norm()),
+            "worst_crop_relative_difference": float(per_crop.max())}
 
 
 def block_scan(mae: Optional[torch.nn.Module], as_trained: Optional[Path], screen: Screen, crop: int,

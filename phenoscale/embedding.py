@@ -17,16 +17,16 @@ from tqdm import tqdm
 
 import datamodules
 from evaluation.embeddings_io import embeddings_frame, write_embeddings
+from lightning_modules import hardware
 from phenoscale.launch import detect_launch
 
 #: manifest columns that describe storage, not biology: left out of the embeddings parquet
 STORAGE_COLUMNS = ("shard", "height", "width", "dtype")
-#: embed() numerics: "32" in float32; "bf16" under bfloat16 autocast, 1.4-2.6x faster for the
-#: demo's CA-MAE on this CPU (between runs) with embeddings within 0.1-0.3% of float32. TVN whitens
-#: with the controls' covariance and so amplifies that rounding along low-variance directions: the
-#: demo's WSL embeddings (128-d, ~140 controls per batch) recalled 0.22 with TVN in bf16 against 0.30
-#: in float32. Score bf16 embeddings with centerscale, or check them against a float32 run.
-PRECISIONS = ("32", "bf16")
+#: embed() numerics: "32" in float32; "bf16" under bfloat16 autocast (faster where the hardware
+#: multiplies bf16 natively, emulated and much slower elsewhere); "auto": the hardware's choice
+#: (lightning_modules.hardware). TVN whitens with the controls' covariance and so amplifies bf16
+#: rounding along low-variance directions (docs/runs.md): check bf16 embeddings against a float32 run.
+PRECISIONS = hardware.EMBED_PRECISIONS
 
 
 @torch.no_grad()
@@ -39,9 +39,9 @@ def site_embeddings(model: Any, loader: Any, n_sites: int, device: torch.device,
     total = len(loader) if hasattr(loader, "__len__") else None
     for batch in tqdm(loader, total=total, desc="embed", unit="batch", disable=not progress):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            crops = model.embed(batch["image"].to(device), pooling=pooling, block=block)
+            crops = model.embed(batch["image"].to(device, non_blocking=True), pooling=pooling, block=block)
         crops = crops.to(torch.float64)
-        index = batch["site_index"].to(device)
+        index = batch["site_index"].to(device, non_blocking=True)
         if sums is None:
             sums = torch.zeros(n_sites, crops.shape[1], dtype=torch.float64, device=device)
         sums.index_add_(0, index, crops)
@@ -51,10 +51,11 @@ def site_embeddings(model: Any, loader: Any, n_sites: int, device: torch.device,
     return sums, counts
 
 
-def check_precision(precision: str) -> None:
-    """Raise ValueError unless `precision` is one of PRECISIONS (callers check before loading weights)."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+def embedding_device() -> torch.device:
+    """This rank's GPU where there is one (LOCAL_RANK under a launcher), else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", detect_launch().local_rank)
+    return torch.device("cpu")
 
 
 def embed_model(model: Any, data_cfg: Any, out: str | os.PathLike, pooling: str | None = None,
@@ -62,11 +63,12 @@ def embed_model(model: Any, data_cfg: Any, out: str | os.PathLike, pooling: str 
     """Write OUT (parquet: manifest metadata + `embedding`); returns OUT on rank 0, else None.
 
     `model`: anything with embed() (see lightning_modules.load_pretrained); `precision`: one of
-    PRECISIONS.
+    PRECISIONS, resolved for this rank's device by `lightning_modules.hardware`.
     """
-    check_precision(precision)
     env = detect_launch()
-    device = torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    device = embedding_device()
+    bf16 = hardware.resolve_embed_precision(precision, device.type) == "bf16"
+    hardware.configure_device(device.type)
     own_group = env.world_size > 1 and not dist.is_initialized()
     if own_group:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
@@ -75,8 +77,7 @@ def embed_model(model: Any, data_cfg: Any, out: str | os.PathLike, pooling: str 
         datamodule = datamodules.build_datamodule(data_cfg, seed=seed)
         manifest: pl.DataFrame = datamodule.manifest
         sums, counts = site_embeddings(model, datamodule.eval_dataloader(), manifest.height, device,
-                                       pooling, block, progress=env.global_rank == 0,
-                                       bf16=precision == "bf16")
+                                       pooling, block, progress=env.global_rank == 0, bf16=bf16)
         if dist.is_initialized():
             width = torch.tensor([sums.shape[1]], device=device)
             dist.all_reduce(width, op=dist.ReduceOp.MAX)

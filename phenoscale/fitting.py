@@ -22,6 +22,7 @@ from omegaconf import OmegaConf
 import datamodules
 import lightning_modules
 from evaluation.callback import EFAARCallback
+from lightning_modules import hardware
 from phenoscale.callbacks import BatchAudit, StepCheckpoint, StopGuard, Throughput
 from phenoscale.config import BatchPlan, ConfigError, plan_batch, require_complete, save_config, to_yaml
 from phenoscale.launch import LaunchEnv, LaunchMismatchError, detect_launch, resolve_topology
@@ -36,16 +37,48 @@ class FitResult:
     resumed_from: Path | None
 
 
-def resolve_accelerator(configured: str, env: LaunchEnv) -> str:
-    """`fabric run --accelerator X` and the config must agree ('auto' takes the launcher's)."""
-    if env.accelerator is None or configured == env.accelerator:
+#: strategies that start processes themselves: under a launcher that already started them, they would
+#: start a second set (or, for dp, run one process over all GPUs)
+SPAWNING_STRATEGIES = ("ddp_spawn", "ddp_fork", "ddp_notebook", "dp")
+
+
+def agree_with_launcher(name: str, configured: str, launched: str | None) -> str:
+    """`fabric run --<name> X` and trainer.<name> must agree ('auto' in the config takes the launcher's)."""
+    if launched is None or configured == launched:
         return configured
     if configured == "auto":
-        return env.accelerator
-    raise LaunchMismatchError(
-        f"trainer.accelerator={configured!r} but fabric run was given --accelerator "
-        f"{env.accelerator}; set one of them to match"
-    )
+        return launched
+    raise LaunchMismatchError(f"trainer.{name}={configured!r} but fabric run was given --{name} {launched}; "
+                              "set one of them to match (or the config's to auto)")
+
+
+@dataclass(frozen=True)
+class DeviceChoice:
+    """Accelerator, precision and strategy of a fit: launcher and config reconciled, then the hardware's say."""
+
+    accelerator: str
+    device_type: str  # 'cpu', 'cuda', ...: where the training step runs
+    precision: str  # Lightning's canonical precision string
+    strategy: str
+
+
+def choose_device(t: Any, env: LaunchEnv) -> DeviceChoice:
+    """trainer.{accelerator,precision,strategy} against `fabric run`'s flags, `auto` resolved by
+    `lightning_modules.hardware`; raises before anything is built."""
+    accelerator = agree_with_launcher("accelerator", t.accelerator, env.accelerator)
+    device_type = hardware.accelerator_device_type(accelerator)
+    launched = hardware.canonical_train_precision(env.precision) if env.precision else None
+    configured = t.precision if t.precision == "auto" else hardware.canonical_train_precision(t.precision)
+    requested = agree_with_launcher("precision", configured, launched)
+    try:
+        precision = hardware.resolve_train_precision(requested, device_type)
+    except ValueError as err:
+        raise ConfigError(f"trainer.precision: {err}") from None
+    strategy = agree_with_launcher("strategy", t.strategy, env.strategy)
+    if env.launcher != "none" and strategy in SPAWNING_STRATEGIES:
+        raise LaunchMismatchError(f"trainer.strategy={strategy!r} starts its own processes, but {env.launcher} "
+                                  "already started them: use ddp (or auto)")
+    return DeviceChoice(accelerator, device_type, precision, strategy)
 
 
 def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
@@ -69,7 +102,7 @@ def _record_config(cfg: Any, run_dir: RunDir, resuming: bool) -> None:
 
 
 def build_trainer(cfg: Any, env: LaunchEnv, run_dir: RunDir, devices: int, num_nodes: int,
-                  datamodule: datamodules.ShardDataModule) -> tuple[pl.Trainer, StopGuard]:
+                  datamodule: datamodules.ShardDataModule, choice: DeviceChoice) -> tuple[pl.Trainer, StopGuard]:
     """The Trainer with atomic checkpoints, preemption handling, loggers and progress."""
     t = cfg.trainer
     checkpoint = StepCheckpoint(run_dir, t.checkpoint_every_n_steps, t.keep_checkpoints)
@@ -93,11 +126,11 @@ def build_trainer(cfg: Any, env: LaunchEnv, run_dir: RunDir, devices: int, num_n
         # write a second (non-atomic) hpc checkpoint and call scontrol behind the user's back
         plugins.append(SLURMEnvironment(auto_requeue=False))
     trainer = pl.Trainer(
-        accelerator=resolve_accelerator(t.accelerator, env),
+        accelerator=choice.accelerator,
         devices=devices,
         num_nodes=num_nodes,
-        strategy=t.strategy,
-        precision=t.precision,
+        strategy=choice.strategy,
+        precision=choice.precision,
         max_steps=t.max_steps,
         max_epochs=t.max_epochs,
         accumulate_grad_batches=t.accumulate_grad_batches,
@@ -126,9 +159,13 @@ def fit(cfg: Any, environ: dict[str, str] | None = None) -> FitResult:
     if last is not None and not cfg.run.resume:
         raise ConfigError(f"{run_dir.root} already holds {last}; pass run.resume=true to continue "
                           "it or choose another run.run_dir (runs are never overwritten)")
+    choice = choose_device(cfg.trainer, env)
     plan = plan_batch(cfg, cfg.data.batch_size, devices, num_nodes)
     rank_zero_info(f"[phenoscale] {env.launcher} launch, world size {env.world_size}: "
                    f"{devices} devices x {num_nodes} nodes; {plan.describe()}")
+    rank_zero_info(f"[phenoscale] precision {choice.precision} on {choice.device_type} "
+                   f"(trainer.precision={cfg.trainer.precision}; {hardware.numerics(choice.device_type).describe()})")
+    hardware.configure_device(choice.device_type)
     pl.seed_everything(cfg.run.seed, workers=True)
     if env.launcher == "slurm":
         # code that reads the torchrun convention before the process group exists (the data
@@ -141,7 +178,7 @@ def fit(cfg: Any, environ: dict[str, str] | None = None) -> FitResult:
         _record_config(cfg, run_dir, resuming=last is not None)
 
     datamodule = datamodules.build_datamodule(OmegaConf.to_object(cfg.data), seed=cfg.run.seed)
-    trainer, guard = build_trainer(cfg, env, run_dir, devices, num_nodes, datamodule)
+    trainer, guard = build_trainer(cfg, env, run_dir, devices, num_nodes, datamodule, choice)
     steps = _total_steps(cfg, datamodule)
     optim = OmegaConf.merge(cfg.optim, {"lr": plan.lr})
     module = lightning_modules.build_module(
@@ -151,9 +188,11 @@ def fit(cfg: Any, environ: dict[str, str] | None = None) -> FitResult:
     # identical initial weights on every rank (above), then a rank-specific stream for what the
     # model draws during training (MAE masks, drop-path): N ranks should not mask alike
     torch.manual_seed(cfg.run.seed + 1_000_003 * trainer.global_rank)
-    _log_plan(trainer, plan)
+    _log_plan(trainer, plan, choice)
     if last is not None:
         rank_zero_info(f"[phenoscale] resuming from {last}")
+    if cfg.trainer.compile:  # Lightning unwraps the compiled module for checkpoints and hooks
+        module = torch.compile(module)
     # our own run directory's checkpoint: it holds loop/data state beyond tensors, so full unpickling
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if last else None, weights_only=False)
     if guard.stopped_by_signal:
@@ -170,7 +209,8 @@ def _total_steps(cfg: Any, datamodule: Any) -> int:
     return max(1, per_epoch * int(cfg.trainer.max_epochs))
 
 
-def _log_plan(trainer: pl.Trainer, plan: BatchPlan) -> None:
+def _log_plan(trainer: pl.Trainer, plan: BatchPlan, choice: DeviceChoice) -> None:
     for logger in trainer.loggers:
         logger.log_hyperparams({"effective_batch_size": plan.effective, "lr": plan.lr,
-                                "lr_rule": plan.rule, "world_size": plan.devices * plan.num_nodes})
+                                "lr_rule": plan.rule, "world_size": plan.devices * plan.num_nodes,
+                                "precision": choice.precision, "device_type": choice.device_type})

@@ -33,6 +33,8 @@ class LaunchEnv:
     local_rank: int = 0
     node_rank: int = 0
     accelerator: str | None = None  # `fabric run --accelerator`, when given
+    precision: str | None = None  # `fabric run --precision`, when given
+    strategy: str | None = None  # `fabric run --strategy`, when given
 
     @property
     def is_distributed(self) -> bool:
@@ -57,7 +59,11 @@ def _torchelastic(environ: Mapping[str, str], launcher: str) -> LaunchEnv:
             f"WORLD_SIZE={world} is not a multiple of LOCAL_WORLD_SIZE={per_node}: nodes run "
             "different process counts, which DDP does not support"
         )
-    accelerator = environ.get("LT_ACCELERATOR") if launcher == "fabric" else None
+
+    def fabric_option(key: str) -> str | None:
+        value = environ.get(key) if launcher == "fabric" else None
+        return value if value not in (None, "None", "auto") else None
+
     return LaunchEnv(
         launcher=launcher,
         world_size=world,
@@ -66,7 +72,9 @@ def _torchelastic(environ: Mapping[str, str], launcher: str) -> LaunchEnv:
         global_rank=_int(environ, "RANK", launcher),
         local_rank=_int(environ, "LOCAL_RANK", launcher),
         node_rank=int(environ.get("GROUP_RANK", "0")),
-        accelerator=accelerator if accelerator not in (None, "None", "auto") else None,
+        accelerator=fabric_option("LT_ACCELERATOR"),
+        precision=fabric_option("LT_PRECISION"),
+        strategy=fabric_option("LT_STRATEGY"),
     )
 
 
@@ -101,7 +109,8 @@ def detect_launch(environ: Mapping[str, str] | None = None) -> LaunchEnv:
     """Read the launcher from `environ` (default: os.environ).
 
     torchrun sets TORCHELASTIC_RUN_ID with RANK/LOCAL_RANK/WORLD_SIZE/LOCAL_WORLD_SIZE/GROUP_RANK;
-    `fabric run` calls torchrun after setting LT_CLI_USED and LT_*; `srun` sets SLURM_NTASKS and
+    `fabric run` calls torchrun after setting LT_CLI_USED and LT_* (--accelerator, --precision and
+    --strategy among them, which a Lightning Trainer would ignore: `phenoscale fit` honours them); `srun` sets SLURM_NTASKS and
     friends (an interactive allocation, job name `bash`/`interactive`, is not a launch, as in
     Lightning's SLURMEnvironment).
     """

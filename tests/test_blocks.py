@@ -6,10 +6,17 @@ import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import Block, ParallelScalingBlock
 
-from lightning_modules import blocks
+from lightning_modules import blocks, hardware
 from lightning_modules.blocks import (DecoderAttention, MatmulAttention, RecursionParallelBlock, attention,
                                       blocked_attention)
 from tiny_models import real_crops, tiny_module
+
+
+@pytest.fixture(autouse=True)
+def bf16_cpu_kernels(monkeypatch):
+    """The CPU bf16 kernels run only where bf16 is native (test_hardware.py); their numerics are
+    tested here on every CPU, emulated (slowly, on these small shapes) where it is not."""
+    monkeypatch.setattr(hardware, "cpu_has_native_bf16", lambda: True)
 
 
 def block_pair(dim: int = 64, heads: int = 4) -> tuple[ParallelScalingBlock, RecursionParallelBlock]:

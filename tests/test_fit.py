@@ -169,7 +169,7 @@ def test_bad_embed_precision_is_named_before_the_checkpoint_loads(tmp_path: Path
                                                                   ) -> None:
     missing = tmp_path / "no_such.ckpt"  # loading it would fail with "not found": the precision must fail first
     assert main(["embed", str(missing), str(tmp_path), str(tmp_path / "e.parquet"), "--precision", "fp8"]) == 2
-    assert "precision must be one of ('32', 'bf16'), got 'fp8'" in capsys.readouterr().err
+    assert "precision must be one of ('auto', '32', 'bf16'), got 'fp8'" in capsys.readouterr().err
 
 
 def test_launcher_mismatch_fails_before_anything_starts(screen: Path, tmp_path: Path) -> None:

@@ -39,8 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, help="crops per batch (default: data.batch_size)")
     parser.add_argument("--num-workers", type=int, help="loader processes (default: data.num_workers)")
     parser.add_argument("--precision", default="32",
-                        help="32 (default) or bf16: bfloat16 autocast, faster; TVN can amplify its rounding "
-                             "(see phenoscale.embedding.PRECISIONS)")
+                        help="32 (default), bf16 (bfloat16 autocast: faster only where the hardware has native bf16; "
+                             "TVN can amplify its rounding) or auto (bf16 where native, else 32)")
 
 
 def data_config(args: argparse.Namespace, crop_size: int):
@@ -60,10 +60,11 @@ def data_config(args: argparse.Namespace, crop_size: int):
 
 def run(args: argparse.Namespace) -> int:
     import lightning_modules
-    from phenoscale.embedding import check_precision, embed_model
+    from lightning_modules.hardware import check_embed_precision
+    from phenoscale.embedding import embed_model
 
     try:
-        check_precision(args.precision)  # before the checkpoint load, which can take minutes
+        check_embed_precision(args.precision)  # before the checkpoint load, which can take minutes
         model = lightning_modules.load_pretrained(args.checkpoint)
         data_cfg, seed = data_config(args, model.model_cfg.img_size)
         written = embed_model(model, data_cfg, args.out, args.pooling, args.block, seed, args.precision)
