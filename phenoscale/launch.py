@@ -110,9 +110,9 @@ def detect_launch(environ: Mapping[str, str] | None = None) -> LaunchEnv:
 
     torchrun sets TORCHELASTIC_RUN_ID with RANK/LOCAL_RANK/WORLD_SIZE/LOCAL_WORLD_SIZE/GROUP_RANK;
     `fabric run` calls torchrun after setting LT_CLI_USED and LT_* (--accelerator, --precision and
-    --strategy among them, which a Lightning Trainer would ignore: `phenoscale fit` honours them); `srun` sets SLURM_NTASKS and
-    friends (an interactive allocation, job name `bash`/`interactive`, is not a launch, as in
-    Lightning's SLURMEnvironment).
+    --strategy among them, which a Lightning Trainer would ignore: `phenoscale fit` honours them);
+    `srun` sets SLURM_NTASKS and friends (an interactive allocation, job name `bash`/`interactive`,
+    is not a launch, as in Lightning's SLURMEnvironment).
     """
     environ = os.environ if environ is None else environ
     if "TORCHELASTIC_RUN_ID" in environ or ("LOCAL_WORLD_SIZE" in environ and "RANK" in environ):

@@ -57,6 +57,6 @@ def test_reduced_demo_camae_channel_rows(tmp_path: Path) -> None:
     assert set(camae_rows["embed_precision"]) == {resolve_embed_precision("auto", "cpu")}
     order = json.loads((out / "channel_order_check.json").read_text())
     assert order["crops"] == 8 * 64  # ORDER_CHECK_BATCHES full batches of 64 crops
-    assert order["relative_difference"] < 1e-4 and five.shape == original.shape
+    assert order["relative_difference"] < 5e-4 and five.shape == original.shape
     assert five_error > 10 * order["relative_difference"]
     assert "Stains in reversed order" in (out / "report.md").read_text()

@@ -149,6 +149,25 @@ def test_sigusr1_checkpoints_and_stops_in_process(screen: Path, tmp_path: Path) 
     assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # handlers restored after training
 
 
+def test_trainer_compile_hands_the_compiled_module_to_lightning(screen: Path, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """trainer.compile=true fits torch.compile(module) (Lightning unwraps it for checkpoints); the
+    compiler itself is stubbed: compiling on CPU takes minutes, the GPU check times the real one."""
+    compiled = []
+
+    def fake_compile(module: torch.nn.Module) -> torch.nn.Module:
+        compiled.append(type(module).__name__)
+        return torch._dynamo.eval_frame.OptimizedModule(module, lambda fn: fn)  # a compiler that changes nothing
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    cfg = load_config(TINY, [f"data.train_shards={screen / 'shards'}", f"run.run_dir={tmp_path / 'run'}",
+                             "data.num_workers=0", "trainer.max_steps=2", "trainer.compile=true"])
+    result = fit(cfg)
+    assert compiled == ["CAMAEModule"] and result.global_step == 2
+    state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert not any(key.startswith("_orig_mod.") for key in state["state_dict"])
+
+
 def test_existing_run_is_never_overwritten(screen: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     (run_dir / "checkpoints").mkdir(parents=True)

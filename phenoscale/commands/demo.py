@@ -6,7 +6,7 @@ references (random-init encoder, per-channel image statistics, the planted truth
 known-relationship recall with and without TVN alignment. Rerunning reuses what is finished.
 
 examples:
-  phenoscale demo                               # runs/demo, about 12 minutes on 2 CPU cores
+  phenoscale demo                               # runs/demo; README.md says how long it took on 2 CPU cores
   phenoscale demo --genes 60 --max-steps 50     # a quick smoke run
   phenoscale demo --models mae --out runs/mae-only
 """
