@@ -17,6 +17,7 @@ import torch
 from omegaconf import OmegaConf
 
 import lightning_modules
+from lightning_modules.hardware import numerics
 from phenoscale.cli import main
 from phenoscale.config import ConfigError, load_config
 from phenoscale.fitting import fit
@@ -149,10 +150,10 @@ def test_sigusr1_checkpoints_and_stops_in_process(screen: Path, tmp_path: Path) 
     assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # handlers restored after training
 
 
-def test_trainer_compile_hands_the_compiled_module_to_lightning(screen: Path, tmp_path: Path,
-                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_trainer_compile_and_auto_precision(screen: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """trainer.compile=true fits torch.compile(module) (Lightning unwraps it for checkpoints); the
-    compiler itself is stubbed: compiling on CPU takes minutes, the GPU check times the real one."""
+    compiler itself is stubbed: compiling on CPU takes minutes, the GPU check times the real one.
+    trainer.precision=auto trains in the hardware's precision and logs which."""
     compiled = []
 
     def fake_compile(module: torch.nn.Module) -> torch.nn.Module:
@@ -161,9 +162,12 @@ def test_trainer_compile_hands_the_compiled_module_to_lightning(screen: Path, tm
 
     monkeypatch.setattr(torch, "compile", fake_compile)
     cfg = load_config(TINY, [f"data.train_shards={screen / 'shards'}", f"run.run_dir={tmp_path / 'run'}",
-                             "data.num_workers=0", "trainer.max_steps=2", "trainer.compile=true"])
+                             "data.num_workers=0", "trainer.max_steps=2", "trainer.compile=true",
+                             "trainer.precision=auto"])
     result = fit(cfg)
     assert compiled == ["CAMAEModule"] and result.global_step == 2
+    hparams = OmegaConf.load(next((tmp_path / "run" / "logs" / "csv").glob("*/hparams.yaml")))
+    assert hparams.precision == numerics("cpu").train_precision
     state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert not any(key.startswith("_orig_mod.") for key in state["state_dict"])
 
