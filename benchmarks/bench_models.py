@@ -20,12 +20,12 @@ import os
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
 from benchmarks.harness import Measurement, best_time, run_isolated
-from lightning_modules import ModelConfig, OptimConfig, build_module, embedding_flops_per_crop, training_flops_per_crop
+from lightning_modules import build_module, embedding_flops_per_crop, training_flops_per_crop
 from lightning_modules.cpu_tuning import keep_freed_memory_for_reuse
 from lightning_modules.hardware import numerics
+from phenoscale.config import load_config
 
 BATCH = 8
 GEMM_SIDE = 4096
@@ -35,11 +35,14 @@ REFERENCE = {"train_bf16_mfu": 0.48, "train_bf16_crops_per_s": 1.14, "train_fp32
              "train_fp32_mfu": 0.77, "embed_bf16_mfu": 0.27, "peak_memory_gb": 5.9}
 
 
+def paper_module(config: Path, in_chans: int = 6) -> torch.nn.Module:
+    """The model of a configs/paper/*.yaml file, as `phenoscale fit` builds it (validated config)."""
+    cfg = load_config(config)
+    return build_module(cfg.model, cfg.optim, in_chans=in_chans, total_steps=1000)
+
+
 def openphenom_module() -> torch.nn.Module:
-    raw = OmegaConf.load(CONFIG)
-    model = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), raw.model))
-    optim = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(OptimConfig), raw.optim))
-    return build_module(model, optim, in_chans=6, total_steps=1000)
+    return paper_module(CONFIG)
 
 
 def gemm_peak_flops(dtype: torch.dtype) -> float:
@@ -92,9 +95,9 @@ def run() -> list[Measurement]:
     images = crops()
     # bf16 rows only where the CPU multiplies bf16 natively: emulated, one step would take many minutes
     choice = numerics("cpu")
-    bf16_too = choice.train_precision == "bf16-mixed"
+    bf16_too = choice.native_bf16
     names = ("fp32", "bf16") if bf16_too else ("fp32",)
-    embed_name = "bf16" if choice.embed_precision == "bf16" else "fp32"
+    embed_name = names[-1]  # the hardware's embedding precision
     results: dict[str, float] = {}
     for name in names:
         bf16 = name == "bf16"

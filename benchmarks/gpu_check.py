@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from omegaconf import OmegaConf
 
+from benchmarks.bench_models import paper_module
 from benchmarks.harness import Measurement, write_results
-from lightning_modules import ModelConfig, OptimConfig, build_module, embedding_flops_per_crop, training_flops_per_crop
+from lightning_modules import embedding_flops_per_crop, training_flops_per_crop
 from lightning_modules.hardware import configure_device
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,17 +57,10 @@ def bf16_gemm_peak() -> float:
     return 2 * GEMM_SIDE**3 / cuda_seconds(lambda: a @ b, repeats=20, warmup=5)
 
 
-def paper_module(config: Path) -> torch.nn.Module:
-    raw = OmegaConf.load(config)
-    model = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), raw.model))
-    optim = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(OptimConfig), raw.optim))
-    torch.manual_seed(0)
-    return build_module(model, optim, in_chans=CHANNELS, total_steps=1000).cuda()
-
-
 def measure(name: str, config: Path, peak: float, compile_module: bool) -> dict[str, Any]:
     """Training and embedding speed of one paper model at BATCH crops on the GPU."""
-    module = paper_module(config)
+    torch.manual_seed(0)
+    module = paper_module(config, in_chans=CHANNELS).cuda()
     train_flops = training_flops_per_crop(module, batch_size=2)
     embed_flops = embedding_flops_per_crop(module, batch_size=2)
     optimizer = module.configure_optimizers()["optimizer"]

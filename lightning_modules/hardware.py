@@ -81,11 +81,10 @@ class Numerics:
     embed_precision: str  # one of EMBED_PRECISIONS other than auto
 
     def describe(self) -> str:
-        if self.device_type == "cpu":
-            where = f"cpu ({cpu_capability()}, {'native' if self.native_bf16 else 'no native'} bf16)"
-        else:
-            where = f"{self.device_type} ({'native' if self.native_bf16 else 'no native'} bf16)"
-        return f"{where}: training {self.train_precision}, embedding {self.embed_precision}"
+        capability = f"{cpu_capability()}, " if self.device_type == "cpu" else ""
+        bf16 = "native" if self.native_bf16 else "no native"
+        return (f"{self.device_type} ({capability}{bf16} bf16): training {self.train_precision}, "
+                f"embedding {self.embed_precision}")
 
 
 def numerics(device_type: str) -> Numerics:

@@ -27,7 +27,7 @@ from lightning_modules.hardware import resolve_embed_precision
 from phenoscale.baselines import ImageStatistics
 from phenoscale.config import load_config
 from phenoscale.demo_report import write_demo_report
-from phenoscale.embedding import embed_model, embedding_device
+from phenoscale.embedding import embed_batch, embed_model, embedding_device
 from phenoscale.workflow import Screen, ensure_screen, eval_data_config, recall_rows, score, train
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "experiments"
@@ -38,7 +38,7 @@ LABELS = {"mae": "MAE", "camae": "CA-MAE", "wsl": "WSL", "random_init": "random-
 #: the untrained twin each masked autoencoder must beat (same architecture, seed and pooling)
 RANDOM_INIT = {"mae": "random_init", "camae": "random_init_camae"}
 #: embed() precision per embedder, float32 ("32") unless named here. The CA-MAE's passes (trained,
-#: random-init, 5 channels, reversed) take most of the demo's embedding time; "auto" runs them in
+#: random-init, 5 channels) take most of the demo's embedding time; "auto" runs them in
 #: bf16 where the CPU or GPU multiplies bf16 natively, which leaves their recall unchanged, and in
 #: float32 elsewhere (lightning_modules.hardware). The WSL's embeddings stay float32: TVN amplified
 #: their bf16 rounding (docs/runs.md).
@@ -187,12 +187,11 @@ def channel_order_check(camae: Optional[torch.nn.Module], screen: Screen, crop: 
     bf16 = embed_precision("camae") == "bf16"
     loader = datamodules.build_datamodule(eval_data_config(screen.shards, crop)).eval_dataloader()
     original, reversed_order = [], []
-    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-        model = camae.to(device).eval()
+    model = camae.to(device).eval()
+    with torch.inference_mode():
         for batch in itertools.islice(loader, ORDER_CHECK_BATCHES):
-            images = batch["image"].to(device)
-            original.append(model.embed(images).double().cpu())
-            reversed_order.append(model.embed(images.flip(1)).double().cpu())
+            original.append(embed_batch(model, batch["image"], device, bf16).double().cpu())
+            reversed_order.append(embed_batch(model, batch["image"].flip(1), device, bf16).double().cpu())
     a, b = torch.cat(original), torch.cat(reversed_order)
     per_crop = (b - a).norm(dim=1) / a.norm(dim=1)
     return {"crops": len(a), "relative_difference": float((b - a).norm() / a.norm()),

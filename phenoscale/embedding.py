@@ -22,11 +22,13 @@ from phenoscale.launch import detect_launch
 
 #: manifest columns that describe storage, not biology: left out of the embeddings parquet
 STORAGE_COLUMNS = ("shard", "height", "width", "dtype")
-#: embed() numerics: "32" in float32; "bf16" under bfloat16 autocast (faster where the hardware
-#: multiplies bf16 natively, emulated and much slower elsewhere); "auto": the hardware's choice
-#: (lightning_modules.hardware). TVN whitens with the controls' covariance and so amplifies bf16
-#: rounding along low-variance directions (docs/runs.md): check bf16 embeddings against a float32 run.
-PRECISIONS = hardware.EMBED_PRECISIONS
+
+
+def embed_batch(model: Any, images: torch.Tensor, device: torch.device, bf16: bool,
+                pooling: str | None = None, block: int | None = None) -> torch.Tensor:
+    """model.embed() of one batch of raw images on `device`, under bfloat16 autocast when `bf16`."""
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        return model.embed(images.to(device, non_blocking=True), pooling=pooling, block=block)
 
 
 @torch.no_grad()
@@ -38,9 +40,7 @@ def site_embeddings(model: Any, loader: Any, n_sites: int, device: torch.device,
     counts = torch.zeros(n_sites, dtype=torch.float64, device=device)
     total = len(loader) if hasattr(loader, "__len__") else None
     for batch in tqdm(loader, total=total, desc="embed", unit="batch", disable=not progress):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            crops = model.embed(batch["image"].to(device, non_blocking=True), pooling=pooling, block=block)
-        crops = crops.to(torch.float64)
+        crops = embed_batch(model, batch["image"], device, bf16, pooling, block).to(torch.float64)
         index = batch["site_index"].to(device, non_blocking=True)
         if sums is None:
             sums = torch.zeros(n_sites, crops.shape[1], dtype=torch.float64, device=device)
@@ -62,8 +62,10 @@ def embed_model(model: Any, data_cfg: Any, out: str | os.PathLike, pooling: str 
                  block: int | None = None, seed: int = 0, precision: str = "32") -> Path | None:
     """Write OUT (parquet: manifest metadata + `embedding`); returns OUT on rank 0, else None.
 
-    `model`: anything with embed() (see lightning_modules.load_pretrained); `precision`: one of
-    PRECISIONS, resolved for this rank's device by `lightning_modules.hardware`.
+    `model`: anything with embed() (see lightning_modules.load_pretrained); `precision`: "32", "bf16"
+    (bfloat16 autocast) or "auto", resolved for this rank's device by `lightning_modules.hardware`.
+    TVN whitens with the controls' covariance and so amplifies bf16 rounding along low-variance
+    directions (docs/runs.md): check bf16 embeddings against a float32 run.
     """
     env = detect_launch()
     device = embedding_device()

@@ -68,8 +68,7 @@ def choose_device(t: Any, env: LaunchEnv) -> DeviceChoice:
     accelerator = agree_with_launcher("accelerator", t.accelerator, env.accelerator)
     device_type = hardware.accelerator_device_type(accelerator)
     launched = hardware.canonical_train_precision(env.precision) if env.precision else None
-    configured = t.precision if t.precision == "auto" else hardware.canonical_train_precision(t.precision)
-    requested = agree_with_launcher("precision", configured, launched)
+    requested = agree_with_launcher("precision", hardware.canonical_train_precision(t.precision), launched)
     try:
         precision = hardware.resolve_train_precision(requested, device_type)
     except ValueError as err:

@@ -25,6 +25,18 @@ def shared() -> Path:
     return root
 
 
+@pytest.fixture(scope="module")
+def screen(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny synthetic screen from `phenoscale synth`: 30 genes, 2 experiments, 64-px sites (tiny.yaml's
+    32-px crops tile each 2 x 2)."""
+    from phenoscale.cli import main
+
+    out = tmp_path_factory.mktemp("screen")
+    assert main(["synth", str(out), "--genes", "30", "--image-size", "64", "--experiments", "2",
+                 "--sites-per-well", "1", "--workers", "1"]) == 0
+    return out
+
+
 @pytest.fixture(scope="session")
 def shared_data(shared: Path) -> Path:
     return shared / "data"

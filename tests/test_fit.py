@@ -25,16 +25,6 @@ from phenoscale.launch import LaunchMismatchError
 from phenoscale.run import AtomicCheckpointIO, NonFiniteWeightsError
 from run_helpers import TINY
 
-SITE = 64  # synthetic site side; tiny.yaml crops 32 -> 4 tiles per site at embedding time
-
-
-@pytest.fixture(scope="module")
-def screen(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("screen")
-    assert main(["synth", str(out), "--genes", "30", "--image-size", str(SITE), "--experiments", "2",
-                 "--sites-per-well", "1", "--workers", "1"]) == 0
-    return out
-
 
 def fit_args(screen: Path, run_dir: Path, *extra: str) -> list[str]:
     return ["fit", str(TINY), f"data.train_shards={screen / 'shards'}", f"run.run_dir={run_dir}",

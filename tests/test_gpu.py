@@ -9,7 +9,6 @@ that runs in the wrong dtype or a kernel that computes something else.
 """
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import lightning as L
@@ -18,17 +17,15 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from phenoscale.cli import main
 from phenoscale.embedding import embed_model
 from phenoscale.workflow import eval_data_config
-from tiny_models import real_crops, tiny_module
+from run_helpers import free_port
+from tiny_models import TINY_CNN, real_crops, tiny_module
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (make gpu-check runs these)")]
 
-CNN = dict(backbone="resnet18", patch_size=None,
-           backbone_kwargs={"layers": (1, 1, 1, 1), "channels": (8, 16, 32, 64), "stem_width": 8})
-FAMILIES = {"mae": ("mae", {}), "camae": ("camae", {}), "wsl_vit": ("wsl", {}), "wsl_cnn": ("wsl", CNN)}
+FAMILIES = {"mae": ("mae", {}), "camae": ("camae", {}), "wsl_vit": ("wsl", {}), "wsl_cnn": ("wsl", TINY_CNN)}
 #: relative error of the loss / of the embeddings against float32
 TOLERANCE = {torch.bfloat16: 3e-2, torch.float16: 5e-3}
 
@@ -113,25 +110,11 @@ def test_attention_takes_sdpa_on_cuda(monkeypatch):
     assert relative_error(out, expected) < 1e-2
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def screen(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("screen")
-    assert main(["synth", str(out), "--genes", "20", "--image-size", "64", "--experiments", "2",
-                 "--sites-per-well", "1", "--workers", "1"]) == 0
-    return out
-
-
-def test_one_process_nccl_embed_equals_the_plain_pass(screen, tmp_path):
+def test_one_process_nccl_embed_equals_the_plain_pass(screen: Path, tmp_path: Path) -> None:  # conftest's screen
     module = cuda_module("camae").eval()
     data = eval_data_config(screen / "shards", crop_size=32, num_workers=0)
     plain = pl.read_parquet(embed_model(module, data, tmp_path / "plain.parquet", precision="bf16"))
-    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
         grouped = pl.read_parquet(embed_model(module, data, tmp_path / "nccl.parquet", precision="bf16"))
     finally:

@@ -11,13 +11,9 @@ import torch.nn.functional as F
 
 from lightning_modules import OptimConfig, self_standardize
 from lightning_modules.losses import ArcFaceHead
-from tiny_models import real_crops, tiny_module
+from tiny_models import TINY_CNN, real_crops, tiny_module
 
-BACKBONES = {  # a tiny CNN and a tiny ViT, both by timm name
-    "resnet": dict(backbone="resnet18", patch_size=None,
-                   backbone_kwargs={"layers": (1, 1, 1, 1), "channels": (8, 16, 32, 64), "stem_width": 8}),
-    "vit": dict(backbone="vit_small_patch16_256"),
-}
+BACKBONES = {"resnet": TINY_CNN, "vit": dict(backbone="vit_small_patch16_256")}  # a tiny CNN and ViT, by timm name
 
 
 def test_arcface_logits_follow_the_formula():

@@ -10,6 +10,9 @@ from lightning_modules import ModelConfig, OptimConfig, build_module
 from real_field import pediatric_field
 
 TINY_VIT = {"embed_dim": 32, "depth": 2, "num_heads": 2}
+#: model-config overrides for a tiny timm CNN (ResNet-18 layout, 1 block per stage, narrow)
+TINY_CNN = dict(backbone="resnet18", patch_size=None,
+                backbone_kwargs={"layers": (1, 1, 1, 1), "channels": (8, 16, 32, 64), "stem_width": 8})
 
 
 def tiny_model_cfg(family: str, **overrides: object) -> ModelConfig:
