@@ -10,8 +10,8 @@ from typing import Optional
 from evaluation.aggregate import AGGREGATIONS
 from evaluation.align import ALIGNMENTS
 from evaluation.annotations import SOURCES
+from evaluation.benchmarks import benchmark_names
 
-BENCHMARKS = ("recall", "consistency", "magnitude", "clusters", "map", "generalisation")
 POOLINGS = ("mean", "cls", "channelwise")
 
 
@@ -31,7 +31,8 @@ class EvalConfig:
     thresholds: list[list[float]] = field(default_factory=lambda: [[0.05, 0.95], [0.1, 0.9]])
     min_genes: int = 20
     cluster_min_genes: int = 10
-    benchmarks: list[str] = field(default_factory=lambda: list(BENCHMARKS))
+    # registered benchmarks (evaluation.benchmarks); default: every one registered as a default
+    benchmarks: list[str] = field(default_factory=lambda: list(benchmark_names(default_only=True)))
     n_null: int = 1000  # control sets in the consistency null (magnitude uses n_null // 5)
     map_null_size: int = 10000
     knn_k: int = 1
@@ -48,7 +49,7 @@ class EvalConfig:
         """Fail at configuration time, naming the field and the allowed values."""
         checks = [
             ("alignment", self.alignment, ALIGNMENTS),
-            ("benchmarks", self.benchmarks, BENCHMARKS),
+            ("benchmarks", self.benchmarks, benchmark_names()),
         ]
         for name, values, allowed in checks:
             bad = [v for v in values if v not in allowed]

@@ -2,6 +2,7 @@
 
 Each command module defines `HELP` (one line), `add_arguments(parser)` and `run(args) -> int`.
 Adding a command means adding a module and listing it in COMMANDS; nothing else changes.
+Plugins (phenoscale.plugins) are imported before the parser is built.
 """
 from __future__ import annotations
 
@@ -9,10 +10,13 @@ import argparse
 import importlib
 import sys
 
+from phenoscale.plugins import load_plugins
+
 COMMANDS = ["synth", "shards", "fit", "embed", "evaluate", "config", "plan", "demo", "scaling"]
 
 
 def build_parser() -> argparse.ArgumentParser:
+    load_plugins()  # user registrations first: they add families, `shards` layouts and benchmarks
     parser = argparse.ArgumentParser(
         prog="phenoscale",
         description="Train, scale and evaluate foundation models of cell biology (MAE, CA-MAE, WSL).",

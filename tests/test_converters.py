@@ -190,3 +190,35 @@ def test_parse_channel_map():
     for bad in ["", "1:DNA", "1=DNA,1=ER", "1=DNA,2=DNA"]:
         with pytest.raises(ValueError):
             parse_channel_map(bad)
+
+
+def stripes_sites(src: str, channel_map: dict[int, str] | None = None, plate: str | None = None) -> pl.DataFrame:
+    """A toy layout registered from this file: SRC/<well>_<stain>.png, one site per well."""
+    files = sorted(Path(src).glob("*.png"))
+    stains = channel_map or {i + 1: s for i, s in enumerate(sorted({f.stem.split("_")[1] for f in files}))}
+    wells = sorted({f.stem.split("_")[0] for f in files})
+    return pl.DataFrame({
+        "key": [f"{plate}_{w}" for w in wells], "experiment": plate, "plate": plate, "well": wells, "site": 1,
+        "perturbation": "unknown", "perturbation_type": "unknown", "is_control": False, "cell_type": "unknown",
+        "channels": [list(stains.values())] * len(wells),
+        "files": [[str(Path(src) / f"{w}_{s}.png") for s in stains.values()] for w in wells],
+    })
+
+
+def test_a_converter_registered_outside_the_package_is_a_shards_subcommand(tmp_path, phenix_planes):
+    from datamodules.converters import Converter, ConverterOption, register_converter
+
+    register_converter(Converter("stripes", stripes_sites, "toy: <well>_<stain>.png",
+                                 options=(ConverterOption("plate", "plate name"),)))
+    src = tmp_path / "src"
+    src.mkdir()
+    planes = {"DNA": phenix_planes[0][:64, :64], "ER": phenix_planes[1][:64, :64]}
+    for well in ("A01", "B02"):
+        for stain, plane in planes.items():
+            Image.fromarray(plane).save(src / f"{well}_{stain}.png")
+    out = tmp_path / "out"
+    assert cli(["shards", "stripes", str(src), str(out), "--plate", "P1", "--workers", "1"]) == 0
+    manifest = read_manifest(out)
+    assert manifest["key"].to_list() == ["P1_A01", "P1_B02"] and manifest["channels"][0].to_list() == ["DNA", "ER"]
+    image = shard_images(out)["P1_B02"]
+    np.testing.assert_array_equal(image, np.stack(list(planes.values())))

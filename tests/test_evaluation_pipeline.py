@@ -205,3 +205,28 @@ def test_cli_writes_metrics_report_and_figures_with_oracle(tmp_path):
     for figure in ["recall.png", "similarity_heatmap.png", "model_vs_oracle.png"]:
         assert (out / figure).stat().st_size > 5000
         assert figure in report
+
+
+def test_a_benchmark_registered_outside_the_package_runs_in_run_efaar() -> None:
+    """One function and one registration: requested by name, fed every alignment's map, its
+    scalars in metrics and its frame in the table it names."""
+    from evaluation.benchmarks import Benchmark, BenchmarkInput, register_benchmark
+
+    def spread(given: BenchmarkInput) -> pl.DataFrame:
+        norms = np.linalg.norm(given.profiles, axis=1)
+        given.metric("profile_norm_mean", norms.mean())
+        return pl.DataFrame({"perturbation": given.genes.astype(str), "norm": norms})
+
+    register_benchmark(Benchmark("spread", spread, table="spread", default=False))
+    assert "spread" not in EvalConfig().benchmarks  # not a default: existing configs keep their output
+    frame = toy_screen(30, seed=1)
+    result = run_efaar(frame, EvalConfig(annotations=[], clusters=None, alignment=["tvn", "none"],
+                                         benchmarks=["spread", "consistency"], n_null=50))
+    table = result.table("spread")
+    assert table.group_by("alignment").len().sort("alignment")["len"].to_list() == [30, 30]
+    by_alignment = dict(result.metrics.filter(pl.col("metric") == "profile_norm_mean")
+                        .select("alignment", "value").iter_rows())
+    expected = table.group_by("alignment").agg(pl.col("norm").mean())
+    for alignment, value in expected.iter_rows():
+        assert by_alignment[alignment] == pytest.approx(value)
+    assert by_alignment["tvn"] != pytest.approx(by_alignment["none"])  # each alignment's own map

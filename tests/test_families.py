@@ -2,6 +2,9 @@
 per-family config sections are validated, and the flat keys of older configs still load."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,3 +115,18 @@ def test_a_checkpoint_with_flat_hyperparameters_rebuilds_the_same_module() -> No
     new = build_module(sectioned, {"name": "adamw"}, in_chans=3)
     assert old.family_cfg == new.family_cfg and old.family_cfg.mask_ratio == 0.6
     assert old.hparams["model_cfg"] == sectioned  # saved in the new layout
+
+
+def test_plugins_named_in_the_environment_are_imported_before_the_cli_parses(tmp_path: Path) -> None:
+    (tmp_path / "my_plugin.py").write_text(
+        "from datamodules.converters import Converter, register_converter\n"
+        "register_converter(Converter('mylayout', lambda src, channel_map=None: None, 'my layout'))\n")
+    env = {**os.environ, "PHENOSCALE_PLUGINS": "my_plugin",
+           "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    shown = subprocess.run([sys.executable, "-m", "phenoscale.cli", "shards", "--help"], env=env,
+                           capture_output=True, text=True, check=True).stdout
+    assert "mylayout" in shown
+    env["PHENOSCALE_PLUGINS"] = "no_such_plugin"
+    failed = subprocess.run([sys.executable, "-m", "phenoscale.cli", "shards", "--help"], env=env,
+                            capture_output=True, text=True)
+    assert failed.returncode != 0 and "phenoscale plugin 'no_such_plugin'" in failed.stderr

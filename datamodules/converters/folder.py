@@ -13,6 +13,7 @@ from pathlib import Path
 import polars as pl
 
 from datamodules.converters.common import FILES, SITE_COLUMNS, normalise_metadata, read_table, safe_key
+from datamodules.converters.registry import Converter, register_converter
 
 DEFAULTS = {"site": "1", "perturbation": "unknown", "perturbation_type": "unknown", "is_control": "false",
             "cell_type": "unknown"}
@@ -58,3 +59,7 @@ def folder_sites(table_path: str | Path) -> pl.DataFrame:
         pl.col("is_control").str.to_lowercase().is_in(["true", "1", "yes"]).alias("is_control"),
     ).drop(channel_columns)
     return normalise_metadata(sites.with_columns(safe_key(pl.col("key"))))
+
+
+register_converter(Converter("folder", folder_sites, "a CSV/TSV/parquet site table with FileName_<Stain> columns",
+                             src_help="the site table (CSV, TSV or parquet)", channel_map=False))

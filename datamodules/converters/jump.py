@@ -12,6 +12,7 @@ from pathlib import Path
 import polars as pl
 
 from datamodules.converters.common import FILES, normalise_metadata, read_table, safe_key
+from datamodules.converters.registry import Converter, ConverterOption, register_converter
 
 PHENIX_NAME = re.compile(r"r(\d+)c(\d+)f(\d+)p(\d+)-ch(\d+)sk\d+fk\d+fl\d+\.tiff?$", re.IGNORECASE)
 ORIG_COLUMN = re.compile(r"^(?:Image_)?FileName_Orig(\w+)$")
@@ -119,3 +120,13 @@ def apply_well_metadata(sites: pl.DataFrame, wells: pl.DataFrame, source: str) -
     if unmatched:
         raise ValueError(f"{source}: no row for wells {unmatched[:5]}")
     return joined
+
+
+register_converter(Converter(
+    "jump", jump_sites, "a folder of Opera Phenix TIFFs; channel map from --load-data, a load_data table in SRC "
+    "or --channel-map", src_help="folder of Phenix TIFFs (r..c..f..p..-ch..sk..fk..fl...tiff)",
+    options=(ConverterOption("load_data", "CellProfiler load_data table giving FileName_Orig<Stain> per channel"),
+             ConverterOption("plate", "plate name (default: the load_data table's Metadata_Plate, else SRC's name)"),
+             ConverterOption("experiment", "experiment / batch name (default: the plate)"),
+             ConverterOption("well_metadata", "table with 'well' + perturbation, perturbation_type, is_control, "
+                                              "cell_type"))))

@@ -11,6 +11,7 @@ from pathlib import Path
 import polars as pl
 
 from datamodules.converters.common import FILES, normalise_metadata, read_table, safe_key
+from datamodules.converters.registry import Converter, register_converter
 
 RXRX_STAINS = {1: "Hoechst", 2: "ConA", 3: "Phalloidin", 4: "Syto14", 5: "MitoTracker", 6: "WGA"}
 CONTROL_LABELS = ["EMPTY_control", "CRISPR_control", "negative_control", "EMPTY"]
@@ -101,3 +102,9 @@ def rxrx3_sites(src: str | Path, channel_map: dict[int, str] | None = None) -> p
         _files_column(_image_root(src), channel_map, "address"),
     )
     return normalise_metadata(sites.with_columns(safe_key(pl.col("key"))))
+
+
+register_converter(Converter("rxrx1", rxrx1_sites, "RxRx1: metadata.csv and {experiment}/Plate{n}/{well}_s{site}_w{1..6}.png",
+                             src_help="folder holding metadata.csv and the experiment folders"))
+register_converter(Converter("rxrx3", rxrx3_sites, "RxRx3: the rxrx1 layout with 16-bit PNGs and the RxRx3 metadata.csv",
+                             src_help="folder holding metadata.csv and the experiment folders"))

@@ -5,11 +5,19 @@ within-complex cosines (upper triangle) against complex-vs-rest cosines, two-sam
 """
 from __future__ import annotations
 
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional
+
 import numpy as np
 import polars as pl
 from scipy.stats import ks_2samp
 
+from evaluation.annotations import annotations_dir, load_clusters
+from evaluation.benchmarks.registry import SIGNIFICANCE, Benchmark, BenchmarkInput, register_benchmark
 from evaluation.relate import cosine, l2_normalised
+
+if TYPE_CHECKING:
+    from evaluation.config import EvalConfig
 
 MIN_CLUSTER_GENES = 10
 CLUSTER_SCHEMA = {"cluster": pl.String, "n_genes": pl.Int64, "within_mean": pl.Float64,
@@ -35,3 +43,23 @@ def cluster_benchmark(
         ks = ks_2samp(within, between)
         rows.append((name, len(idx), within.mean(), between.mean(), float(ks.statistic), float(ks.pvalue)))
     return pl.DataFrame(rows, schema=CLUSTER_SCHEMA, orient="row")
+
+
+def _load(cfg: "EvalConfig") -> Optional[dict[str, list[str]]]:
+    """The complexes of `eval.clusters`: a path, or a file name in the annotations directory; None: skip."""
+    if not cfg.clusters:
+        return None
+    path = Path(cfg.clusters)
+    return load_clusters(path if path.exists() else annotations_dir() / cfg.clusters)
+
+
+def _run(given: BenchmarkInput) -> Optional[pl.DataFrame]:
+    if given.prepared is None:
+        return None
+    cl = cluster_benchmark(given.genes, given.profiles, given.prepared, given.cfg.cluster_min_genes)
+    given.metric("cluster_significant_fraction", float((cl["ks_pvalue"] <= SIGNIFICANCE).mean()) if len(cl) else None,
+                 None if len(cl) else f"no complex has >= {given.cfg.cluster_min_genes} genes in the map")
+    return cl
+
+
+register_benchmark(Benchmark("clusters", _run, table="clusters", schema=CLUSTER_SCHEMA, prepare=_load))

@@ -10,6 +10,7 @@ import numpy as np
 import polars as pl
 
 from evaluation.align import align
+from evaluation.benchmarks.registry import Benchmark, BenchmarkInput, register_benchmark
 from evaluation.relate import knn, l2_normalised
 
 GENERALISATION_SCHEMA = {"alignment": pl.String, "held_out": pl.String, "accuracy": pl.Float64,
@@ -65,3 +66,27 @@ def batch_generalisation(
         frames.append(held_out_accuracy(labels, aligned, is_control, experiments, k)
                       .with_columns(alignment=pl.lit(method)))
     return pl.concat(frames)
+
+
+def _run(given: BenchmarkInput) -> pl.DataFrame:
+    cfg, methods = given.cfg, list(dict.fromkeys(["none", *given.cfg.alignment]))
+    if cfg.experiment_column not in given.metadata.columns:
+        given.metric("knn_accuracy", None, f"no column '{cfg.experiment_column}'")
+        return pl.DataFrame(schema=GENERALISATION_SCHEMA)
+    experiments = given.metadata.get_column(cfg.experiment_column).cast(pl.String).to_numpy()
+    if len(np.unique(experiments)) < 2:
+        for method in methods:
+            given.metric("knn_accuracy", None, f"a single {cfg.experiment_column}; nothing to hold out", method)
+        return pl.DataFrame(schema=GENERALISATION_SCHEMA)
+    result = batch_generalisation(given.labels, given.features, given.is_control, experiments, cfg.alignment,
+                                  given.batches, cfg.knn_k)
+    for method in methods:
+        accuracies = result.filter(pl.col("alignment") == method)
+        weighted = (accuracies["accuracy"] * accuracies["n_test"]).sum()
+        given.metric("knn_accuracy", weighted / accuracies["n_test"].sum() if len(accuracies) else None,
+                     None if len(accuracies) else "no held-out well has a perturbation seen elsewhere", method)
+    return result
+
+
+register_benchmark(Benchmark("generalisation", _run, table="generalisation", schema=GENERALISATION_SCHEMA,
+                             per_alignment=False))

@@ -10,11 +10,14 @@ searchsorted_left(null, x)/len), and 2 x geomloss' energy loss = the V-statistic
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 import polars as pl
 from scipy.spatial.distance import cdist
 
 from evaluation.aggregate import group_rows
+from evaluation.benchmarks.registry import SIGNIFICANCE, Benchmark, BenchmarkInput, register_benchmark
 from evaluation.relate import l2_normalised
 
 MIN_CONSISTENCY_REPLICATES = 2
@@ -105,3 +108,29 @@ def magnitude(
         rows.append((str(name), n, stat, p))
     return pl.DataFrame(rows, schema={"perturbation": pl.String, "n_wells": pl.Int64,
                                       "energy_distance": pl.Float64, "p_value": pl.Float64}, orient="row")
+
+
+def share_significant(p_values: pl.Series) -> tuple[Optional[float], Optional[str]]:
+    """Fraction of perturbations with p <= SIGNIFICANCE, or None and why."""
+    valid = p_values.drop_nulls()
+    if len(valid) == 0:
+        return None, "no perturbation had enough replicates and a control null"
+    return float((valid <= SIGNIFICANCE).mean()), None
+
+
+def _consistency(given: BenchmarkInput) -> pl.DataFrame:
+    c = consistency(given.labels, given.features, given.is_control, given.cfg.n_null, given.cfg.seed)
+    given.metric("consistency", *share_significant(c["p_value"]))
+    given.metric("consistency_mean_cosine", c["consistency"].mean())
+    return c.rename({"p_value": "consistency_p"})
+
+
+def _magnitude(given: BenchmarkInput) -> pl.DataFrame:
+    m = magnitude(given.labels, given.features, given.is_control, n_null=max(given.cfg.n_null // 5, 20),
+                  seed=given.cfg.seed)
+    given.metric("magnitude", *share_significant(m["p_value"]))
+    return m.rename({"p_value": "magnitude_p"})
+
+
+register_benchmark(Benchmark("consistency", _consistency, table="perturbations"))
+register_benchmark(Benchmark("magnitude", _magnitude, table="perturbations"))

@@ -17,10 +17,13 @@ Memory is O(N*D + one block + window contents); nulls up to 2**24 pairs are simp
 from __future__ import annotations
 
 import logging
+from typing import Callable, Optional
 
 import numpy as np
 import polars as pl
 
+from evaluation.annotations import load_sources, pairs_in_map
+from evaluation.benchmarks.registry import Benchmark, BenchmarkInput, register_benchmark
 from evaluation.relate import l2_normalised, upper_triangle_blocks
 
 THRESHOLDS = ((0.05, 0.95), (0.1, 0.9))
@@ -235,3 +238,27 @@ def known_relationship_recall(
                          "null_high": stats[l_high], "reason": None})
         frames.append(pl.DataFrame(rows, schema=RECALL_SCHEMA))
     return pl.concat(frames) if frames else pl.DataFrame(schema=RECALL_SCHEMA)
+
+
+def report_recall(metric: Callable[..., None], recall: pl.DataFrame, prefix: str = "") -> None:
+    """Recall per source at the first threshold pair, and their mean, as scalars (`prefix`: e.g. 'oracle_')."""
+    first = recall.filter(pl.col("threshold_low") == recall["threshold_low"].min()) if len(recall) else recall
+    for r in first.iter_rows(named=True):
+        metric(f"{prefix}recall_{r['source']}", r["recall"], r["reason"])
+    valid = first["recall"].drop_nulls() if len(first) else pl.Series([], dtype=pl.Float64)
+    metric(f"{prefix}recall_mean", valid.mean() if len(valid) else None,
+           None if len(valid) else "no annotation source could be scored")
+
+
+def _run(given: BenchmarkInput) -> Optional[pl.DataFrame]:
+    if not given.prepared:
+        return None
+    pairs = {name: pairs_in_map(rels, given.genes) for name, rels in given.prepared.items()}
+    recall = known_relationship_recall(given.genes, given.profiles, pairs, [tuple(t) for t in given.cfg.thresholds],
+                                       given.cfg.min_genes)
+    report_recall(given.metric, recall)
+    return recall
+
+
+register_benchmark(Benchmark("recall", _run, table="recall", schema=RECALL_SCHEMA,
+                             prepare=lambda cfg: load_sources(cfg.annotations)))

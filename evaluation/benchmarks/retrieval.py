@@ -11,12 +11,19 @@ with the same (n_pos, n_total), averaged over the label's profiles, p = (#null >
 """
 from __future__ import annotations
 
+import logging
+from typing import Optional
+
 import numpy as np
 import polars as pl
 from tqdm.auto import tqdm
 
 from evaluation.aggregate import group_rows
+from evaluation.benchmarks.perturbation import share_significant
+from evaluation.benchmarks.registry import Benchmark, BenchmarkInput, register_benchmark
 from evaluation.relate import block_rows, cosine, l2_normalised
+
+log = logging.getLogger(__name__)
 
 
 
@@ -102,3 +109,21 @@ def mean_average_precision(ap: pl.DataFrame, null_size: int = 10000, seed: int =
     return pl.DataFrame(rows, schema={"label": pl.String, "n_profiles": pl.Int64,
                                       "mean_average_precision": pl.Float64, "p_value": pl.Float64},
                         orient="row").sort("label")
+
+
+def _run(given: BenchmarkInput) -> Optional[pl.DataFrame]:
+    try:
+        ap = average_precision(given.labels, given.features, reference=given.is_control)
+    except ValueError as err:  # the data cannot support it: a None metric with the reason, not a crash
+        log.warning("map (%s) not computed: %s", given.alignment, err)
+        given.metric("map", None, str(err))
+        return None
+    scores = mean_average_precision(ap, given.cfg.map_null_size, given.cfg.seed)
+    given.metric("map_mean", scores["mean_average_precision"].mean() if len(scores) else None,
+                 None if len(scores) else "no perturbation has two replicates")
+    given.metric("map_significant_fraction",
+                 *share_significant(scores["p_value"]) if len(scores) else (None, "no scores"))
+    return scores
+
+
+register_benchmark(Benchmark("map", _run, table="retrieval"))

@@ -11,7 +11,8 @@ import argparse
 from pathlib import Path
 
 from evaluation.annotations import SOURCES
-from evaluation.config import BENCHMARKS, EvalConfig
+from evaluation.benchmarks import benchmark_names
+from evaluation.config import EvalConfig
 from evaluation.embeddings_io import read_embeddings
 from evaluation.pipeline import run_efaar
 from evaluation.report import write_outputs
@@ -33,7 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--control-column", default="is_control")
     parser.add_argument("--control-label", default=None, help="controls are rows whose perturbation equals this")
     parser.add_argument("--aggregation", default="mean", choices=["mean", "median"])
-    parser.add_argument("--benchmarks", nargs="+", default=list(BENCHMARKS), choices=list(BENCHMARKS))
+    parser.add_argument("--benchmarks", nargs="+", default=list(benchmark_names(default_only=True)),
+                        choices=list(benchmark_names()))
     parser.add_argument("--clusters", default="CORUM_clusters.tsv", help="cluster file ('' to skip)")
     parser.add_argument("--seed", type=int, default=0)
 
