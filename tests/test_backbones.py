@@ -19,7 +19,7 @@ TINY = dict(TINY_VIT, img_size=32, patch_size=8)
 
 
 def numpy_sincos(dim: int, grid: int) -> np.ndarray:
-    """Independent 2-D sin-cos table (DESIGN.md §2): D/4 each of sin_h, cos_h, sin_w, cos_w."""
+    """Independent 2-D sin-cos table (the OpenPhenom layout): D/4 each of sin_h, cos_h, sin_w, cos_w."""
     quarter = dim // 4
     omega = 1.0 / 10000 ** (np.arange(quarter) / quarter)
     rows = []

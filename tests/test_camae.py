@@ -11,7 +11,7 @@ from tiny_models import real_crops, tiny_module
 
 
 def reference_decoder_loop(decoder: CAMAEDecoder, x: torch.Tensor) -> torch.Tensor:
-    """DESIGN.md's CAMAEDecoder.forward written as the reference does it: a loop over channels,
+    """maes_microscopy's CAMAEDecoder.forward written as that reference does it: a loop over channels,
     each channel's queries cross-attending to all tokens with explicit softmax attention."""
     table = torch.cat([decoder.placeholder] + [t.repeat(1, decoder.tokens_per_modality, 1)
                                                 for t in decoder.modality_tokens], dim=1)
