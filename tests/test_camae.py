@@ -84,11 +84,15 @@ def test_embed_block_and_pooling_choices(shared_data):
     module = tiny_module("camae").eval()
     images = real_crops(shared_data, 2)
     assert module.num_blocks == 2
-    x = module.encoder.tokens(self_standardize(images))
-    first = module.encoder.vit_backbone.blocks[0](x)
+    vit = module.encoder.vit_backbone
+    seen = []  # the tokens entering block 0: patch + position embedding, CLS first
+    hook = vit.blocks[0].register_forward_pre_hook(lambda _, args: seen.append(args[0]))
+    vit.forward_features(self_standardize(images))
+    hook.remove()
+    first = vit.blocks[0](seen[0])
     torch.testing.assert_close(module.embed(images, block=0), first[:, 1:].mean(1))
     torch.testing.assert_close(module.embed(images, pooling="cls", block=0), first[:, 0])
-    last = module.encoder.vit_backbone.blocks[1](first)
+    last = vit.blocks[1](first)
     torch.testing.assert_close(module.embed(images), last[:, 1:].mean(1))  # no final norm (OpenPhenom)
     torch.testing.assert_close(module.embed(images, block=-1), module.embed(images))
     with pytest.raises(ValueError, match="out of range"):

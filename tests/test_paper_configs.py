@@ -95,7 +95,7 @@ def test_training_flops_grow_as_expected():
 
 def test_no_weight_decay_on_norms_biases_tokens_and_embeddings():
     module = tiny_module("camae")
-    decayed, plain = parameter_groups(module, 0.05)
+    plain, decayed = parameter_groups(module, 0.05)
     names = {id(p): n for n, p in module.named_parameters()}
     decayed_names = {names[id(p)] for p in decayed["params"]}
     plain_names = {names[id(p)] for p in plain["params"]}
