@@ -7,6 +7,7 @@ import torch
 
 from lightning_modules import CAMAEModule, OptimConfig, self_standardize
 from lightning_modules.decoders import CAMAEDecoder, unshuffle_with_mask_tokens
+from embed_contract import EmbedContract
 from tiny_models import real_crops, tiny_module
 
 
@@ -127,3 +128,14 @@ def test_load_from_lightning_checkpoint_rebuilds_the_module(shared_data, tmp_pat
     loaded = CAMAEModule.load_from_checkpoint(tmp_path / "m.ckpt")
     images = real_crops(shared_data, 2)
     assert torch.equal(loaded.eval().embed(images), module.eval().embed(images))
+
+
+class TestCAMAEEmbed(EmbedContract):
+    poolings = {None: 32, "mean": 32, "cls": 32, "channelwise": 32 * 6}
+    blocks = (None, 0, 1, -1, -2)
+    bad_blocks = (2, -3)
+    channel_order_invariant = True  # no channel embedding; one position table repeated per channel
+    per_channel = {"channelwise": 32}
+
+    def make_embedder(self):
+        return tiny_module("camae")

@@ -9,6 +9,7 @@ from lightning_modules import OptimConfig, self_standardize
 from lightning_modules.decoders import unshuffle_with_mask_tokens
 from lightning_modules.losses import mae_loss, masked_token_mean, norm_pix, per_token_fourier_l1
 from lightning_modules.tokens import gather_tokens, patchify, random_token_mask, unpatchify
+from embed_contract import EmbedContract
 from tiny_models import real_crops, tiny_module
 
 
@@ -174,3 +175,13 @@ def test_tiny_mae_overfits_a_fixed_batch(shared_data):
         scheduler.step()
         losses.append(loss.item())
     assert np.mean(losses[-10:]) <= 0.2 * losses[0], (losses[0], losses[-10:])
+
+
+class TestMAEEmbed(EmbedContract):
+    poolings = {None: 32, "mean": 32, "cls": 32}
+    rejected_poolings = ("max", "channelwise")
+    blocks = (None, 0, 1, -1, -2)
+    bad_blocks = (2, -3)
+
+    def make_embedder(self):
+        return tiny_module("mae")

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from lightning_modules import OptimConfig, self_standardize
 from lightning_modules.losses import ArcFaceHead
+from embed_contract import EmbedContract
 from tiny_models import TINY_CNN, real_crops, tiny_module
 
 BACKBONES = {"resnet": TINY_CNN, "vit": dict(backbone="vit_small_patch16_256")}  # a tiny CNN and ViT, by timm name
@@ -88,3 +89,13 @@ def test_wsl_trains_on_backbone(shared_data, tmp_path, kind):
     assert metrics["train/acc"].item() == 1.0
     assert F.cosine_similarity(module.eval().embed(images[:1]), module.embed(images[4:5])).item() > \
         F.cosine_similarity(module.embed(images[:1]), module.embed(images[1:2])).item()
+
+
+class TestWSLEmbed(EmbedContract):
+    poolings = {None: 16, "mean": 16}
+    rejected_poolings = ("max", "cls", "channelwise")
+    blocks = (None, 0, -1)
+    bad_blocks = (1, -2)
+
+    def make_embedder(self):
+        return tiny_module("wsl", num_classes=5)
