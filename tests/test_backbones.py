@@ -16,7 +16,7 @@ from timm.models.vision_transformer import VisionTransformer
 import lightning_modules  # noqa: F401  (registers the backbones)
 from lightning_modules.backbones import RECURSION_BACKBONES, SinCosViT, constructor_keywords, sincos_2d_embedding
 from lightning_modules.blocks import RecursionParallelBlock
-from tiny_models import TINY_VIT, real_crops, tiny_module
+from tiny_models import TINY_VIT, synthetic_crops, tiny_module
 
 TINY = dict(TINY_VIT, img_size=32, patch_size=8)
 
@@ -62,10 +62,10 @@ def test_sincos_table_is_tiled_per_channel_with_zero_cls():
     torch.testing.assert_close(table[1:17], table[33:49])
 
 
-def test_channel_agnostic_patch_embed_is_one_projection_per_channel(shared_data):
+def test_channel_agnostic_patch_embed_is_one_projection_per_channel():
     vit = timm.create_model("ca_vit_small_patch16_256", max_in_chans=11, **TINY)
     assert vit.patch_embed.proj.weight.shape == (32, 1, 8, 8)
-    images = real_crops(shared_data, 2).float()
+    images = synthetic_crops(2).float()
     tokens = vit.patch_embed(images)
     # independent: each channel through the shared conv, tokens channel by channel, row-major
     expected = torch.cat([F.conv2d(images[:, c:c + 1], vit.patch_embed.proj.weight, vit.patch_embed.proj.bias,
