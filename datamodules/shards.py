@@ -1,6 +1,6 @@
 """WebDataset shards: one sample per site, `<key>.npy` (C x H x W, acquired dtype) + `<key>.json`.
 
-Raw .npy is the default because it decodes ~80x faster than one PNG per channel (DESIGN.md §1);
+Raw .npy is the default because it decodes far faster than one PNG per channel (docs/data.md);
 the loader, not the disk, is the bottleneck on GPU nodes. Writes are atomic at two levels: each
 shard is written under a hidden temp name and renamed when complete, and the manifest is written
 last, so a crash never leaves a half-written file under a final name.

@@ -5,7 +5,7 @@ GPU is allocated: the shard pattern, manifest vs. shards, channel count vs. the 
 type, crop size. What can only be seen while streaming (a corrupt sample, a truncated shard) is
 skipped, counted (`bad_samples`) and logged with shard and key.
 
-WebDataset 1.0.2 pitfalls (DESIGN.md §4) and how they are avoided here: shards are resampled
+WebDataset 1.0.2 pitfalls (docs/data.md, Streaming) and how they are avoided here: shards are resampled
 per (seed, epoch, rank, worker) by our own RNG, so there is no nodesplitter to raise, no finite
 split to hang DDP and no "fewer shards than workers"; each worker yields an exact quota of
 batches, so all ranks take the same number of steps and the loader has a length; the epoch

@@ -1,4 +1,4 @@
-"""Align: remove batch effects using the negative controls (DESIGN.md §3), matching efaar_benchmarking.
+"""Align: remove batch effects using the negative controls, matching efaar_benchmarking (docs/evaluation.md).
 
 Every alignment here is affine per batch, so it is computed from control *moments* (means and
 covariances, D x D) and then applied with ONE matrix product per batch: the N x D data is read
@@ -144,7 +144,7 @@ def tvn(x: np.ndarray, is_control: np.ndarray, batches: np.ndarray | None = None
 
 
 def pca_centerscale(x: np.ndarray, is_control: np.ndarray, batches: np.ndarray | None = None) -> np.ndarray:
-    """PCA then centre-scale on controls per batch (the other common alignment, DESIGN.md §3).
+    """PCA then centre-scale on controls per batch (the other alignment common in the literature).
 
     The PCA (all components, so no information is dropped) is fitted on ALL rows after a global
     standardisation, so that the axes describe the whole screen rather than only the controls.

@@ -9,6 +9,7 @@ shared by every channel.
 """
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -164,6 +165,20 @@ for _size in VIT_SIZES:
             _name = f"{_prefix}vit_{_size}_patch{_patch}_256"
             _register(_name, _cls, _size, _patch)
             RECURSION_BACKBONES.append(_name)
+
+
+def constructor_keywords(model_cls: type[nn.Module]) -> set[str] | None:
+    """The keyword arguments `model_cls(...)` takes, following `**kwargs` up to the class that
+    consumes them (SinCosViT -> VisionTransformer); None when some class takes any keyword."""
+    names: set[str] = set()
+    for klass in model_cls.__mro__:
+        if "__init__" not in vars(klass):
+            continue
+        params = inspect.signature(klass.__init__).parameters.values()
+        names |= {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        if klass is nn.Module or not any(p.kind is p.VAR_KEYWORD for p in params):
+            return names  # nn.Module's own **kwargs accepts nothing
+    return None
 
 
 def is_channel_agnostic(model: nn.Module) -> bool:

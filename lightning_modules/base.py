@@ -8,6 +8,7 @@ import timm
 import torch
 from torch import Tensor
 
+from lightning_modules.backbones import constructor_keywords
 from lightning_modules.config import ModelConfig, OptimConfig, model_config_dict
 from lightning_modules.cpu_tuning import keep_freed_memory_for_reuse
 from lightning_modules.families import get_family
@@ -47,8 +48,9 @@ class PhenoModule(L.LightningModule):
     def create_backbone(self, **overrides: Any) -> torch.nn.Module:
         """timm.create_model(model.backbone) with the data's channels and no classifier head.
 
-        The crop size and drop-path rate are offered to every backbone and withdrawn from those
-        whose constructor does not take them (CNNs have no position grid; DenseNet no drop path).
+        The crop size and drop-path rate are passed only to backbones whose constructor takes them
+        (CNNs have no position grid; DenseNet no drop path). timm's factories take `**kwargs`, so
+        the constructor is read from the class of a meta-device build (no memory, no weights).
         """
         cfg = self.model_cfg
         if not timm.is_model(cfg.backbone):
@@ -57,15 +59,11 @@ class PhenoModule(L.LightningModule):
         kwargs: dict[str, Any] = {"num_classes": 0, "in_chans": self.in_chans, **cfg.backbone_kwargs, **overrides}
         if cfg.patch_size is not None:
             kwargs.setdefault("patch_size", cfg.patch_size)
-        optional = {"img_size": cfg.img_size, "drop_path_rate": cfg.drop_path}
-        while True:
-            try:
-                return timm.create_model(cfg.backbone, **optional, **kwargs)
-            except TypeError as err:
-                rejected = [name for name in optional if f"'{name}'" in str(err)]
-                if not rejected:
-                    raise
-                del optional[rejected[0]]
+        with torch.device("meta"):
+            accepted = constructor_keywords(type(timm.create_model(cfg.backbone, **kwargs)))
+        optional = {name: value for name, value in {"img_size": cfg.img_size, "drop_path_rate": cfg.drop_path}.items()
+                    if accepted is None or name in accepted}
+        return timm.create_model(cfg.backbone, **optional, **kwargs)
 
     def setup(self, stage: str) -> None:
         """On CPU, stop glibc from handing step buffers back to the kernel (see cpu_tuning)."""

@@ -76,7 +76,7 @@ class CrossAttention(nn.Module):
 
 
 class CAMAEDecoder(nn.Module):
-    """Channel-agnostic MAE decoder (DESIGN.md §2, reference `CAMAEDecoder`).
+    """Channel-agnostic MAE decoder (the `CAMAEDecoder` of maes_microscopy, OpenPhenom's public code).
 
     Decoder sin-cos position embedding plus a learned, zero-initialised token per channel tiled
     over that channel's tokens; each channel's tokens cross-attend to all tokens through ONE

@@ -1,7 +1,7 @@
 """Masked autoencoders on timm ViTs: MAEModule (all channels per token) and CAMAEModule.
 
-The encoder wraps the timm backbone's own patch_embed / _pos_embed / blocks / norm; nothing of
-the ViT is re-implemented. Submodule names (`encoder.vit_backbone`, `decoder`,
+The encoder runs the timm backbone through its public forward_features / forward_intermediates;
+nothing of the ViT is re-implemented. Submodule names (`encoder.vit_backbone`, `decoder`,
 `encoder_decoder_proj`, `decoder_pred`) are those of the public OpenPhenom checkpoint.
 """
 from __future__ import annotations
@@ -27,6 +27,27 @@ def _legacy(config: type) -> dict[str, str]:
     return {f: f for f in config.__dataclass_fields__}
 
 
+class VisibleTokens(nn.Module):
+    """Keeps the prefix tokens and the patch tokens at `keep`: the MAE mask, in the ViT's `patch_drop` slot.
+
+    timm's ViT applies `patch_drop` between the position embedding and `norm_pre` + blocks in both
+    forward_features and forward_intermediates, so placing the mask there runs the public forward
+    on the visible tokens only, instead of a copy of timm's position-embedding code. With no
+    `keep` set (embedding, or outside `MaskedEncoder.forward_masked`) it passes every token on.
+    """
+
+    def __init__(self, num_prefix_tokens: int) -> None:
+        super().__init__()
+        self.num_prefix_tokens = num_prefix_tokens
+        self.keep: Tensor | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.keep is None:
+            return x
+        prefix, patches = x[:, : self.num_prefix_tokens], x[:, self.num_prefix_tokens:]
+        return torch.cat([prefix, gather_tokens(patches, self.keep)], dim=1)
+
+
 class MaskedEncoder(nn.Module):
     """A timm VisionTransformer run on a random subset of its patch tokens (CLS always kept)."""
 
@@ -34,6 +55,7 @@ class MaskedEncoder(nn.Module):
         super().__init__()
         if not isinstance(vit_backbone, VisionTransformer):
             raise TypeError(f"MAE encoders need a timm VisionTransformer, got {type(vit_backbone).__name__}")
+        vit_backbone.patch_drop = VisibleTokens(int(vit_backbone.num_prefix_tokens))  # MAE masking replaces it
         self.vit_backbone = vit_backbone
 
     @property
@@ -44,27 +66,30 @@ class MaskedEncoder(nn.Module):
     def num_prefix_tokens(self) -> int:
         return int(self.vit_backbone.num_prefix_tokens)
 
-    def tokens(self, images: Tensor) -> Tensor:
-        """Standardised images -> (B, prefix + L, D) tokens with position embeddings added."""
-        vit = self.vit_backbone
-        return vit.norm_pre(vit._pos_embed(vit.patch_embed(images)))
-
     def forward_masked(self, images: Tensor, mask_ratio: float, generator: torch.Generator | None = None,
                        channels: int = 1, mask_mode: str = "joint") -> tuple[Tensor, TokenMask]:
-        """Encode the visible tokens: (B, prefix + K, D) after the final norm, and the mask used."""
-        x = self.tokens(images)
-        prefix, patches = x[:, : self.num_prefix_tokens], x[:, self.num_prefix_tokens:]
-        mask = random_token_mask(patches.shape[0], patches.shape[1], mask_ratio, patches.device, generator,
-                                 channels, mask_mode)
-        x = torch.cat([prefix, gather_tokens(patches, mask.keep)], dim=1)
-        return self.vit_backbone.norm(self.vit_backbone.blocks(x)), mask
+        """Encode the visible tokens: (B, prefix + K, D) after the final norm, and the mask used.
 
-    def forward_blocks(self, images: Tensor, last_block: int) -> Tensor:
-        """All tokens after blocks[0..last_block], no final norm (the OpenPhenom embedding layer)."""
-        x = self.tokens(images)
-        for block in self.vit_backbone.blocks[: last_block + 1]:
-            x = block(x)
-        return x
+        `channels` is 1 for MAE tokens and C for the channel-by-channel tokens of a CA ViT.
+        """
+        vit = self.vit_backbone
+        mask = random_token_mask(images.shape[0], channels * vit.patch_embed.num_patches, mask_ratio,
+                                 images.device, generator, channels, mask_mode)
+        vit.patch_drop.keep = mask.keep
+        try:
+            return vit.forward_features(images), mask
+        finally:
+            vit.patch_drop.keep = None
+
+    def forward_blocks(self, images: Tensor, last_block: int) -> tuple[Tensor, Tensor]:
+        """(prefix (B, P, D), patch tokens (B, L, D)) after blocks[0..last_block], no final norm
+        (the OpenPhenom embedding layer)."""
+        has_prefix = self.num_prefix_tokens > 0  # without prefix tokens timm returns the patch tokens alone
+        [taken] = self.vit_backbone.forward_intermediates(
+            images, indices=[last_block], return_prefix_tokens=has_prefix, norm=False, stop_early=True,
+            output_fmt="NLC", intermediates_only=True)
+        patches, prefix = taken if has_prefix else (taken, taken[:, :0])
+        return prefix, patches
 
 
 class MaskedAutoencoderModule(PhenoModule):
@@ -128,18 +153,16 @@ class MaskedAutoencoderModule(PhenoModule):
         """Mean of patch tokens ('mean'), class token ('cls') or per-channel means concatenated
         ('channelwise', CA only) of block `block`'s output without final norm (default: last)."""
         pooling = pooling or self.model_cfg.embed_pooling
-        tokens = self.encoder.forward_blocks(self_standardize(images), self.resolve_block(block))
-        prefix = self.encoder.num_prefix_tokens
+        prefix, patches = self.encoder.forward_blocks(self_standardize(images), self.resolve_block(block))
         if pooling == "mean":
-            out = tokens[:, prefix:].mean(dim=1)
+            out = patches.mean(dim=1)
         elif pooling == "cls":
-            if prefix == 0:
+            if prefix.shape[1] == 0:
                 raise ValueError("pooling='cls' needs a backbone with a class token")
-            out = tokens[:, 0]
+            out = prefix[:, 0]
         elif pooling == "channelwise":
             if not self.channel_agnostic:
                 raise ValueError("pooling='channelwise' needs a channel-agnostic model (CAMAEModule)")
-            patches = tokens[:, prefix:]
             out = patches.reshape(patches.shape[0], images.shape[1], -1, patches.shape[-1]).mean(dim=2).flatten(1)
         else:
             raise ValueError(f"pooling must be 'mean', 'cls' or 'channelwise', got {pooling!r}")

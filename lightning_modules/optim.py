@@ -4,28 +4,21 @@ from __future__ import annotations
 import math
 
 import torch
-from timm.optim import Lion
+from timm.optim import Lion, param_groups_weight_decay
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler, OneCycleLR
 
 from lightning_modules.config import OptimConfig
 
-#: Parameter-name fragments that never get weight decay (learned tokens and embeddings).
-NO_DECAY_NAMES = ("token", "pos_embed", "embeddings")
-
-
-def decays(name: str, param: nn.Parameter) -> bool:
-    """Weight decay only on matrices/kernels: not norms, biases, LayerScale, tokens, embeddings."""
-    return param.ndim > 1 and not any(fragment in name for fragment in NO_DECAY_NAMES)
+#: Names (fnmatch patterns, timm's convention) of matrices that never get weight decay: learned
+#: tokens and embeddings. Vectors (norms, biases, LayerScale) never get it either.
+NO_DECAY_PATTERNS = ("*token*", "*pos_embed*", "*embeddings*")
 
 
 def parameter_groups(module: nn.Module, weight_decay: float) -> list[dict]:
-    """Two optimiser groups (decayed, not decayed) of the trainable parameters."""
-    decayed, plain = [], []
-    for name, param in module.named_parameters():
-        if param.requires_grad:
-            (decayed if decays(name, param) else plain).append(param)
-    return [{"params": decayed, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
+    """timm's optimiser groups of the trainable parameters: not decayed, then decayed (a group
+    with no parameters is left out)."""
+    return param_groups_weight_decay(module, weight_decay, no_weight_decay_list=NO_DECAY_PATTERNS)
 
 
 def build_optimizer(module: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:

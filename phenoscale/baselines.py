@@ -18,7 +18,10 @@ class ImageStatistics(nn.Module):
 
     @torch.no_grad()
     def embed(self, images: Tensor, pooling: str | None = None, block: int | None = None) -> Tensor:
-        """Raw integer images (B, C, H, W) -> (B, 7·C); `pooling` and `block` do not apply."""
+        """Raw integer images (B, C, H, W) -> (B, 7·C), channel by channel; the statistics pool the
+        whole image, so only the default pooling ('mean') applies and there are no blocks."""
+        if pooling not in (None, "mean"):
+            raise ValueError(f"image statistics pool the whole image; pooling must be None or 'mean', got {pooling!r}")
         if block is not None:
             raise ValueError("image statistics have no blocks")
         scale = float(torch.iinfo(images.dtype).max) if not images.is_floating_point() else 1.0

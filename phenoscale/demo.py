@@ -61,8 +61,8 @@ def label(name: str) -> str:
 #: their bf16 rounding (docs/runs.md).
 EMBED_PRECISION = {"camae": "auto", random_init_name("camae"): "auto"}
 #: evaluation batches on which the CA-MAE embeds the channels in reversed order too: its encoder is
-#: permutation-equivariant over channels by construction, so a whole pass (a quarter of the demo's
-#: CA-MAE embedding time) would recompute the same numbers; the sample measures how equal they are
+#: permutation-equivariant over channels by construction, so a whole pass would recompute the same
+#: numbers; the sample measures how equal they are
 ORDER_CHECK_BATCHES = 8
 
 

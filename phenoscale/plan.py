@@ -29,8 +29,8 @@ GPU_PEAK_FLOPS: dict[str, float] = {
 }
 
 LOADER_RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "loader.json"
-# crops/s one loader core sustains when no `make bench` result exists yet (DESIGN.md section 1:
-# decoding a 6x512x512 npy sample takes ~0.11 ms; four 256-crops per site plus augmentation)
+# crops/s per loader core assumed when no `make bench` result exists yet: the loader benchmark's
+# own target (docs/data.md, Throughput), so an unmeasured plan is never optimistic about the data path
 DEFAULT_LOADER_CROPS_PER_CORE = 1000.0
 
 

@@ -20,8 +20,8 @@ def shared_root() -> Path:
 @pytest.fixture(scope="session")
 def shared() -> Path:
     root = shared_root()
-    if not (root / "data").is_dir():
-        pytest.fail(f"shared data not found at {root}; set PHENOSCALE_SHARED")
+    if not (root / "data").is_dir():  # only tests that read real data ask for it; the rest still run
+        pytest.skip(f"needs the real data: {root / 'data'} not found (set PHENOSCALE_SHARED)")
     return root
 
 

@@ -9,17 +9,20 @@ import timm
 import torch
 import torch.nn.functional as F
 from timm.models import build_model_with_cfg, register_model
-from timm.models.vision_transformer import ParallelScalingBlock, VisionTransformer
+from timm.models.densenet import DenseNet
+from timm.models.resnet import ResNet
+from timm.models.vision_transformer import VisionTransformer
 
 import lightning_modules  # noqa: F401  (registers the backbones)
-from lightning_modules.backbones import RECURSION_BACKBONES, sincos_2d_embedding
-from tiny_models import TINY_VIT, real_crops, tiny_module
+from lightning_modules.backbones import RECURSION_BACKBONES, SinCosViT, constructor_keywords, sincos_2d_embedding
+from lightning_modules.blocks import RecursionParallelBlock
+from tiny_models import TINY_VIT, synthetic_crops, tiny_module
 
 TINY = dict(TINY_VIT, img_size=32, patch_size=8)
 
 
 def numpy_sincos(dim: int, grid: int) -> np.ndarray:
-    """Independent 2-D sin-cos table (DESIGN.md §2): D/4 each of sin_h, cos_h, sin_w, cos_w."""
+    """Independent 2-D sin-cos table (the OpenPhenom layout): D/4 each of sin_h, cos_h, sin_w, cos_w."""
     quarter = dim // 4
     omega = 1.0 / 10000 ** (np.arange(quarter) / quarter)
     rows = []
@@ -39,7 +42,7 @@ def test_all_paper_backbones_are_registered_in_timm():
 def test_recursion_vit_flavour():
     vit = timm.create_model("vit_small_patch16_256", in_chans=6, **TINY)
     assert isinstance(vit, VisionTransformer)
-    assert all(isinstance(b, ParallelScalingBlock) for b in vit.blocks)
+    assert all(type(b) is RecursionParallelBlock for b in vit.blocks)  # the bf16-friendly block, not timm's
     block = vit.blocks[0]
     assert block.in_proj.bias is None  # qkv_bias=False (the MLP bias lives in mlp_bias)
     assert isinstance(block.q_norm, torch.nn.LayerNorm) and isinstance(block.k_norm, torch.nn.LayerNorm)
@@ -59,10 +62,10 @@ def test_sincos_table_is_tiled_per_channel_with_zero_cls():
     torch.testing.assert_close(table[1:17], table[33:49])
 
 
-def test_channel_agnostic_patch_embed_is_one_projection_per_channel(shared_data):
+def test_channel_agnostic_patch_embed_is_one_projection_per_channel():
     vit = timm.create_model("ca_vit_small_patch16_256", max_in_chans=11, **TINY)
     assert vit.patch_embed.proj.weight.shape == (32, 1, 8, 8)
-    images = real_crops(shared_data, 2).float()
+    images = synthetic_crops(2).float()
     tokens = vit.patch_embed(images)
     # independent: each channel through the shared conv, tokens channel by channel, row-major
     expected = torch.cat([F.conv2d(images[:, c:c + 1], vit.patch_embed.proj.weight, vit.patch_embed.proj.bias,
@@ -94,6 +97,24 @@ def test_any_timm_cnn_is_a_wsl_backbone_with_channels_from_the_data(name, stem):
     assert module.backbone.get_submodule(stem).weight.shape[1] == 5
     images = torch.zeros(2, 5, 32, 32, dtype=torch.uint8) + torch.arange(32, dtype=torch.uint8)
     assert module.embed(images).shape == (2, 16)
+
+
+def test_constructor_keywords_follow_kwargs_to_the_class_that_takes_them():
+    vit = constructor_keywords(SinCosViT)  # SinCosViT(**kwargs) -> VisionTransformer(img_size, ...)
+    assert vit is not None and {"img_size", "drop_path_rate", "patch_size"} <= vit
+    assert "drop_path_rate" in constructor_keywords(ResNet) and "img_size" not in constructor_keywords(ResNet)
+    assert not {"img_size", "drop_path_rate"} & constructor_keywords(DenseNet)
+
+
+def test_crop_size_and_drop_path_reach_the_backbones_that_take_them():
+    vit = tiny_module("mae", drop_path=0.2).encoder.vit_backbone
+    assert vit.patch_embed.img_size == (32, 32)
+    assert vit.blocks[-1].drop_path.drop_prob == pytest.approx(0.2)  # timm's linear drop-path schedule
+    resnet = tiny_module("wsl", num_classes=3, backbone="resnet18", backbone_kwargs=TINY_CNNS["resnet18"],
+                         patch_size=None, drop_path=0.2).backbone
+    assert resnet.layer4[0].drop_path.drop_prob == pytest.approx(0.2)
+    tiny_module("wsl", num_classes=3, backbone="densenet121", backbone_kwargs=TINY_CNNS["densenet121"],
+                patch_size=None, drop_path=0.2)  # DenseNet takes neither: not offered, so no TypeError
 
 
 @register_model

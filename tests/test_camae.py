@@ -5,13 +5,14 @@ import lightning as L
 import pytest
 import torch
 
+from embed_contract import EmbedContract
 from lightning_modules import CAMAEModule, OptimConfig, self_standardize
 from lightning_modules.decoders import CAMAEDecoder, unshuffle_with_mask_tokens
-from tiny_models import real_crops, tiny_module
+from tiny_models import synthetic_crops, tiny_module
 
 
 def reference_decoder_loop(decoder: CAMAEDecoder, x: torch.Tensor) -> torch.Tensor:
-    """DESIGN.md's CAMAEDecoder.forward written as the reference does it: a loop over channels,
+    """maes_microscopy's CAMAEDecoder.forward written as that reference does it: a loop over channels,
     each channel's queries cross-attending to all tokens with explicit softmax attention."""
     table = torch.cat([decoder.placeholder] + [t.repeat(1, decoder.tokens_per_modality, 1)
                                                 for t in decoder.modality_tokens], dim=1)
@@ -43,9 +44,9 @@ def test_batched_cross_attention_decoder_equals_per_channel_loop():
     torch.testing.assert_close(decoder(visible, restore), expected, atol=1e-5, rtol=1e-5)
 
 
-def test_camae_forward_backward(shared_data):
+def test_camae_forward_backward():
     module = tiny_module("camae")
-    losses = module.compute_losses({"image": real_crops(shared_data, 4)})
+    losses = module.compute_losses({"image": synthetic_crops(4)})
     assert torch.isfinite(losses["loss"]) and losses["fourier"] > 0
     losses["loss"].backward()
     missing = [n for n, p in module.named_parameters() if p.requires_grad and p.grad is None]
@@ -53,16 +54,16 @@ def test_camae_forward_backward(shared_data):
     assert module.decoder_pred.out_features == 8 * 8  # one channel per token
 
 
-def test_camae_training_needs_the_decoder_channel_count(shared_data):
+def test_camae_training_needs_the_decoder_channel_count():
     module = tiny_module("camae", in_chans=6)
     with pytest.raises(ValueError, match="built for 6 channels, got 3"):
-        module.compute_losses({"image": real_crops(shared_data, 2)[:, :3]})
+        module.compute_losses({"image": synthetic_crops(2)[:, :3]})
 
 
-def test_camae_embedding_is_invariant_to_channel_order(shared_data):
+def test_camae_embedding_is_invariant_to_channel_order():
     torch.manual_seed(0)
     module = tiny_module("camae").eval()
-    images = real_crops(shared_data, 3)
+    images = synthetic_crops(3)
     perm = torch.tensor([4, 2, 0, 5, 1, 3])
     torch.testing.assert_close(module.embed(images[:, perm]), module.embed(images), atol=1e-5, rtol=1e-4)
     # channelwise embeddings permute with the channels instead
@@ -80,15 +81,19 @@ def test_camae_embeds_3_to_11_channels(chans):
     assert module.embed(images, pooling="channelwise").shape == (2, 32 * chans)
 
 
-def test_embed_block_and_pooling_choices(shared_data):
+def test_embed_block_and_pooling_choices():
     module = tiny_module("camae").eval()
-    images = real_crops(shared_data, 2)
+    images = synthetic_crops(2)
     assert module.num_blocks == 2
-    x = module.encoder.tokens(self_standardize(images))
-    first = module.encoder.vit_backbone.blocks[0](x)
+    vit = module.encoder.vit_backbone
+    seen = []  # the tokens entering block 0: patch + position embedding, CLS first
+    hook = vit.blocks[0].register_forward_pre_hook(lambda _, args: seen.append(args[0]))
+    vit.forward_features(self_standardize(images))
+    hook.remove()
+    first = vit.blocks[0](seen[0])
     torch.testing.assert_close(module.embed(images, block=0), first[:, 1:].mean(1))
     torch.testing.assert_close(module.embed(images, pooling="cls", block=0), first[:, 0])
-    last = module.encoder.vit_backbone.blocks[1](first)
+    last = vit.blocks[1](first)
     torch.testing.assert_close(module.embed(images), last[:, 1:].mean(1))  # no final norm (OpenPhenom)
     torch.testing.assert_close(module.embed(images, block=-1), module.embed(images))
     with pytest.raises(ValueError, match="out of range"):
@@ -98,10 +103,10 @@ def test_embed_block_and_pooling_choices(shared_data):
     assert module.embed(images).dtype == torch.float32
 
 
-def test_camae_trains_with_lightning_in_bf16_mixed_on_cpu(shared_data, tmp_path):
+def test_camae_trains_with_lightning_in_bf16_mixed_on_cpu(tmp_path):
     torch.manual_seed(0)
     module = tiny_module("camae", total_steps=4, optim=OptimConfig(name="lion", lr=1e-4))
-    images = real_crops(shared_data, 8, dtype=torch.uint8)
+    images = synthetic_crops(8, dtype=torch.uint8)
     loader = torch.utils.data.DataLoader([{"image": img, "label": torch.tensor(-1)} for img in images], batch_size=4)
     before = module.decoder_pred.weight.detach().clone()
     trainer = L.Trainer(max_steps=4, precision="bf16-mixed", accelerator="cpu", logger=False,
@@ -115,11 +120,22 @@ def test_camae_trains_with_lightning_in_bf16_mixed_on_cpu(shared_data, tmp_path)
         assert module.embed(images[:2]).dtype == torch.float32
 
 
-def test_load_from_lightning_checkpoint_rebuilds_the_module(shared_data, tmp_path):
+def test_load_from_lightning_checkpoint_rebuilds_the_module(tmp_path):
     module = tiny_module("camae")
     trainer = L.Trainer(max_steps=0, logger=False, enable_checkpointing=False, accelerator="cpu")
     trainer.strategy.connect(module)
     trainer.save_checkpoint(tmp_path / "m.ckpt")
     loaded = CAMAEModule.load_from_checkpoint(tmp_path / "m.ckpt")
-    images = real_crops(shared_data, 2)
+    images = synthetic_crops(2)
     assert torch.equal(loaded.eval().embed(images), module.eval().embed(images))
+
+
+class TestCAMAEEmbed(EmbedContract):
+    poolings = {None: 32, "mean": 32, "cls": 32, "channelwise": 32 * 6}
+    blocks = (None, 0, 1, -1, -2)
+    bad_blocks = (2, -3)
+    channel_order_invariant = True  # no channel embedding; one position table repeated per channel
+    per_channel = {"channelwise": 32}
+
+    def make_embedder(self):
+        return tiny_module("camae")

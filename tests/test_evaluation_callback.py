@@ -129,7 +129,10 @@ def test_block_metrics_leaves_out_uncomputable_values(tmp_path):
     cfg = _config(tmp_path, min_genes=N_GENES + 1)
     metrics = block_metrics({None: run_efaar(toy_screen(N_GENES, dim=16, seed=5), cfg)})
     assert "recall_mean" not in metrics and "consistency" in metrics
-    assert EFAARCallback(data, cfg).cfg is cfg
+    logged = EFAARCallback(data, cfg).evaluate(ToyModel(data))  # what the callback hands the logger
+    assert "recall_mean" not in logged and not any(k.startswith("recall") for k in logged)
+    assert logged["consistency"] == pytest.approx(metrics["consistency"], abs=1e-6)
+    assert all(isinstance(v, float) and np.isfinite(v) for v in logged.values())
 
 
 DDP_SCRIPT = """

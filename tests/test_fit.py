@@ -62,7 +62,7 @@ def test_fit_embed_evaluate_on_a_synthetic_screen(screen: Path, tmp_path: Path) 
     assert any(c.startswith("lr-") for c in metrics.columns)
     assert metrics["throughput/samples_seen"].drop_nulls().to_list() == [16.0, 32.0, 48.0, 64.0]
     online = metrics["eval/recall_relationships"].drop_nulls()  # EFAAR after each of the 2 epochs
-    assert online.len() == 2 and all(0.0 <= r <= 1.0 for r in online)
+    assert online.len() == 2  # the last one is checked against the offline evaluation below
     hparams = OmegaConf.load(run_dir / "logs" / "csv" / "attempt_0" / "hparams.yaml")
     assert hparams.effective_batch_size == 8
     assert list((run_dir / "logs" / "tensorboard" / "attempt_0").glob("events.out.tfevents.*"))
@@ -95,7 +95,9 @@ def test_fit_embed_evaluate_on_a_synthetic_screen(screen: Path, tmp_path: Path) 
                  "--truth", str(screen / "truth"), "--benchmarks", "recall", "--clusters", "",
                  "--out", str(report)]) == 0
     summary = json.loads((report / "metrics.json").read_text())["summary"]
-    assert 0.0 <= summary["recall_relationships"] <= 1.0
+    # the callback after the last epoch scored the same model (last.ckpt) on the same sites with the same
+    # defaults (TVN per experiment): online and offline recall are one number
+    assert summary["recall_relationships"] == pytest.approx(online[-1], abs=1e-6)
     assert summary["oracle_recall_truth"] > 0.3  # the planted structure is recoverable in principle
 
 

@@ -5,11 +5,12 @@ import numpy as np
 import pytest
 import torch
 
+from embed_contract import EmbedContract
 from lightning_modules import OptimConfig, self_standardize
 from lightning_modules.decoders import unshuffle_with_mask_tokens
 from lightning_modules.losses import mae_loss, masked_token_mean, norm_pix, per_token_fourier_l1
 from lightning_modules.tokens import gather_tokens, patchify, random_token_mask, unpatchify
-from tiny_models import real_crops, tiny_module
+from tiny_models import real_crops, synthetic_crops, tiny_module
 
 
 def test_self_standardize_matches_instance_norm_on_real_uint16(shared_data):
@@ -44,9 +45,9 @@ def test_masking_keeps_int_L_times_1_minus_r_and_unshuffles_exactly(ratio):
     assert torch.all(restored[:, 1:][hidden] == -7)  # mask tokens exactly where hidden
 
 
-def test_encoder_sees_cls_plus_kept_tokens(shared_data):
+def test_encoder_sees_cls_plus_kept_tokens():
     module = tiny_module("mae", mask_ratio=0.75)
-    latent, mask = module.encoder.forward_masked(self_standardize(real_crops(shared_data, 2)), 0.75)
+    latent, mask = module.encoder.forward_masked(self_standardize(synthetic_crops(2)), 0.75)
     assert latent.shape == (2, 1 + int(16 * 0.25), 32)
     assert mask.mask.shape == (2, 16)
 
@@ -140,17 +141,17 @@ def test_masked_token_mean_counts_only_hidden_tokens():
 
 
 @pytest.mark.parametrize("norm_pix_loss", [False, True])
-def test_mae_forward_backward(shared_data, norm_pix_loss):
+def test_mae_forward_backward(norm_pix_loss):
     module = tiny_module("mae", norm_pix=norm_pix_loss)
-    losses = module.compute_losses({"image": real_crops(shared_data, 4)})
+    losses = module.compute_losses({"image": synthetic_crops(4)})
     assert set(losses) == {"loss", "mse", "fourier"} and torch.isfinite(losses["loss"])
     losses["loss"].backward()
     trainable = [n for n, p in module.named_parameters() if p.requires_grad]
     assert all(module.get_parameter(n).grad is not None for n in trainable)
     assert not module.encoder.vit_backbone.pos_embed.requires_grad
-    assert module.embed(real_crops(shared_data, 3)).shape == (3, 32)
+    assert module.embed(synthetic_crops(3)).shape == (3, 32)
     with pytest.raises(ValueError, match="channel-agnostic"):
-        module.embed(real_crops(shared_data, 1), pooling="channelwise")
+        module.embed(synthetic_crops(1), pooling="channelwise")
 
 
 @pytest.mark.slow
@@ -161,7 +162,7 @@ def test_tiny_mae_overfits_a_fixed_batch(shared_data):
                          backbone_kwargs={"embed_dim": 64, "depth": 2, "num_heads": 4},
                          optim=OptimConfig(name="adamw", lr=3e-3, weight_decay=0.0, schedule="cosine",
                                            warmup_fraction=0.05))
-    images = real_crops(shared_data, 8)
+    images = real_crops(shared_data, 8)  # the loss threshold is set on the real field
     optim = module.configure_optimizers()
     optimizer, scheduler = optim["optimizer"], optim["lr_scheduler"]["scheduler"]
     losses = []
@@ -174,3 +175,13 @@ def test_tiny_mae_overfits_a_fixed_batch(shared_data):
         scheduler.step()
         losses.append(loss.item())
     assert np.mean(losses[-10:]) <= 0.2 * losses[0], (losses[0], losses[-10:])
+
+
+class TestMAEEmbed(EmbedContract):
+    poolings = {None: 32, "mean": 32, "cls": 32}
+    rejected_poolings = ("max", "channelwise")
+    blocks = (None, 0, 1, -1, -2)
+    bad_blocks = (2, -3)
+
+    def make_embedder(self):
+        return tiny_module("mae")

@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 from lightning_modules import OptimConfig, build_module, training_flops_per_crop
 from lightning_modules.optim import build_scheduler, parameter_groups
 from phenoscale.config import load_config
-from tiny_models import real_crops, tiny_module
+from tiny_models import synthetic_crops, tiny_module
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER = REPO / "configs" / "paper"
@@ -94,7 +94,7 @@ def test_training_flops_grow_as_expected():
 
 def test_no_weight_decay_on_norms_biases_tokens_and_embeddings():
     module = tiny_module("camae")
-    decayed, plain = parameter_groups(module, 0.05)
+    plain, decayed = parameter_groups(module, 0.05)
     names = {id(p): n for n, p in module.named_parameters()}
     decayed_names = {names[id(p)] for p in decayed["params"]}
     plain_names = {names[id(p)] for p in plain["params"]}
@@ -133,7 +133,7 @@ def test_optimizers_and_schedules(name):
     assert max(range(100), key=peak.__getitem__) == 9 and max(peak) == pytest.approx(1e-3)
 
 
-def test_gradient_clipping_uses_the_optim_config(shared_data):
+def test_gradient_clipping_uses_the_optim_config():
     module = tiny_module("wsl", num_classes=4, optim=OptimConfig(name="adamw", lr=1e-3, gradient_clip_val=1e-6))
     norms = []
 
@@ -141,7 +141,7 @@ def test_gradient_clipping_uses_the_optim_config(shared_data):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             norms.append(torch.norm(torch.stack([p.grad.norm() for p in pl_module.parameters() if p.grad is not None])))
 
-    images = real_crops(shared_data, 4)
+    images = synthetic_crops(4)
     loader = torch.utils.data.DataLoader([{"image": i, "label": torch.tensor(k % 4)} for k, i in enumerate(images)],
                                          batch_size=4)
     L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,

@@ -71,7 +71,7 @@ def test_openphenom_embeds_6x256x256_uint8_to_384(openphenom, shared_data):
 
 @pytest.mark.slow
 def test_openphenom_embedding_matches_an_independent_computation(openphenom, shared_data):
-    """DESIGN.md's definition spelled out with torch primitives: x/255 -> InstanceNorm2d ->
+    """OpenPhenom's embedding spelled out with torch primitives: x/255 -> InstanceNorm2d ->
     shared conv per channel -> + pos embed (CLS first) -> blocks -> mean of patch tokens."""
     module, state = openphenom
     images = real_crops(shared_data, 1, size=256, dtype=torch.uint8)

@@ -6,6 +6,9 @@ from pathlib import Path
 import polars as pl
 import pytest
 
+import phenoscale.scaling
+from evaluation import EvalConfig, read_embeddings, run_efaar
+from evaluation.plots import save_figure
 from phenoscale.cli import main
 from phenoscale.grid import cells, load_grid
 
@@ -35,9 +38,17 @@ crops: [16, 48]
 
 
 @pytest.mark.slow
-def test_two_by_two_grid(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_two_by_two_grid(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     grid_file = write_tiny_grid(tmp_path / "grid.yaml")
     out = tmp_path / "scaling"
+    figures = []  # the plot as drawn, before it becomes PNG bytes
+
+    def keep_figure(fig, path):
+        figures.append([[(line.get_label(), list(line.get_xdata()), list(line.get_ydata())) for line in ax.lines]
+                        for ax in fig.axes])
+        return save_figure(fig, path)
+
+    monkeypatch.setattr(phenoscale.scaling, "save_figure", keep_figure)
     assert main(["scaling", str(grid_file), "--out", str(out)]) == 0
     table = pl.read_parquet(out / "results.parquet")
     assert table.height == 4
@@ -49,9 +60,24 @@ def test_two_by_two_grid(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     wide, narrow = (table.filter(pl.col("model") == name) for name in ("MAE w32", "MAE w16"))
     assert wide["params"][0] > narrow["params"][0]
     assert wide["train_flops_per_crop"][0] > narrow["train_flops_per_crop"][0]
-    recall = table["recall_mean"].drop_nulls()
-    assert recall.len() == 4 and ((recall >= 0) & (recall <= 1)).all()
-    assert (out / "scaling.png").stat().st_size > 10_000
+    # each cell's recall is its own embeddings' recall, rescored here with the grid's eval settings
+    relationships = out / "screen" / "truth" / "relationships.csv"
+    eval_cfg = EvalConfig(annotations=[str(relationships)], alignment=["tvn"], benchmarks=["recall"],
+                          batch_column="plate", clusters=None, min_genes=5)
+    for row in table.iter_rows(named=True):
+        embeddings = read_embeddings(out / "cells" / row["cell"] / "embeddings.parquet")
+        width = 16 if row["model"] == "MAE w16" else 32  # each cell embedded with its own model
+        assert embeddings.collect_schema()["embedding"] == pl.Array(pl.Float32, width)
+        assert row["recall_mean"] == pytest.approx(run_efaar(embeddings, eval_cfg).summary()["recall_mean"], abs=1e-9)
+    # the plot: one line per model in both panels, recall against training FLOPs and crops seen
+    [panels] = figures
+    for panel, x in zip(panels, ("train_flops", "crops_seen")):
+        lines = {label: (xs, ys) for label, xs, ys in panel if label in ("MAE w16", "MAE w32")}
+        assert set(lines) == {"MAE w16", "MAE w32"}
+        for model, (xs, ys) in lines.items():
+            part = table.filter(pl.col("model") == model).sort("crops_seen")
+            assert xs == part[x].to_list() and ys == part["recall_mean"].to_list()
+    assert (out / "scaling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "MAE w32" in (out / "results.md").read_text()
 
     # a rerun finds every cell done and only collects

@@ -9,9 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from embed_contract import EmbedContract
 from lightning_modules import OptimConfig, self_standardize
 from lightning_modules.losses import ArcFaceHead
-from tiny_models import TINY_CNN, real_crops, tiny_module
+from tiny_models import TINY_CNN, synthetic_crops, tiny_module
 
 BACKBONES = {"resnet": TINY_CNN, "vit": dict(backbone="vit_small_patch16_256")}  # a tiny CNN and ViT, by timm name
 
@@ -34,10 +35,10 @@ def test_arcface_logits_follow_the_formula():
     np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4)
 
 
-def test_unlabelled_samples_do_not_contribute(shared_data):
+def test_unlabelled_samples_do_not_contribute():
     torch.manual_seed(0)
     module = tiny_module("wsl", num_classes=4).eval()  # eval: BatchNorm independent of batch makeup
-    images = real_crops(shared_data, 6)
+    images = synthetic_crops(6)
     labels = torch.tensor([0, 1, -1, 3, -1, 2])
     mixed = module.compute_losses({"image": images, "label": labels})
     keep = labels >= 0
@@ -48,15 +49,15 @@ def test_unlabelled_samples_do_not_contribute(shared_data):
     assert none["loss"].item() == 0.0 and none["loss"].requires_grad
 
 
-def test_loss_mixes_ce_and_arcface(shared_data):
+def test_loss_mixes_ce_and_arcface():
     module = tiny_module("wsl", num_classes=4, arcface_weight=0.25).eval()
-    losses = module.compute_losses({"image": real_crops(shared_data, 4), "label": torch.tensor([0, 1, 2, 3])})
+    losses = module.compute_losses({"image": synthetic_crops(4), "label": torch.tensor([0, 1, 2, 3])})
     torch.testing.assert_close(losses["loss"], 0.75 * losses["ce"] + 0.25 * losses["arcface"])
 
 
-def test_wsl_embed_is_the_neck_output(shared_data):
+def test_wsl_embed_is_the_neck_output():
     module = tiny_module("wsl", num_classes=4).eval()
-    images = real_crops(shared_data, 3)
+    images = synthetic_crops(3)
     neck_input = module.backbone(self_standardize(images))
     torch.testing.assert_close(module.embed(images), module.neck(neck_input))
     assert module.embed(images).shape == (3, 16)
@@ -68,13 +69,13 @@ def test_wsl_embed_is_the_neck_output(shared_data):
 
 
 @pytest.mark.parametrize("kind", sorted(BACKBONES))
-def test_wsl_trains_on_backbone(shared_data, tmp_path, kind):
+def test_wsl_trains_on_backbone(tmp_path, kind):
     torch.manual_seed(0)
     steps = 30
     module = tiny_module("wsl", num_classes=4, total_steps=steps,
                          optim=OptimConfig(name="adamw", lr=3e-3, weight_decay=0.0, schedule="cosine"),
                          **BACKBONES[kind])
-    images = real_crops(shared_data, 8)
+    images = synthetic_crops(8)
     labels = torch.tensor([0, 1, 2, 3, 0, 1, 2, -1])
     data = [{"image": img, "label": lab} for img, lab in zip(images, labels)]
     loader = torch.utils.data.DataLoader(data, batch_size=8)
@@ -88,3 +89,13 @@ def test_wsl_trains_on_backbone(shared_data, tmp_path, kind):
     assert metrics["train/acc"].item() == 1.0
     assert F.cosine_similarity(module.eval().embed(images[:1]), module.embed(images[4:5])).item() > \
         F.cosine_similarity(module.embed(images[:1]), module.embed(images[1:2])).item()
+
+
+class TestWSLEmbed(EmbedContract):
+    poolings = {None: 16, "mean": 16}
+    rejected_poolings = ("max", "cls", "channelwise")
+    blocks = (None, 0, -1)
+    bad_blocks = (1, -2)
+
+    def make_embedder(self):
+        return tiny_module("wsl", num_classes=5)

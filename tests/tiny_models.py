@@ -1,11 +1,15 @@
 """Tiny CPU model configs and real image crops shared by the model tests (test_backbones, test_mae, ...)."""
 from __future__ import annotations
 
+import functools
+import itertools
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from datamodules.synthetic.design import design_screen, preset
+from datamodules.synthetic.screen import render_sites
 from lightning_modules import ModelConfig, OptimConfig, build_module
 from real_field import pediatric_field
 
@@ -51,3 +55,21 @@ def real_crops(shared_data: Path, n: int, size: int = 32, dtype: torch.dtype = t
     if dtype == torch.uint8:
         return (stacked // 257).to(torch.uint8)
     return stacked.to(torch.uint16)
+
+
+@functools.cache
+def _synthetic_sites(dtype: str, sites: int = 16) -> np.ndarray:
+    """The first sites (sites, 6, 64, 64) of the project's tiny synthetic screen, rendered once per process."""
+    return np.stack(list(itertools.islice(render_sites(design_screen(preset("tiny", dtype=dtype))), sites)))
+
+
+def synthetic_crops(n: int, size: int = 32, dtype: torch.dtype = torch.uint16) -> torch.Tensor:
+    """n crops (n, 6, size, size) of rendered synthetic cells, for tests whose property holds for
+    any cell image: they run where the real data (real_crops) is absent."""
+    sites = _synthetic_sites("uint16" if dtype == torch.uint16 else "uint8")
+    per_site = (sites.shape[-1] // size) ** 2
+    if n > len(sites) * per_site:
+        raise ValueError(f"{n} crops of {size} px asked; the synthetic sites hold {len(sites) * per_site}")
+    crops = [sites[i // per_site, :, r * size:(r + 1) * size, c * size:(c + 1) * size]
+             for i in range(n) for r, c in [divmod(i % per_site, sites.shape[-1] // size)]]
+    return torch.from_numpy(np.stack(crops).astype(np.int32)).to(dtype)

@@ -292,7 +292,7 @@ def _acquire(image: np.ndarray, optics: Optics, rng: np.random.Generator, dtype:
     photons = 120.0  # expected photon count of a bright cell: sets the shot-noise level
     lam = np.clip(signal, 0, None) * photons
     counts = rng.normal(0, 1.5, signal.shape)  # read noise
-    dim = lam < 30  # exact Poisson where counts are low; its normal limit elsewhere (2x faster)
+    dim = lam < 30  # exact Poisson where counts are low; its cheaper normal limit elsewhere
     counts[dim] += rng.poisson(lam[dim])
     counts[~dim] += lam[~dim] + np.sqrt(lam[~dim]) * rng.standard_normal(int((~dim).sum()))
     scale = 0.35 * info.max / photons  # a bright cell lands at ~35% of the range; puncta above

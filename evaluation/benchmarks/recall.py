@@ -141,7 +141,7 @@ def _select_pass(unit: np.ndarray, windows: dict[int, tuple[float, float]], quer
             query_values[order[lo_q:hi_q]] = block[qi[lo_q:hi_q] - start, qj[lo_q:hi_q] - start]
         block[:, :b][np.tri(b, dtype=bool)] = np.nan
         n_valid = block.size - b * (b + 1) // 2
-        flat = block.reshape(-1)  # np.compress below: ~3x faster than boolean indexing on these sizes
+        flat = block.reshape(-1)  # np.compress below: faster than boolean indexing on these sizes
         low_tail = np.compress(flat <= low_edge, flat) if low_edge is not None else None
         high_tail = np.compress(flat >= high_edge, flat) if high_edge is not None else None
         for w, (lo, hi) in enumerate(bounds):

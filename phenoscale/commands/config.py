@@ -6,9 +6,9 @@ scaling.effective_batch_size and scaling.lr are filled in by `fit` once the laun
 
 Examples:
   phenoscale config configs/experiments/tiny.yaml
-  phenoscale config configs/paper/camae_vits16.yaml trainer.max_steps=100 data.batch_size=64
+  phenoscale config configs/paper/camae_vit_s16_openphenom.yaml trainer.max_steps=100 data.batch_size=64
   phenoscale config configs/experiments/demo_mae.yaml --section trainer
-  phenoscale config configs/paper/camae_vit_s16.yaml configs/experiments/tiny.yaml   # layered
+  phenoscale config configs/paper/camae_vit_s16_openphenom.yaml configs/experiments/tiny.yaml   # layered
 """
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ path needs crops/s per GPU, loader cores at the loader rate measured by `make be
 storage bandwidth for the stored site format.
 
 examples:
-  phenoscale plan configs/paper/camae_vit_s16.yaml --gpus 64 --gpu h100 --mfu 0.4 --crops 3.5B
+  phenoscale plan configs/paper/camae_vit_s16_openphenom.yaml --gpus 64 --gpu h100 --mfu 0.4 --crops 3.5B
   phenoscale plan --grid configs/scaling/paper.yaml          # the whole paper grid as one table
 """
 from __future__ import annotations
