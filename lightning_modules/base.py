@@ -8,6 +8,7 @@ import timm
 import torch
 from torch import Tensor
 
+from lightning_modules.blocks import set_mlp_bias_layout
 from lightning_modules.config import ModelConfig, OptimConfig
 from lightning_modules.cpu_tuning import keep_freed_memory_for_reuse
 from lightning_modules.optim import build_optimizer, build_scheduler
@@ -49,7 +50,7 @@ class PhenoModule(L.LightningModule):
         optional = {"img_size": cfg.img_size, "drop_path_rate": cfg.drop_path}
         while True:
             try:
-                return timm.create_model(cfg.backbone, **optional, **kwargs)
+                return set_mlp_bias_layout(timm.create_model(cfg.backbone, **optional, **kwargs), cfg.mlp_bias_layout)
             except TypeError as err:
                 rejected = [name for name in optional if f"'{name}'" in str(err)]
                 if not rejected:

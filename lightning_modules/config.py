@@ -12,6 +12,10 @@ POOLINGS = ("mean", "cls", "channelwise")
 OPTIMIZERS = ("lion", "adamw")
 SCHEDULES = ("onecycle", "cosine")
 MASK_MODES = ("joint", "spatial", "channel")
+#: How a parallel block without qkv bias applies its MLP bias (timm issue #2653, fixed 2026-01-20):
+#: "fixed" adds it to the MLP features; "legacy" adds cat(zeros(3D), mlp_bias) to the whole fused
+#: projection [mlp, q, k, v], as every timm before the fix did (OpenPhenom was trained that way)
+MLP_BIAS_LAYOUTS = ("fixed", "legacy")
 
 
 @dataclass
@@ -27,6 +31,9 @@ class ModelConfig:
     patch_size: Optional[int] = None  # None: the backbone's own
     max_in_chans: int = 11  # channel-agnostic models: most channels accepted at inference
     drop_path: float = 0.1
+    # Recursion parallel blocks: the MLP-bias layout the weights were trained with (MLP_BIAS_LAYOUTS);
+    # new training uses "fixed", OpenPhenom files load as "legacy"
+    mlp_bias_layout: str = "fixed"
     # MAE / CA-MAE
     mask_ratio: float = 0.75
     # CA-MAE: "joint" hides channel-patches independently (the reference); "spatial" hides a position
@@ -60,6 +67,8 @@ class ModelConfig:
             raise ValueError(f"model.family must be one of {FAMILIES}, got {self.family!r}")
         if self.embed_pooling not in POOLINGS:
             raise ValueError(f"model.embed_pooling must be one of {POOLINGS}, got {self.embed_pooling!r}")
+        if self.mlp_bias_layout not in MLP_BIAS_LAYOUTS:
+            raise ValueError(f"model.mlp_bias_layout must be one of {MLP_BIAS_LAYOUTS}, got {self.mlp_bias_layout!r}")
         if self.mask_mode not in MASK_MODES:
             raise ValueError(f"model.mask_mode must be one of {MASK_MODES}, got {self.mask_mode!r}")
         if not 0.0 <= self.mask_ratio < 1.0:

@@ -49,6 +49,7 @@ def reference_config_to_phenoscale(config: dict[str, Any]) -> tuple[dict[str, An
         decoder_dim=int(decoder["embed_dim"]), decoder_depth=int(decoder["depth"]),
         decoder_heads=int(decoder["num_heads"]), fourier_alpha=float(config.get("fourier_loss_weight", 0.0)),
         norm_pix=bool(config.get("norm_pix_loss", False)),
+        mlp_bias_layout="legacy",  # every maes_microscopy/OpenPhenom model was trained on timm before #2653
     )
     optim = OptimConfig(
         name="lion" if "lion" in str(optimizer.get("_target_", "lion")).lower() else "adamw",
