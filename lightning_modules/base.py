@@ -63,6 +63,9 @@ class PhenoModule(L.LightningModule):
             keep_freed_memory_for_reuse()
 
     # --- embeddings -------------------------------------------------------------------------
+    #: the child modules embed() uses: what an --encoder-only export keeps (lightning_modules.export)
+    embedding_submodules: tuple[str, ...] = ()
+
     @property
     def num_blocks(self) -> int:
         """How many layers `embed(block=i)` accepts (i in [0, num_blocks), negatives from the end)."""

@@ -9,7 +9,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ["synth", "shards", "fit", "embed", "evaluate", "config", "plan", "demo", "scaling"]
+COMMANDS = ["synth", "shards", "fit", "embed", "export", "evaluate", "config", "plan", "demo", "scaling"]
 
 
 def build_parser() -> argparse.ArgumentParser:
