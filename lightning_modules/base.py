@@ -1,7 +1,7 @@
 """What every phenoscale LightningModule shares: configs as hyperparameters, optimisation, embed()."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import lightning as L
 import timm
@@ -65,6 +65,8 @@ class PhenoModule(L.LightningModule):
     # --- embeddings -------------------------------------------------------------------------
     #: the child modules embed() uses: what an --encoder-only export keeps (lightning_modules.export)
     embedding_submodules: tuple[str, ...] = ()
+    #: stains in channel order the weights were trained on, when known (an export's config.json)
+    channel_names: Optional[list[str]] = None
 
     @property
     def num_blocks(self) -> int:

@@ -144,6 +144,7 @@ def load_pretrained(source: str | Path, config: dict[str, Any] | str | Path | No
         if export is not None:
             module, state_dict = module_from_export(path, export)
             load_state_dict_strictly(module, state_dict, str(path))
+            module.channel_names = export.get("channels")
             return module.eval()
         if not (path / WEIGHTS).is_file():
             raise FileNotFoundError(f"{path} holds neither a phenoscale export nor OpenPhenom's {WEIGHTS} "

@@ -90,7 +90,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, encoder_on
     module = lightning_modules.load_pretrained(checkpoint)
     run = run_of(checkpoint) if checkpoint.is_file() else None
     run_channels, facts = training_data(run)
-    channels = channels or run_channels
+    channels = channels or run_channels or module.channel_names
     if channels is not None and len(channels) != module.in_chans:
         raise ValueError(f"{len(channels)} channels {channels} given for a model trained on {module.in_chans}")
     metrics_path, recall = recall_metrics(run, Path(metrics) if metrics else None)

@@ -4,5 +4,7 @@ from datamodules.converters.common import parse_channel_map, read_site, write_si
 from datamodules.converters.folder import folder_sites
 from datamodules.converters.jump import jump_sites
 from datamodules.converters.rxrx import rxrx1_sites, rxrx3_sites
+from datamodules.converters.stacks import stack_sites
 
-__all__ = ["parse_channel_map", "read_site", "write_sites", "folder_sites", "jump_sites", "rxrx1_sites", "rxrx3_sites"]
+__all__ = ["parse_channel_map", "read_site", "write_sites", "folder_sites", "jump_sites", "rxrx1_sites", "rxrx3_sites",
+           "stack_sites"]
