@@ -1,7 +1,7 @@
 """Multi-channel TIFF and OME-TIFF stacks: one file per site, one plane per channel.
 
 Stains come from `--channel-map 1=DNA,2=ER,...` (plane numbers from 1, as Phenix channel numbers;
-a map may keep a subset of the planes), else from the OME metadata's channel names, else
+a map may keep a subset of the planes), else from the first file's OME channel names, else
 `ch1..chC`. Metadata is what a file name can tell: key = the file's stem, plate = its folder;
 for real perturbation metadata describe the sites in a table instead (`folder_sites`).
 """
