@@ -43,7 +43,7 @@ def _download(repo_id: str, filename: str, revision: str | None, required: bool 
     except LocalEntryNotFoundError:
         if not required:
             return None
-        offline = " (HF_HUB_OFFLINE is set)" if constants.is_offline_mode() else ""
+        offline = " (HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE else ""
         raise HubError(f"{where}: {filename} is not in the Hub cache {constants.HF_HUB_CACHE} and cannot be "
                        f"downloaded{offline}; download it once online, or set HF_HOME to the cache that has it") from None
     except RepositoryNotFoundError:

@@ -11,7 +11,7 @@ import lightning as L
 import pytest
 import torch
 from huggingface_hub import constants
-from huggingface_hub.errors import RemoteEntryNotFoundError, RepositoryNotFoundError
+from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
 
 from lightning_modules import load_pretrained
 from lightning_modules.hub import HubError, parse_hub_uri
@@ -97,7 +97,7 @@ def test_online_hub_errors_are_clear(monkeypatch):
         raise RepositoryNotFoundError("404", response=MagicMock())
 
     def missing_file(repo_id, filename, revision=None):
-        raise RemoteEntryNotFoundError("404", response=MagicMock())
+        raise EntryNotFoundError("404")
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", missing_repo)
     with pytest.raises(HubError, match="no such repository on the Hub"):
