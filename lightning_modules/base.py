@@ -9,24 +9,35 @@ import torch
 from torch import Tensor
 
 from lightning_modules.blocks import set_mlp_bias_layout
-from lightning_modules.config import ModelConfig, OptimConfig
+from lightning_modules.config import ModelConfig, OptimConfig, model_config_dict
 from lightning_modules.cpu_tuning import keep_freed_memory_for_reuse
+from lightning_modules.families import get_family
 from lightning_modules.optim import build_optimizer, build_scheduler
 
 
 class PhenoModule(L.LightningModule):
-    """Base of MAEModule, CAMAEModule and WSLModule.
+    """Base of every model family's module (MAEModule, CAMAEModule, WSLModule, plugins).
 
     The constructor takes plain dicts (not dataclasses) so `save_hyperparameters()` writes a
     checkpoint that rebuilds with `Module.load_from_checkpoint(path)` and safe (weights-only)
-    unpickling.
+    unpickling. Subclasses are registered with `lightning_modules.families.register_family`,
+    which sets `family`.
     """
+
+    family: str = ""  # set by register_family
 
     def __init__(self, model_cfg: dict[str, Any], optim_cfg: dict[str, Any], in_chans: int,
                  num_classes: int = 0, total_steps: int = 1) -> None:
         super().__init__()
-        self.save_hyperparameters()
-        self.model_cfg = ModelConfig(**model_cfg)
+        model_cfg = model_config_dict(model_cfg)  # checkpoints from before the per-family sections, too
+        self.save_hyperparameters({"model_cfg": model_cfg, "optim_cfg": optim_cfg, "in_chans": in_chans,
+                                   "num_classes": num_classes, "total_steps": total_steps})
+        family = model_cfg["family"]
+        if family != self.family:
+            raise ValueError(f"{type(self).__name__} is family {self.family!r}, got model.family={family!r}")
+        self.model_cfg = ModelConfig(**{k: v for k, v in model_cfg.items() if k != family})
+        #: the family's own section (model.<family>), as its registered dataclass
+        self.family_cfg = get_family(family).config(**model_cfg[family])
         self.optim_cfg = OptimConfig(**optim_cfg)
         if in_chans < 1:
             raise ValueError(f"in_chans must be >= 1, got {in_chans}")
@@ -67,6 +78,11 @@ class PhenoModule(L.LightningModule):
     embedding_submodules: tuple[str, ...] = ()
     #: stains in channel order the weights were trained on, when known (an export's config.json)
     channel_names: Optional[list[str]] = None
+
+    @property
+    def trunk(self) -> torch.nn.Module:
+        """The part that embeds (an MAE's encoder, a classifier's backbone): what `plan` counts."""
+        raise NotImplementedError
 
     @property
     def num_blocks(self) -> int:

@@ -7,11 +7,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_modules.base import PhenoModule
-from lightning_modules.config import ModelConfig, OptimConfig
-from lightning_modules.mae import CAMAEModule, MAEModule
-from lightning_modules.wsl import WSLModule
-
-MODULES: dict[str, type[PhenoModule]] = {"mae": MAEModule, "camae": CAMAEModule, "wsl": WSLModule}
+from lightning_modules.config import ModelConfig, OptimConfig, model_config_dict
+from lightning_modules.families import get_family
 
 
 def as_plain_dict(cfg: Any, schema: type) -> dict[str, Any]:
@@ -29,8 +26,8 @@ def as_plain_dict(cfg: Any, schema: type) -> dict[str, Any]:
 
 def build_module(model_cfg: ModelConfig | DictConfig | dict, optim_cfg: OptimConfig | DictConfig | dict, *,
                  in_chans: int, num_classes: int = 0, total_steps: int = 1) -> PhenoModule:
-    """The LightningModule for `model_cfg.family` (mae | camae | wsl), ready for a Trainer."""
-    model = as_plain_dict(model_cfg, ModelConfig)
+    """The LightningModule of the registered family `model_cfg.family`, ready for a Trainer."""
+    model = model_config_dict(model_cfg)
     optim = as_plain_dict(optim_cfg, OptimConfig)
-    return MODULES[model["family"]](model, optim, in_chans=in_chans, num_classes=num_classes,
-                                    total_steps=total_steps)
+    return get_family(model["family"]).module(model, optim, in_chans=in_chans, num_classes=num_classes,
+                                              total_steps=total_steps)

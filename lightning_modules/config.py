@@ -4,10 +4,14 @@
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from typing import Any, List, Optional
 
-FAMILIES = ("mae", "camae", "wsl")
+from omegaconf import DictConfig, OmegaConf
+
+from lightning_modules.families import family_names, get_family
+
 POOLINGS = ("mean", "cls", "channelwise")
 OPTIMIZERS = ("lion", "adamw")
 SCHEDULES = ("onecycle", "cosine")
@@ -20,61 +24,147 @@ MLP_BIAS_LAYOUTS = ("fixed", "legacy")
 
 @dataclass
 class ModelConfig:
-    """What network to build and how it learns and embeds."""
+    """What network to build and how it embeds: the settings every family shares.
 
-    family: str = "camae"  # mae | camae | wsl
+    What only one family uses lives in that family's own section, `model.<family>` (MAEConfig,
+    CAMAEConfig, WSLConfig below, or a registered plugin's dataclass); `model_config_dict`
+    validates both parts together.
+    """
+
+    family: str = "camae"  # a registered family (lightning_modules.families): mae | camae | wsl | ...
     # any timm name; camae needs a channel-agnostic one (ca_vit_*), mae a ViT (vit_*_256 here)
     backbone: str = "ca_vit_small_patch16_256"
     # extra timm.create_model kwargs (e.g. embed_dim/depth/num_heads for tiny test models)
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)
     img_size: int = 256  # crop side the model sees
     patch_size: Optional[int] = None  # None: the backbone's own
-    max_in_chans: int = 11  # channel-agnostic models: most channels accepted at inference
     drop_path: float = 0.1
     # Recursion parallel blocks: the MLP-bias layout the weights were trained with (MLP_BIAS_LAYOUTS);
     # new training uses "fixed", OpenPhenom files load as "legacy"
     mlp_bias_layout: str = "fixed"
-    # MAE / CA-MAE
-    mask_ratio: float = 0.75
-    # CA-MAE: "joint" hides channel-patches independently (the reference); "spatial" hides a position
-    # in every channel at once, so a hidden patch cannot be copied from another stain at the same place;
-    # "channel" also hides one whole stain per image, to be predicted from the others (ChA-MAEViT)
-    # (MAE tokens already hold every channel of a position: all modes are the same there)
-    mask_mode: str = "joint"
-    decoder_dim: int = 512
-    decoder_depth: int = 8
-    decoder_heads: int = 16
-    # CA-MAE's shared cross-attention; the reference fixes 8 heads (no weight depends on it), which
-    # at a narrow decoder (32 dims: 4 per head) runs SDPA at a fraction of its speed on CPU
-    cross_attention_heads: int = 8
-    fourier_alpha: float = 0.01  # loss = (1-a)·masked MSE + a·Fourier L1
-    norm_pix: bool = False
-    # variance floor of norm_pix: MAE's 1e-6 suits natural images; in self-standardised microscopy
-    # many single-channel patches are background (std ~0.05) that 1e-6 blows up to unit-variance noise
-    norm_pix_eps: float = 1e-6
-    # WSL
-    wsl_hidden_dim: int = 1024
-    wsl_embed_dim: int = 512
-    arcface_scale: float = 30.0
-    arcface_margin: float = 0.5
-    arcface_weight: float = 0.5  # loss = (1-w)·CE(softmax head) + w·CE(ArcFace logits)
     # embed() defaults
     embed_pooling: str = "mean"
     embed_block: Optional[int] = None  # None: last block (MAE) / neck (WSL)
 
     def __post_init__(self) -> None:
-        if self.family not in FAMILIES:
-            raise ValueError(f"model.family must be one of {FAMILIES}, got {self.family!r}")
+        get_family(self.family)  # raises, listing the registered families
         if self.embed_pooling not in POOLINGS:
             raise ValueError(f"model.embed_pooling must be one of {POOLINGS}, got {self.embed_pooling!r}")
         if self.mlp_bias_layout not in MLP_BIAS_LAYOUTS:
             raise ValueError(f"model.mlp_bias_layout must be one of {MLP_BIAS_LAYOUTS}, got {self.mlp_bias_layout!r}")
-        if self.mask_mode not in MASK_MODES:
-            raise ValueError(f"model.mask_mode must be one of {MASK_MODES}, got {self.mask_mode!r}")
+
+
+@dataclass
+class MAEConfig:
+    """model.mae: masked-autoencoder pre-training (also the base of model.camae)."""
+
+    mask_ratio: float = 0.75
+    decoder_dim: int = 512
+    decoder_depth: int = 8
+    decoder_heads: int = 16
+    fourier_alpha: float = 0.01  # loss = (1-a)·masked MSE + a·Fourier L1
+    norm_pix: bool = False
+    # variance floor of norm_pix: MAE's 1e-6 suits natural images; in self-standardised microscopy
+    # many single-channel patches are background (std ~0.05) that 1e-6 blows up to unit-variance noise
+    norm_pix_eps: float = 1e-6
+
+    def __post_init__(self) -> None:
         if not 0.0 <= self.mask_ratio < 1.0:
-            raise ValueError(f"model.mask_ratio must be in [0, 1), got {self.mask_ratio}")
+            raise ValueError(f"model.*.mask_ratio must be in [0, 1), got {self.mask_ratio}")
         if not 0.0 <= self.fourier_alpha < 1.0:
-            raise ValueError(f"model.fourier_alpha must be in [0, 1), got {self.fourier_alpha}")
+            raise ValueError(f"model.*.fourier_alpha must be in [0, 1), got {self.fourier_alpha}")
+
+
+@dataclass
+class CAMAEConfig(MAEConfig):
+    """model.camae: the channel-agnostic MAE's settings on top of the MAE's."""
+
+    max_in_chans: int = 11  # most channels accepted at inference
+    # "joint" hides channel-patches independently (the reference); "spatial" hides a position
+    # in every channel at once, so a hidden patch cannot be copied from another stain at the same place;
+    # "channel" also hides one whole stain per image, to be predicted from the others (ChA-MAEViT)
+    mask_mode: str = "joint"
+    # the shared cross-attention; the reference fixes 8 heads (no weight depends on it), which
+    # at a narrow decoder (32 dims: 4 per head) runs SDPA at a fraction of its speed on CPU
+    cross_attention_heads: int = 8
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.mask_mode not in MASK_MODES:
+            raise ValueError(f"model.camae.mask_mode must be one of {MASK_MODES}, got {self.mask_mode!r}")
+
+
+@dataclass
+class WSLConfig:
+    """model.wsl: the weakly supervised classifier's neck and loss."""
+
+    hidden_dim: int = 1024
+    embed_dim: int = 512
+    arcface_scale: float = 30.0
+    arcface_margin: float = 0.5
+    arcface_weight: float = 0.5  # loss = (1-w)·CE(softmax head) + w·CE(ArcFace logits)
+
+
+def _plain(cfg: Any) -> dict[str, Any]:
+    if isinstance(cfg, DictConfig):
+        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    if is_dataclass(cfg):
+        return asdict(cfg)
+    return dict(cfg)
+
+
+def migrate_legacy_keys(cfg: dict[str, Any], family: str | None = None, source: str = "model config") -> dict[str, Any]:
+    """Flat keys from before the per-family sections (`model.mask_ratio`) -> `model.<family>.<key>`.
+
+    Kept for one release so old YAML files and checkpoints still load; each moved key warns
+    with its new name (a FutureWarning: shown to users by default). A flat key of another family (e.g. `wsl_hidden_dim` in an MAE
+    config, harmless when configs were flat) is dropped with a warning.
+    """
+    family = get_family(family or cfg.get("family", ModelConfig.family))
+    every_legacy = {key for f in (get_family(n) for n in family_names()) for key in f.legacy_keys}
+    moved = {key for key in cfg if key in every_legacy}
+    if not moved:
+        return cfg
+    out = {k: v for k, v in cfg.items() if k not in moved}
+    section = dict(out.get(family.name) or {})
+    for key in sorted(moved):
+        if key in family.legacy_keys:
+            new = family.legacy_keys[key]
+            section.setdefault(new, cfg[key])
+            warnings.warn(f"{source}: model.{key} is deprecated, use model.{family.name}.{new}",
+                          FutureWarning, stacklevel=3)
+        else:
+            warnings.warn(f"{source}: model.{key} is not a setting of family {family.name!r}; ignored",
+                          FutureWarning, stacklevel=3)
+    out[family.name] = section
+    return out
+
+
+def without_other_sections(cfg: dict[str, Any], family: str | None = None) -> dict[str, Any]:
+    """`cfg` without the sections of registered families other than its own."""
+    family = family or cfg.get("family", ModelConfig.family)
+    return {k: v for k, v in cfg.items() if k == family or k not in family_names()}
+
+
+def model_config_dict(cfg: Any) -> dict[str, Any]:
+    """ModelConfig, DictConfig or dict (with its `model.<family>` section) -> a validated plain dict.
+
+    The section of the configured family is checked by the family's own dataclass; sections of
+    other registered families are dropped (one file may configure several families, as
+    configs/experiments/tiny.yaml does); an unknown key fails naming what is allowed.
+    """
+    raw = without_other_sections(migrate_legacy_keys(_plain(cfg)))
+    family = get_family(raw.get("family", ModelConfig.family))
+    shared = {f.name for f in fields(ModelConfig)}
+    unknown = sorted(set(raw) - shared - {family.name})
+    if unknown:
+        raise ValueError(f"unknown ModelConfig keys {unknown}; allowed: {sorted(shared)} and the section {family.name!r}")
+    section = dict(raw.get(family.name) or {})
+    allowed = {f.name for f in fields(family.config)}
+    if set(section) - allowed:
+        raise ValueError(f"unknown model.{family.name} keys {sorted(set(section) - allowed)}; allowed: {sorted(allowed)}")
+    common = asdict(ModelConfig(**{k: v for k, v in raw.items() if k in shared}))
+    return {**common, family.name: asdict(family.config(**section))}
 
 
 @dataclass

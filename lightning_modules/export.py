@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from lightning_modules.base import PhenoModule
-from lightning_modules.build import MODULES
+from lightning_modules.families import get_family
 from lightning_modules.standardize import DTYPE_MAX, INSTANCE_NORM_EPS
 
 FORMAT = "phenoscale"
@@ -112,8 +112,9 @@ def module_from_export(folder: str | Path, config: dict[str, Any]) -> tuple[Phen
     if not weights.is_file():
         raise FileNotFoundError(f"{folder}: phenoscale export without its {WEIGHTS}")
     try:
-        module = MODULES[config["family"]](config["model_cfg"], config["optim_cfg"], in_chans=int(config["in_chans"]),
-                                           num_classes=int(config["num_classes"]))
+        family = get_family(config["family"])
+        module = family.module(config["model_cfg"], config["optim_cfg"], in_chans=int(config["in_chans"]),
+                               num_classes=int(config["num_classes"]))
     except KeyError as err:
         raise ValueError(f"{folder / CONFIG}: missing or unknown {err}") from None
     _check_consistent(config, module, folder / CONFIG)

@@ -14,10 +14,17 @@ from torch import Tensor, nn
 
 from lightning_modules.backbones import is_channel_agnostic
 from lightning_modules.base import PhenoModule
+from lightning_modules.config import CAMAEConfig, MAEConfig
 from lightning_modules.decoders import CAMAEDecoder, MAEDecoder
+from lightning_modules.families import register_family
 from lightning_modules.losses import mae_loss, norm_pix
 from lightning_modules.standardize import self_standardize
 from lightning_modules.tokens import TokenMask, gather_tokens, patchify, random_token_mask
+
+
+def _legacy(config: type) -> dict[str, str]:
+    """Flat model.<key> names of the masked autoencoders' settings: the same names as the fields."""
+    return {f: f for f in config.__dataclass_fields__}
 
 
 class MaskedEncoder(nn.Module):
@@ -69,12 +76,12 @@ class MaskedAutoencoderModule(PhenoModule):
     def __init__(self, model_cfg: dict[str, Any], optim_cfg: dict[str, Any], in_chans: int,
                  num_classes: int = 0, total_steps: int = 1) -> None:
         super().__init__(model_cfg, optim_cfg, in_chans, num_classes, total_steps)
-        cfg = self.model_cfg
+        cfg = self.family_cfg
         extra = {"max_in_chans": cfg.max_in_chans} if self.channel_agnostic else {}
         backbone = self.create_backbone(**extra)
         if is_channel_agnostic(backbone) != self.channel_agnostic:
             kind = "a channel-agnostic (ca_vit_*)" if self.channel_agnostic else "a per-image (not ca_*)"
-            raise ValueError(f"{type(self).__name__} needs {kind} backbone, got model.backbone={cfg.backbone!r}")
+            raise ValueError(f"{type(self).__name__} needs {kind} backbone, got model.backbone={self.model_cfg.backbone!r}")
         # the pooled head (fc_norm/head) is used by neither the MAE loss nor the embedding; frozen,
         # so DDP sees no parameter without a gradient (its keys stay for checkpoint compatibility)
         for head in (backbone.fc_norm, backbone.head):
@@ -93,24 +100,29 @@ class MaskedAutoencoderModule(PhenoModule):
     def forward(self, images: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, TokenMask]:
         """Raw images -> (pixel predictions (B, L, P), standardised pixel targets (B, L, P), mask)."""
         x = self_standardize(images)
+        cfg = self.family_cfg
         channels = x.shape[1] if self.channel_agnostic else 1
-        latent, mask = self.encoder.forward_masked(x, self.model_cfg.mask_ratio, generator, channels,
-                                                   self.model_cfg.mask_mode)
+        mask_mode = cfg.mask_mode if self.channel_agnostic else "joint"  # an MAE token holds every channel
+        latent, mask = self.encoder.forward_masked(x, cfg.mask_ratio, generator, channels, mask_mode)
         decoded = self.decoder(self.encoder_decoder_proj(latent), mask.restore)
         pred = self.decoder_pred(decoded[:, self.encoder.num_prefix_tokens:])
         target = patchify(x, self.patch_size, self.channel_agnostic)
-        if self.model_cfg.norm_pix:
-            target = norm_pix(target, self.model_cfg.norm_pix_eps)
+        if cfg.norm_pix:
+            target = norm_pix(target, cfg.norm_pix_eps)
         return pred, target, mask
 
     def compute_losses(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         pred, target, mask = self(batch["image"])
-        loss, mse, fourier = mae_loss(pred, target, mask.mask, self.patch_size, self.model_cfg.fourier_alpha)
+        loss, mse, fourier = mae_loss(pred, target, mask.mask, self.patch_size, self.family_cfg.fourier_alpha)
         return {"loss": loss, "mse": mse, "fourier": fourier}
 
     @property
     def num_blocks(self) -> int:
         return len(self.encoder.vit_backbone.blocks)
+
+    @property
+    def trunk(self) -> nn.Module:
+        return self.encoder
 
     @torch.no_grad()
     def embed(self, images: Tensor, pooling: str | None = None, block: int | None = None) -> Tensor:
@@ -135,14 +147,18 @@ class MaskedAutoencoderModule(PhenoModule):
         return out.float()
 
 
+@register_family("mae", config=MAEConfig, label="MAE", colour="#3b75af", self_supervised=True,
+                 legacy_keys=_legacy(MAEConfig))
 class MAEModule(MaskedAutoencoderModule):
     """MAE: every token holds all channels of a patch; ViT decoder (reference MAEDecoder)."""
 
     def build_decoder(self) -> nn.Module:
-        cfg = self.model_cfg
+        cfg = self.family_cfg
         return MAEDecoder(self.grid * self.grid, self.grid, cfg.decoder_dim, cfg.decoder_depth, cfg.decoder_heads)
 
 
+@register_family("camae", config=CAMAEConfig, label="CA-MAE", colour="#2e8b57", self_supervised=True,
+                 legacy_keys=_legacy(CAMAEConfig))
 class CAMAEModule(MaskedAutoencoderModule):
     """Channel-agnostic MAE: one token per channel-patch; CAMAEDecoder with one stack per channel.
 
@@ -153,6 +169,6 @@ class CAMAEModule(MaskedAutoencoderModule):
     channel_agnostic = True
 
     def build_decoder(self) -> nn.Module:
-        cfg = self.model_cfg
+        cfg = self.family_cfg
         return CAMAEDecoder(self.in_chans, self.grid * self.grid, self.grid, cfg.decoder_dim,
                             cfg.decoder_depth, cfg.decoder_heads, cross_attention_heads=cfg.cross_attention_heads)

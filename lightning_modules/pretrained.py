@@ -17,9 +17,10 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from lightning_modules.base import PhenoModule
-from lightning_modules.build import MODULES, as_plain_dict
-from lightning_modules.config import ModelConfig, OptimConfig
+from lightning_modules.build import as_plain_dict
+from lightning_modules.config import OptimConfig, model_config_dict
 from lightning_modules.export import WEIGHTS, module_from_export, read_export_config
+from lightning_modules.families import get_family
 from lightning_modules.hub import download, is_hub_uri
 
 #: The settings of the public OpenPhenom (CA-MAE ViT-S/16) when no config.json is at hand.
@@ -47,21 +48,22 @@ def reference_config_to_phenoscale(config: dict[str, Any]) -> tuple[dict[str, An
     backbone = ("ca_" if channel_agnostic else "") + vit_target.rsplit(".", 1)[-1]
     in_chans = int(decoder.get("num_modalities", 6)) if channel_agnostic else 6
     optimizer = config.get("optimizer") or {}
-    model = ModelConfig(
-        family="camae" if channel_agnostic else "mae", backbone=backbone,
-        max_in_chans=int(encoder.get("max_in_chans", 11)), mask_ratio=float(config.get("mask_ratio", 0.75)),
-        decoder_dim=int(decoder["embed_dim"]), decoder_depth=int(decoder["depth"]),
-        decoder_heads=int(decoder["num_heads"]), fourier_alpha=float(config.get("fourier_loss_weight", 0.0)),
-        norm_pix=bool(config.get("norm_pix_loss", False)),
-        mlp_bias_layout="legacy",  # every maes_microscopy/OpenPhenom model was trained on timm before #2653
-    )
+    family = "camae" if channel_agnostic else "mae"
+    section = dict(mask_ratio=float(config.get("mask_ratio", 0.75)), decoder_dim=int(decoder["embed_dim"]),
+                   decoder_depth=int(decoder["depth"]), decoder_heads=int(decoder["num_heads"]),
+                   fourier_alpha=float(config.get("fourier_loss_weight", 0.0)),
+                   norm_pix=bool(config.get("norm_pix_loss", False)))
+    if channel_agnostic:
+        section["max_in_chans"] = int(encoder.get("max_in_chans", 11))
+    # every maes_microscopy/OpenPhenom model was trained on a timm from before issue #2653
+    model = {"family": family, "backbone": backbone, "mlp_bias_layout": "legacy", family: section}
     optim = OptimConfig(
         name="lion" if "lion" in str(optimizer.get("_target_", "lion")).lower() else "adamw",
         lr=float(optimizer.get("lr", 1e-4)), weight_decay=float(optimizer.get("weight_decay", 0.05)),
         betas=list(optimizer.get("betas", [0.9, 0.95])),
         warmup_fraction=float((config.get("lr_scheduler") or {}).get("pct_start", 0.1)),
     )
-    return as_plain_dict(model, ModelConfig), as_plain_dict(optim, OptimConfig), in_chans
+    return model_config_dict(model), as_plain_dict(optim, OptimConfig), in_chans
 
 
 def _listing(keys: list[str]) -> str:
@@ -155,10 +157,10 @@ def load_pretrained(source: str | Path, config: dict[str, Any] | str | Path | No
     payload = _read_checkpoint(path)
     if "hyper_parameters" in payload:
         hparams = payload["hyper_parameters"]
-        module = MODULES[hparams["model_cfg"]["family"]](**hparams)
+        module = get_family(hparams["model_cfg"]["family"]).module(**hparams)
     else:
         model_cfg, optim_cfg, in_chans = reference_config_to_phenoscale(_reference_config(path, config))
-        module = MODULES[model_cfg["family"]](model_cfg, optim_cfg, in_chans=in_chans)
+        module = get_family(model_cfg["family"]).module(model_cfg, optim_cfg, in_chans=in_chans)
     state_dict = payload.get("state_dict", payload)
     load_state_dict_strictly(module, state_dict, str(path))
     return module.eval()

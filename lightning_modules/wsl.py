@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_modules.base import PhenoModule
+from lightning_modules.config import WSLConfig
+from lightning_modules.families import register_family
 from lightning_modules.losses import ArcFaceHead
 from lightning_modules.standardize import self_standardize
 
@@ -25,6 +27,9 @@ def embedding_neck(in_features: int, hidden: int, out: int) -> nn.Sequential:
                          nn.BatchNorm1d(hidden), nn.Linear(hidden, out), nn.BatchNorm1d(out))
 
 
+@register_family("wsl", config=WSLConfig, label="WSL", colour="#c0504d",
+                 legacy_keys={"wsl_hidden_dim": "hidden_dim", "wsl_embed_dim": "embed_dim",
+                              **{k: k for k in ("arcface_scale", "arcface_margin", "arcface_weight")}})
 class WSLModule(PhenoModule):
     """Perturbation classifier on any timm backbone; `embed()` returns the neck output."""
 
@@ -35,14 +40,14 @@ class WSLModule(PhenoModule):
         super().__init__(model_cfg, optim_cfg, in_chans, num_classes, total_steps)
         if num_classes < 2:
             raise ValueError(f"WSLModule needs num_classes >= 2 perturbation labels, got {num_classes}")
-        cfg = self.model_cfg
+        cfg = self.family_cfg
         self.backbone = self.create_backbone()
-        self.neck = embedding_neck(self.backbone.num_features, cfg.wsl_hidden_dim, cfg.wsl_embed_dim)
-        self.classifier = nn.Linear(cfg.wsl_embed_dim, num_classes)
-        self.arcface = ArcFaceHead(cfg.wsl_embed_dim, num_classes, cfg.arcface_scale, cfg.arcface_margin)
+        self.neck = embedding_neck(self.backbone.num_features, cfg.hidden_dim, cfg.embed_dim)
+        self.classifier = nn.Linear(cfg.embed_dim, num_classes)
+        self.arcface = ArcFaceHead(cfg.embed_dim, num_classes, cfg.arcface_scale, cfg.arcface_margin)
 
     def forward(self, images: Tensor) -> Tensor:
-        """Raw images -> neck embedding (B, wsl_embed_dim)."""
+        """Raw images -> neck embedding (B, model.wsl.embed_dim)."""
         return self.neck(self.backbone(self_standardize(images)))
 
     def compute_losses(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -58,9 +63,13 @@ class WSLModule(PhenoModule):
 
         ce = labelled_ce(logits)
         arcface = labelled_ce(self.arcface(embedding, labels))
-        weight = self.model_cfg.arcface_weight
+        weight = self.family_cfg.arcface_weight
         acc = (logits.argmax(dim=1) == labels).sum() / n_labelled
         return {"loss": (1 - weight) * ce + weight * arcface, "ce": ce, "arcface": arcface, "acc": acc}
+
+    @property
+    def trunk(self) -> nn.Module:
+        return self.backbone
 
     @property
     def num_blocks(self) -> int:
@@ -69,7 +78,7 @@ class WSLModule(PhenoModule):
 
     @torch.no_grad()
     def embed(self, images: Tensor, pooling: str | None = None, block: int | None = None) -> Tensor:
-        """Neck output (B, wsl_embed_dim) as float32; the backbone's own pool feeds the neck."""
+        """Neck output (B, model.wsl.embed_dim) as float32; the backbone's own pool feeds the neck."""
         if pooling not in (None, "mean"):
             raise ValueError(f"WSLModule embeds its neck output; pooling must be None or 'mean', got {pooling!r}")
         self.resolve_block(block)

@@ -17,13 +17,15 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from datamodules.atomic import write_text_atomic
 from datamodules.config import DataConfig
 from evaluation.config import EvalConfig
-from lightning_modules.config import ModelConfig, OptimConfig
+from lightning_modules.config import (ModelConfig, OptimConfig, migrate_legacy_keys, model_config_dict,
+                                      without_other_sections)
+from lightning_modules.families import get_family
 from lightning_modules.hardware import TRAIN_PRECISIONS
 
 
@@ -105,9 +107,21 @@ def _type_name(tp: Any) -> str:
     return text.replace("typing.", "")
 
 
-def allowed_keys(section: str) -> str:
+def schema(family: str = ModelConfig.family) -> DictConfig:
+    """The structured defaults, with the registered family's own section added as `model.<family>`.
+
+    Only the configured family's section exists (load_config drops other families' sections, so
+    one file may configure several); a misspelt section or key fails at load.
+    """
+    cfg = OmegaConf.structured(ExperimentConfig)
+    with open_dict(cfg.model):
+        cfg.model[family] = OmegaConf.structured(get_family(family).config)
+    return cfg
+
+
+def allowed_keys(section: str, family: str = ModelConfig.family) -> str:
     """'key: type = default' for every key of `section` ('' = top level) of the schema."""
-    node = OmegaConf.structured(ExperimentConfig)
+    node = schema(family)
     if section:
         node = OmegaConf.select(node, section, throw_on_missing=False)
     cls = OmegaConf.get_type(node) if isinstance(node, DictConfig) else None
@@ -126,7 +140,7 @@ def allowed_keys(section: str) -> str:
     return "\n".join(lines)
 
 
-def _friendly(err: OmegaConfBaseException, source: str) -> ConfigError:
+def _friendly(err: OmegaConfBaseException, source: str, family: str) -> ConfigError:
     key = err.full_key or err.key or ""
     section = key.rsplit(".", 1)[0] if "." in str(key) else ""
     where = f"section '{section}'" if section else "the top level"
@@ -134,7 +148,7 @@ def _friendly(err: OmegaConfBaseException, source: str) -> ConfigError:
         what = f"unknown key '{key}'"
     else:
         what = f"bad value for '{key}': {str(err.msg).splitlines()[0]}"
-    return ConfigError(f"{source}: {what}.\nAllowed keys of {where}:\n{allowed_keys(section)}")
+    return ConfigError(f"{source}: {what}.\nAllowed keys of {where}:\n{allowed_keys(section, family)}")
 
 
 def load_config(paths: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
@@ -145,25 +159,37 @@ def load_config(paths: str | os.PathLike | Sequence[str | os.PathLike] | None = 
     Returns a typed (structured) DictConfig posing as ExperimentConfig: attribute access and
     assignment are checked against the schema from here on too.
     """
-    cfg = OmegaConf.structured(ExperimentConfig)
     if paths is None:
         paths = []
     elif isinstance(paths, (str, os.PathLike)):
         paths = [paths]
+    layers: list[tuple[str, DictConfig]] = []
     for path in map(Path, paths):
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:
-            cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
+            layers.append((str(path), OmegaConf.load(path)))
         except OmegaConfBaseException as err:
-            raise _friendly(err, str(path)) from None
+            raise ConfigError(f"{path}: {err}") from None
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key=value, e.g. trainer.max_steps=100")
+        layers.append((f"override {item!r}", OmegaConf.from_dotlist([item])))
+    # the family decides which model.<family> section the schema has: the last layer that names it
+    family = next((f for _, layer in reversed(layers) if (f := OmegaConf.select(layer, "model.family")) is not None),
+                  ModelConfig.family)
+    try:
+        cfg = schema(family)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    for source, layer in layers:
+        if isinstance(layer.get("model"), DictConfig):
+            model = migrate_legacy_keys(OmegaConf.to_container(layer.model), family, source)
+            layer.model = OmegaConf.create(without_other_sections(model, family))
         try:
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+            cfg = OmegaConf.merge(cfg, layer)
         except OmegaConfBaseException as err:
-            raise _friendly(err, f"override {item!r}") from None
+            raise _friendly(err, source, family) from None
     _check_values(cfg)
     return cfg  # type: ignore[return-value]
 
@@ -199,6 +225,12 @@ def _check_values(cfg: Any) -> None:
     for section in cfg:
         if OmegaConf.missing_keys(cfg[section]):
             continue  # `phenoscale config` may show '???'; fit demands them (require_complete)
+        if section == "model":  # the shared settings and the family's own section, each by its dataclass
+            try:
+                model_config_dict(cfg.model)
+            except (ValueError, TypeError) as err:
+                raise ConfigError(str(err)) from None
+            continue
         try:
             # builds the dataclass: each package's __post_init__ checks run now, not at build time
             OmegaConf.to_object(cfg[section])

@@ -28,21 +28,38 @@ from phenoscale.baselines import ImageStatistics
 from phenoscale.config import load_config
 from phenoscale.demo_report import write_demo_report
 from phenoscale.embedding import embed_batch, embed_model, embedding_device
+from phenoscale.paths import demo_config
 from phenoscale.workflow import Screen, ensure_screen, eval_data_config, recall_rows, score, train
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "experiments"
-MODELS = ("mae", "camae", "wsl")
-LABELS = {"mae": "MAE", "camae": "CA-MAE", "wsl": "WSL", "random_init": "random-init MAE encoder",
-          "random_init_camae": "random-init CA-MAE encoder", "image_stats": "image statistics",
-          "oracle": "oracle (planted phenotypes)"}
-#: the untrained twin each masked autoencoder must beat (same architecture, seed and pooling)
-RANDOM_INIT = {"mae": "random_init", "camae": "random_init_camae"}
+#: the embedders that are not trained models; a trained family's label comes from its registration
+REFERENCE_LABELS = {"image_stats": "image statistics", "oracle": "oracle (planted phenotypes)"}
+
+
+def demo_models() -> tuple[str, ...]:
+    """Registered families that have a demo config (configs/experiments/demo_<family>.yaml), in registry order."""
+    return tuple(name for name in lightning_modules.family_names() if demo_config(name).is_file())
+
+
+def random_init_name(family: str) -> str:
+    """The untrained twin of a self-supervised family: same architecture, seed and pooling."""
+    return f"random_init_{family}"
+
+
+def label(name: str) -> str:
+    """How the table names an embedder: a family's label, its random-init twin, or a reference."""
+    if name in REFERENCE_LABELS:
+        return REFERENCE_LABELS[name]
+    if name.startswith("random_init_"):
+        return f"random-init {lightning_modules.get_family(name.removeprefix('random_init_')).label} encoder"
+    return lightning_modules.get_family(name).label
+
+
 #: embed() precision per embedder, float32 ("32") unless named here. The CA-MAE's passes (trained,
 #: random-init, 5 channels) take most of the demo's embedding time; "auto" runs them in
 #: bf16 where the CPU or GPU multiplies bf16 natively, which leaves their recall unchanged, and in
 #: float32 elsewhere (lightning_modules.hardware). The WSL's embeddings stay float32: TVN amplified
 #: their bf16 rounding (docs/runs.md).
-EMBED_PRECISION = {"camae": "auto", "random_init_camae": "auto"}
+EMBED_PRECISION = {"camae": "auto", random_init_name("camae"): "auto"}
 #: evaluation batches on which the CA-MAE embeds the channels in reversed order too: its encoder is
 #: permutation-equivariant over channels by construction, so a whole pass (a quarter of the demo's
 #: CA-MAE embedding time) would recompute the same numbers; the sample measures how equal they are
@@ -55,7 +72,7 @@ class DemoSettings:
     genes: int = 200
     seed: int = 0
     max_steps: Optional[int] = None  # None: each model's configs/experiments/demo_<model>.yaml budget
-    models: tuple[str, ...] = MODELS
+    models: tuple[str, ...] = field(default_factory=demo_models)
     overrides: list[str] = field(default_factory=list)  # dotlist applied to every model
 
 
@@ -101,7 +118,7 @@ def run_demo(settings: DemoSettings) -> pl.DataFrame:
                      f"run.seed={settings.seed}", *settings.overrides]
         if settings.max_steps is not None:
             overrides.append(f"trainer.max_steps={settings.max_steps}")
-        cfg = load_config(CONFIGS / f"demo_{name}.yaml", overrides)
+        cfg = load_config(demo_config(name), overrides)
         start = time.perf_counter()
         fitted, model = train(cfg)
         seconds = time.perf_counter() - start
@@ -114,10 +131,11 @@ def run_demo(settings: DemoSettings) -> pl.DataFrame:
         rows.append(DemoRow(name, score(embeddings, eval_cfg, out / "eval" / name), fitted.global_step,
                             fitted.global_step * cfg.scaling.effective_batch_size, seconds, precision))
     references = {"image_stats": ImageStatistics()}
-    for name in (m for m in settings.models if m in RANDOM_INIT):
-        cfg = load_config(CONFIGS / f"demo_{name}.yaml", [f"data.train_shards={screen.shards}", *settings.overrides])
+    for name in (m for m in settings.models if lightning_modules.get_family(m).self_supervised):
+        cfg = load_config(demo_config(name), [f"data.train_shards={screen.shards}", *settings.overrides])
         torch.manual_seed(settings.seed)
-        references[RANDOM_INIT[name]] = lightning_modules.build_module(cfg.model, cfg.optim, in_chans=len(CHANNELS))
+        references[random_init_name(name)] = lightning_modules.build_module(cfg.model, cfg.optim,
+                                                                            in_chans=len(CHANNELS))
     for name, model in references.items():
         precision = embed_precision(name)
         embeddings = embed_model(model.eval(), eval_data_config(screen.shards, crop or 64),
@@ -139,7 +157,7 @@ def recall_table(rows: list[DemoRow]) -> pl.DataFrame:
         for source in recall["source"].unique(maintain_order=True):
             part = recall.filter(pl.col("source") == source)
             by_alignment = dict(zip(part["alignment"], part["recall"]))
-            records.append({"embedder": LABELS.get(row.name, row.name), "source": source,
+            records.append({"embedder": label(row.name), "source": source,
                             "recall_none": by_alignment.get("none"), "recall_tvn": by_alignment.get("tvn"),
                             "steps": row.steps, "crops_seen": row.crops_seen,
                             "train_minutes": round(row.train_seconds / 60, 2), "embed_precision": row.precision})
@@ -149,7 +167,7 @@ def recall_table(rows: list[DemoRow]) -> pl.DataFrame:
         first = oracle.filter((pl.col("threshold_low") == oracle["threshold_low"].min())
                               & pl.col("source").is_in(list(scored)))
         for source, value in zip(first["source"], first["recall"]):
-            records.append({"embedder": LABELS["oracle"], "source": source, "recall_none": value,
+            records.append({"embedder": label("oracle"), "source": source, "recall_none": value,
                             "recall_tvn": value, "steps": 0, "crops_seen": 0, "train_minutes": 0.0,
                             "embed_precision": None})
     return pl.DataFrame(records)

@@ -81,9 +81,7 @@ def model_size(model_cfg: object, optim_cfg: object, in_chans: int, num_classes:
         module = lightning_modules.build_module(model_cfg, optim_cfg, in_chans=in_chans,
                                                 num_classes=num_classes, total_steps=1)
     params = sum(p.numel() for p in module.parameters())
-    # the part that embeds: the masked encoder of (CA-)MAE, the backbone of a WSL classifier
-    trunk = module.encoder if hasattr(module, "encoder") else module.backbone
-    encoder = sum(p.numel() for p in trunk.parameters())
+    encoder = sum(p.numel() for p in module.trunk.parameters())  # the part that embeds
     return params, encoder, lightning_modules.training_flops_per_crop(module)
 
 

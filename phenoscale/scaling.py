@@ -18,6 +18,7 @@ import polars as pl
 from datamodules.atomic import write_text_atomic
 from evaluation.plots import save_figure
 from evaluation.report import markdown_table
+from lightning_modules.families import get_family
 from phenoscale.config import load_config, plan_batch
 from phenoscale.embedding import embed_model
 from phenoscale.grid import Cell, GridConfig, cell_layers, cells, steps_for
@@ -91,7 +92,6 @@ def collect(out: Path) -> pl.DataFrame:
     return table
 
 
-FAMILY_COLOURS = {"mae": "#3b75af", "camae": "#2e8b57", "wsl": "#c0504d"}
 SIZE_MARKERS = ("o", "s", "^", "D", "v", "P")
 
 
@@ -102,7 +102,7 @@ def plot_scaling(table: pl.DataFrame, path: Path) -> Path:
     for (model,), part in table.sort("crops_seen").group_by(["model"], maintain_order=True):
         family, marker = part["family"][0], SIZE_MARKERS[sizes.index(part["size"][0]) % len(SIZE_MARKERS)]
         for ax, x in zip(axes, ("train_flops", "crops_seen")):
-            ax.plot(part[x], part["recall_mean"], marker=marker, color=FAMILY_COLOURS.get(family),
+            ax.plot(part[x], part["recall_mean"], marker=marker, color=get_family(family).colour,
                     label=str(model))
     if "oracle_recall_mean" in table.columns and table["oracle_recall_mean"].drop_nulls().len():
         for ax in axes:

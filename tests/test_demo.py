@@ -15,15 +15,15 @@ import polars as pl
 import pytest
 
 from lightning_modules.hardware import resolve_embed_precision
-from phenoscale.demo import LABELS, DemoSettings, run_demo
+from phenoscale.demo import DemoSettings, label, random_init_name, run_demo
 
 
 @pytest.mark.slow
 def test_reduced_demo_mae_beats_random_init_and_tvn_helps(tmp_path: Path) -> None:
     table = run_demo(DemoSettings(out=tmp_path / "demo", genes=120, seed=0, max_steps=600, models=("mae",)))
     by_name = {row["embedder"]: row for row in table.iter_rows(named=True)}
-    mae, random_init = by_name[LABELS["mae"]], by_name[LABELS["random_init"]]
-    oracle = by_name[LABELS["oracle"]]
+    mae, random_init = by_name[label("mae")], by_name[label(random_init_name("mae"))]
+    oracle = by_name[label("oracle")]
     assert mae["steps"] == 600 and mae["crops_seen"] == 600 * 64
     assert mae["recall_tvn"] > random_init["recall_tvn"]
     assert mae["recall_tvn"] >= mae["recall_none"]
@@ -41,7 +41,7 @@ def test_reduced_demo_camae_channel_rows(tmp_path: Path) -> None:
     encoder must embed exactly as the original order (mean pooling), is measured on a sample."""
     out = tmp_path / "demo"
     table = run_demo(DemoSettings(out=out, genes=40, seed=0, max_steps=5, models=("camae",)))
-    assert {LABELS["camae"], LABELS["random_init_camae"]} <= set(table["embedder"])
+    assert {label("camae"), label(random_init_name("camae"))} <= set(table["embedder"])
     channels = pl.read_parquet(out / "channel_generalisation.parquet")
     files = dict(channels.select("channels", "embeddings").unique().iter_rows())
     assert len(files) == 2 and files["6 channels (as trained)"] == str(out / "embeddings" / "camae.parquet")
@@ -53,7 +53,7 @@ def test_reduced_demo_camae_channel_rows(tmp_path: Path) -> None:
     # the CA-MAE embeds in the hardware's precision (bf16 only where it is native); a reversed order
     # must not change its embeddings in either: the same tokens, summed in another order, while
     # dropping a stain changes them
-    camae_rows = table.filter(pl.col("embedder").is_in([LABELS["camae"], LABELS["random_init_camae"]]))
+    camae_rows = table.filter(pl.col("embedder").is_in([label("camae"), label(random_init_name("camae"))]))
     assert set(camae_rows["embed_precision"]) == {resolve_embed_precision("auto", "cpu")}
     order = json.loads((out / "channel_order_check.json").read_text())
     assert order["crops"] == 8 * 64  # ORDER_CHECK_BATCHES full batches of 64 crops

@@ -16,7 +16,7 @@ import torch
 from fixtures.openphenom_reference import (CHANNEL_SUBSET, FIXTURE, SEED, digest, reference_images,
                                            seeded_encoder_weights)
 from lightning_modules.blocks import set_mlp_bias_layout
-from lightning_modules.build import MODULES
+from lightning_modules.families import get_family
 from lightning_modules.pretrained import load_state_dict_strictly, reference_config_to_phenoscale
 
 TOLERANCE = 1e-5
@@ -38,7 +38,7 @@ def openphenom(shared_data: Path, reference):
     """The module load_pretrained builds for an OpenPhenom file, with the fixture's seeded encoder."""
     config = json.loads((shared_data / "formats/openphenom_config.json").read_text())
     model_cfg, optim_cfg, in_chans = reference_config_to_phenoscale(config)
-    module = MODULES[model_cfg["family"]](model_cfg, optim_cfg, in_chans=in_chans)
+    module = get_family(model_cfg["family"]).module(model_cfg, optim_cfg, in_chans=in_chans)
     state = module.state_dict()
     weights = seeded_encoder_weights({k: tuple(v.shape) for k, v in state.items()}, SEED)
     assert digest(weights) == str(reference["weights_digest"]), "seeded weights differ from the reference's"

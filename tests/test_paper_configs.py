@@ -7,10 +7,11 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig
 
-from lightning_modules import ModelConfig, OptimConfig, build_module, training_flops_per_crop
+from lightning_modules import OptimConfig, build_module, training_flops_per_crop
 from lightning_modules.optim import build_scheduler, parameter_groups
+from phenoscale.config import load_config
 from tiny_models import real_crops, tiny_module
 
 REPO = Path(__file__).resolve().parents[1]
@@ -20,11 +21,9 @@ PAPER = REPO / "configs" / "paper"
 ENCODER_PARAMS = {"small": 22e6, "base": 86e6, "large": 304e6}
 
 
-def load_paper_config(path: Path) -> tuple[ModelConfig, OptimConfig]:
-    raw = OmegaConf.load(path)
-    model = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), raw.model))
-    optim = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(OptimConfig), raw.optim))
-    return model, optim
+def load_paper_config(path: Path) -> tuple[DictConfig, DictConfig]:
+    cfg = load_config(path)
+    return cfg.model, cfg.optim
 
 
 def build_on_meta(path: Path):

@@ -15,14 +15,24 @@ TINY_CNN = dict(backbone="resnet18", patch_size=None,
                 backbone_kwargs={"layers": (1, 1, 1, 1), "channels": (8, 16, 32, 64), "stem_width": 8})
 
 
-def tiny_model_cfg(family: str, **overrides: object) -> ModelConfig:
-    """32x32 crops, 8x8 patches, width 32: a few ms per step on one core."""
+#: the tiny settings of each family's own section (model.<family>)
+TINY_SECTIONS = {"mae": {"decoder_dim": 32, "decoder_depth": 1, "decoder_heads": 2},
+                 "camae": {"decoder_dim": 32, "decoder_depth": 1, "decoder_heads": 2},
+                 "wsl": {"hidden_dim": 32, "embed_dim": 16}}
+
+
+def tiny_model_cfg(family: str, **overrides: object) -> dict:
+    """32x32 crops, 8x8 patches, width 32: a few ms per step on one core.
+
+    `overrides` may name shared ModelConfig fields or fields of the family's own section.
+    """
     backbone = {"camae": "ca_vit_small_patch16_256"}.get(family, "vit_small_patch16_256")
-    fields = dict(family=family, backbone=backbone, backbone_kwargs=dict(TINY_VIT), img_size=32, patch_size=8,
-                  drop_path=0.0, decoder_dim=32, decoder_depth=1, decoder_heads=2,
-                  wsl_hidden_dim=32, wsl_embed_dim=16)
-    fields.update(overrides)
-    return ModelConfig(**fields)
+    shared = dict(family=family, backbone=backbone, backbone_kwargs=dict(TINY_VIT), img_size=32, patch_size=8,
+                  drop_path=0.0)
+    section = dict(TINY_SECTIONS.get(family, {}))
+    for key, value in overrides.items():
+        (shared if key in ModelConfig.__dataclass_fields__ else section)[key] = value
+    return {**shared, family: section}
 
 
 def tiny_module(family: str, in_chans: int = 6, num_classes: int = 0, total_steps: int = 100,
