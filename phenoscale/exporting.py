@@ -51,7 +51,8 @@ def recall_metrics(run: Optional[RunDir], metrics: Optional[Path]) -> tuple[Opti
 
 
 def model_card(module: Any, checkpoint: Path, channels: Optional[list[str]], facts: dict[str, Any],
-               metrics_path: Optional[Path], recall: dict[str, float], encoder_only: bool) -> str:
+               metrics_path: Optional[Path], recall: dict[str, float], encoder_only: bool,
+               hub_repo: Optional[str] = None) -> str:
     """README.md of the export: what the model is, takes, was trained on and scores."""
     cfg = module.model_cfg
     lines = [
@@ -60,7 +61,8 @@ def model_card(module: Any, checkpoint: Path, channels: Optional[list[str]], fac
         f"Exported by `phenoscale export` from `{checkpoint.name}`"
         + (" (encoder only: embeddings, no reconstruction)." if encoder_only else "."), "",
         "```python", "from lightning_modules import load_pretrained",
-        'model = load_pretrained("hf://ORG/REPO")  # or this folder', "emb = model.embed(images)  # raw uint8/uint16 (B, C, H, W)",
+        f'model = load_pretrained("hf://{hub_repo or "ORG/REPO"}")  # or this folder',
+        "emb = model.embed(images)  # raw uint8/uint16 (B, C, H, W)",
         "```", "",
         "## Inputs", "",
         f"- channels, in order: {', '.join(channels) if channels else 'not recorded'} ({module.in_chans} at training)",
@@ -84,7 +86,8 @@ def model_card(module: Any, checkpoint: Path, channels: Optional[list[str]], fac
 
 
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, encoder_only: bool = False,
-                      channels: Optional[list[str]] = None, metrics: Optional[str | Path] = None) -> Path:
+                      channels: Optional[list[str]] = None, metrics: Optional[str | Path] = None,
+                      hub_repo: Optional[str] = None) -> Path:
     """Write OUT_DIR/{model.safetensors, config.json, README.md} for `checkpoint`; returns OUT_DIR."""
     checkpoint = Path(checkpoint)
     module = lightning_modules.load_pretrained(checkpoint)
@@ -95,5 +98,6 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, encoder_on
         raise ValueError(f"{len(channels)} channels {channels} given for a model trained on {module.in_chans}")
     metrics_path, recall = recall_metrics(run, Path(metrics) if metrics else None)
     out = write_export(module, out_dir, channels=channels, encoder_only=encoder_only)
-    (out / CARD).write_text(model_card(module, checkpoint, channels, facts, metrics_path, recall, encoder_only))
+    (out / CARD).write_text(model_card(module, checkpoint, channels, facts, metrics_path, recall, encoder_only,
+                                               hub_repo))
     return out

@@ -25,6 +25,7 @@ from datamodules.converters.jump import PHENIX_NAME, jump_sites
 from datamodules.converters.stacks import SUFFIXES, stack_sites
 from datamodules.transforms import tile_crops
 from evaluation.embeddings_io import embeddings_frame
+import lightning_modules
 from lightning_modules import hardware
 from phenoscale.embedding import embedding_device, site_embeddings
 
@@ -119,8 +120,6 @@ def embed_images(model: Any, images: Any, *, channel_map: Optional[dict[int, str
     the model's crop size (model_cfg.img_size), crops self-standardised by the model, and the
     crop embeddings averaged per site, as `phenoscale embed` does on shards.
     """
-    import lightning_modules
-
     if not hasattr(model, "embed"):
         model = lightning_modules.load_pretrained(model)
     hardware.check_embed_precision(precision)

@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     channels = [c.strip() for c in args.channels.split(",") if c.strip()] if args.channels else None
     try:
         out = export_checkpoint(args.checkpoint, args.out_dir, encoder_only=args.encoder_only,
-                                channels=channels, metrics=args.metrics)
+                                channels=channels, metrics=args.metrics, hub_repo=args.push)
         print(f"[phenoscale] exported {args.checkpoint} to {out}")
         if args.push:
             print(f"[phenoscale] pushed: {push(out, args.push, private=args.private)}")
