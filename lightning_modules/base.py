@@ -1,7 +1,7 @@
 """What every phenoscale LightningModule shares: configs as hyperparameters, optimisation, embed()."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import lightning as L
 import timm
@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from lightning_modules.backbones import constructor_keywords
+from lightning_modules.blocks import set_mlp_bias_layout
 from lightning_modules.config import ModelConfig, OptimConfig, model_config_dict
 from lightning_modules.cpu_tuning import keep_freed_memory_for_reuse
 from lightning_modules.families import get_family
@@ -63,7 +64,7 @@ class PhenoModule(L.LightningModule):
             accepted = constructor_keywords(type(timm.create_model(cfg.backbone, **kwargs)))
         optional = {name: value for name, value in {"img_size": cfg.img_size, "drop_path_rate": cfg.drop_path}.items()
                     if accepted is None or name in accepted}
-        return timm.create_model(cfg.backbone, **optional, **kwargs)
+        return set_mlp_bias_layout(timm.create_model(cfg.backbone, **optional, **kwargs), cfg.mlp_bias_layout)
 
     def setup(self, stage: str) -> None:
         """On CPU, stop glibc from handing step buffers back to the kernel (see cpu_tuning)."""
@@ -71,6 +72,11 @@ class PhenoModule(L.LightningModule):
             keep_freed_memory_for_reuse()
 
     # --- embeddings -------------------------------------------------------------------------
+    #: the child modules embed() uses: what an --encoder-only export keeps (lightning_modules.export)
+    embedding_submodules: tuple[str, ...] = ()
+    #: stains in channel order the weights were trained on, when known (an export's config.json)
+    channel_names: Optional[list[str]] = None
+
     @property
     def trunk(self) -> torch.nn.Module:
         """The part that embeds (an MAE's encoder, a classifier's backbone): what `plan` counts."""

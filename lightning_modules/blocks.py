@@ -30,6 +30,7 @@ from timm.models.vision_transformer import ParallelScalingBlock
 from torch import Tensor, nn
 
 from lightning_modules import hardware
+from lightning_modules.config import MLP_BIAS_LAYOUTS
 
 
 def _norm_without_autocast(norm: nn.Module, x: Tensor) -> Tensor:
@@ -135,10 +136,23 @@ class DecoderAttention(Attention):
 
 
 class RecursionParallelBlock(ParallelScalingBlock):
-    """ParallelScalingBlock (MLP and attention in parallel, qk_norm) without float32 detours."""
+    """ParallelScalingBlock (MLP and attention in parallel, qk_norm) without float32 detours.
+
+    `mlp_bias_layout` (see `set_mlp_bias_layout`) says where `mlp_bias` goes: "fixed" on the MLP
+    features (timm since issue #2653), "legacy" as timm before the fix, which added
+    cat(zeros(3D), mlp_bias) to the fused [mlp, q, k, v] projection: the MLP got zeros on its
+    first 3D features and the bias shifted, q, k and v the bias's tail. Weights trained one way
+    are only right the same way (OpenPhenom: legacy). Same keys and shapes either way.
+    """
+
+    mlp_bias_layout: str = "fixed"
 
     def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
         if attn_mask is not None or is_causal or not self.fused_attn or self.out_proj is not None:
+            if self.mlp_bias_layout != "fixed" and self.mlp_bias is not None:
+                raise NotImplementedError(  # timm's own forward knows only the fixed layout
+                    f"mlp_bias_layout={self.mlp_bias_layout!r} needs the fused path (no attn_mask, not causal, "
+                    "no fused out_proj, TIMM_FUSED_ATTN not 0)")
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
         batch, tokens, dim = x.shape
         y = F.linear(self.in_norm(x), self.in_proj.weight, self._in_proj_bias())
@@ -154,7 +168,28 @@ class RecursionParallelBlock(ParallelScalingBlock):
         return x + self.drop_path(self.ls(y))
 
     def _in_proj_bias(self) -> Optional[Tensor]:
-        """in_proj's bias with the MLP bias in front (zeros for q, k, v when qkv_bias is off)."""
+        """in_proj's bias: the MLP bias in front and zeros for q, k, v (fixed layout), or zeros
+        in front and the MLP bias behind (legacy timm), when qkv_bias is off."""
         if self.mlp_bias is None:  # qkv_bias: timm keeps the MLP bias inside in_proj.bias already
             return self.in_proj.bias
-        return torch.cat([self.mlp_bias, self.mlp_bias.new_zeros(sum(self.in_split[1:]))])
+        zeros = self.mlp_bias.new_zeros(sum(self.in_split[1:]))
+        if self.mlp_bias_layout == "legacy":
+            return torch.cat([zeros, self.mlp_bias])
+        return torch.cat([self.mlp_bias, zeros])
+
+
+def set_mlp_bias_layout(model: nn.Module, layout: str) -> nn.Module:
+    """Give every RecursionParallelBlock of `model` the MLP-bias layout its weights were trained with.
+
+    "legacy" on a model without such a block (e.g. a CNN) is an error: the setting would be lost.
+    Returns `model`.
+    """
+    if layout not in MLP_BIAS_LAYOUTS:
+        raise ValueError(f"mlp_bias_layout must be one of {MLP_BIAS_LAYOUTS}, got {layout!r}")
+    blocks = [m for m in model.modules() if isinstance(m, RecursionParallelBlock)]
+    if layout != "fixed" and not blocks:
+        raise ValueError(f"mlp_bias_layout={layout!r} applies to Recursion parallel blocks; "
+                         f"{type(model).__name__} has none")
+    for block in blocks:
+        block.mlp_bias_layout = layout
+    return model

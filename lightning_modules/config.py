@@ -16,6 +16,10 @@ POOLINGS = ("mean", "cls", "channelwise")
 OPTIMIZERS = ("lion", "adamw")
 SCHEDULES = ("onecycle", "cosine")
 MASK_MODES = ("joint", "spatial", "channel")
+#: How a parallel block without qkv bias applies its MLP bias (timm issue #2653, fixed 2026-01-20):
+#: "fixed" adds it to the MLP features; "legacy" adds cat(zeros(3D), mlp_bias) to the whole fused
+#: projection [mlp, q, k, v], as every timm before the fix did (OpenPhenom was trained that way)
+MLP_BIAS_LAYOUTS = ("fixed", "legacy")
 
 
 @dataclass
@@ -35,6 +39,9 @@ class ModelConfig:
     img_size: int = 256  # crop side the model sees
     patch_size: Optional[int] = None  # None: the backbone's own
     drop_path: float = 0.1
+    # Recursion parallel blocks: the MLP-bias layout the weights were trained with (MLP_BIAS_LAYOUTS);
+    # new training uses "fixed", OpenPhenom files load as "legacy"
+    mlp_bias_layout: str = "fixed"
     # embed() defaults
     embed_pooling: str = "mean"
     embed_block: Optional[int] = None  # None: last block (MAE) / neck (WSL)
@@ -43,6 +50,8 @@ class ModelConfig:
         get_family(self.family)  # raises, listing the registered families
         if self.embed_pooling not in POOLINGS:
             raise ValueError(f"model.embed_pooling must be one of {POOLINGS}, got {self.embed_pooling!r}")
+        if self.mlp_bias_layout not in MLP_BIAS_LAYOUTS:
+            raise ValueError(f"model.mlp_bias_layout must be one of {MLP_BIAS_LAYOUTS}, got {self.mlp_bias_layout!r}")
 
 
 @dataclass

@@ -96,6 +96,7 @@ class MaskedAutoencoderModule(PhenoModule):
     """Shared training and embedding logic of MAE and CA-MAE; subclasses pick the decoder."""
 
     channel_agnostic: bool = False
+    embedding_submodules = ("encoder",)
 
     def __init__(self, model_cfg: dict[str, Any], optim_cfg: dict[str, Any], in_chans: int,
                  num_classes: int = 0, total_steps: int = 1) -> None:

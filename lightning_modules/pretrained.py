@@ -1,4 +1,4 @@
-"""load_pretrained: public OpenPhenom checkpoints and phenoscale's own Lightning checkpoints.
+"""load_pretrained: public OpenPhenom checkpoints, phenoscale's own checkpoints and exports, the Hub.
 
 OpenPhenom ('MAEModel') ships `config.json` and a `model.safetensors` that is really a
 `torch.save({"state_dict": sd})` pickle. Its 765 keys map 1:1 onto CAMAEModule, so loading is
@@ -12,12 +12,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from torch import Tensor
 
 from lightning_modules.base import PhenoModule
 from lightning_modules.build import as_plain_dict
 from lightning_modules.config import OptimConfig, model_config_dict
+from lightning_modules.export import WEIGHTS, module_from_export, read_export_config
 from lightning_modules.families import get_family
+from lightning_modules.hub import download, is_hub_uri
 
 #: The settings of the public OpenPhenom (CA-MAE ViT-S/16) when no config.json is at hand.
 OPENPHENOM_CONFIG: dict[str, Any] = {
@@ -51,7 +55,8 @@ def reference_config_to_phenoscale(config: dict[str, Any]) -> tuple[dict[str, An
                    norm_pix=bool(config.get("norm_pix_loss", False)))
     if channel_agnostic:
         section["max_in_chans"] = int(encoder.get("max_in_chans", 11))
-    model = {"family": family, "backbone": backbone, family: section}
+    # every maes_microscopy/OpenPhenom model was trained on a timm from before issue #2653
+    model = {"family": family, "backbone": backbone, "mlp_bias_layout": "legacy", family: section}
     optim = OptimConfig(
         name="lion" if "lion" in str(optimizer.get("_target_", "lion")).lower() else "adamw",
         lr=float(optimizer.get("lr", 1e-4)), weight_decay=float(optimizer.get("weight_decay", 0.05)),
@@ -80,21 +85,37 @@ def load_state_dict_strictly(module: torch.nn.Module, state_dict: dict[str, Tens
     module.load_state_dict(state_dict, strict=True)
 
 
+def checkpoint_format(path: Path) -> str:
+    """"torch" (a zip or legacy torch.save pickle) or "safetensors", from the file's first bytes.
+
+    Sniffed rather than tried in turn, so that a damaged checkpoint or a pickle that weights-only
+    loading refuses reports its own error instead of a guess at another format.
+    """
+    with path.open("rb") as handle:
+        head = handle.read(9)
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+        return "torch"
+    if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < path.stat().st_size:
+        return "safetensors"
+    raise ValueError(f"{path} is neither a torch checkpoint nor a safetensors file (starts with {head!r})")
+
+
 def _read_checkpoint(path: Path) -> dict[str, Any]:
     """torch pickle (OpenPhenom's '.safetensors', Lightning .ckpt) or a real safetensors file.
 
     The file is handed to torch.load as a file object: given a path ending in .safetensors,
     torch >= 2.14 parses it as safetensors, which OpenPhenom's pickle is not.
     """
+    if checkpoint_format(path) == "safetensors":
+        try:
+            return {"state_dict": load_file(path)}
+        except SafetensorError as err:
+            raise ValueError(f"{path}: damaged safetensors file: {err}") from err
     try:
         with path.open("rb") as handle:
             return torch.load(handle, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as pickle_error:
-        try:
-            from safetensors.torch import load_file
-            return {"state_dict": load_file(path)}
-        except Exception:  # noqa: BLE001 - report the pickle error, the likelier format
-            raise ValueError(f"{path} is neither a torch checkpoint nor a safetensors file: {pickle_error}") from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
+        raise ValueError(f"{path}: cannot read this torch checkpoint: {err}") from err
 
 
 def _reference_config(path: Path, config: dict[str, Any] | str | Path | None) -> dict[str, Any]:
@@ -106,14 +127,31 @@ def _reference_config(path: Path, config: dict[str, Any] | str | Path | None) ->
     return json.loads(config_path.read_text())
 
 
-def load_pretrained(path: str | Path, config: dict[str, Any] | str | Path | None = None) -> PhenoModule:
-    """Checkpoint -> module in eval mode, on CPU.
+def load_pretrained(source: str | Path, config: dict[str, Any] | str | Path | None = None) -> PhenoModule:
+    """Checkpoint, export folder or Hub repo -> module in eval mode, on CPU.
 
-    A phenoscale Lightning checkpoint (has `hyper_parameters`) rebuilds its own module. Anything
-    else is read as an OpenPhenom-style `{"state_dict": ...}` with `config` (dict or JSON path;
-    default: `config.json` beside the file, else the OpenPhenom settings).
+    `source` is one of
+    * a phenoscale Lightning checkpoint (has `hyper_parameters`): rebuilds its own module;
+    * a folder written by `phenoscale export` (config.json with "format": "phenoscale");
+    * `hf://org/repo[@revision]`: either kind of folder, from the Hugging Face Hub (lightning_modules.hub);
+    * anything else is OpenPhenom's format, a file or the folder holding it as model.safetensors:
+      a `{"state_dict": ...}` with `config` (dict or JSON path; default: `config.json` beside the
+      file, else the OpenPhenom settings), always in the legacy MLP-bias layout it was trained in.
     """
-    path = Path(path)
+    if is_hub_uri(source):
+        source = download(str(source))
+    path = Path(source)
+    if path.is_dir():
+        export = read_export_config(path)
+        if export is not None:
+            module, state_dict = module_from_export(path, export)
+            load_state_dict_strictly(module, state_dict, str(path))
+            module.channel_names = export.get("channels")
+            return module.eval()
+        if not (path / WEIGHTS).is_file():
+            raise FileNotFoundError(f"{path} holds neither a phenoscale export nor OpenPhenom's {WEIGHTS} "
+                                    f"(found: {sorted(p.name for p in path.iterdir())[:10]})")
+        path = path / WEIGHTS
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     payload = _read_checkpoint(path)

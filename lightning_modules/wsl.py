@@ -33,6 +33,8 @@ def embedding_neck(in_features: int, hidden: int, out: int) -> nn.Sequential:
 class WSLModule(PhenoModule):
     """Perturbation classifier on any timm backbone; `embed()` returns the neck output."""
 
+    embedding_submodules = ("backbone", "neck")
+
     def __init__(self, model_cfg: dict[str, Any], optim_cfg: dict[str, Any], in_chans: int,
                  num_classes: int = 0, total_steps: int = 1) -> None:
         super().__init__(model_cfg, optim_cfg, in_chans, num_classes, total_steps)

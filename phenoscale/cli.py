@@ -12,7 +12,7 @@ import sys
 
 from phenoscale.plugins import load_plugins
 
-COMMANDS = ["synth", "shards", "fit", "embed", "evaluate", "config", "plan", "demo", "scaling"]
+COMMANDS = ["synth", "shards", "fit", "embed", "export", "evaluate", "config", "plan", "demo", "scaling"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -9,7 +9,7 @@ from timm.models.vision_transformer import Block, ParallelScalingBlock
 from lightning_modules import blocks, hardware
 from lightning_modules.blocks import (DecoderAttention, MatmulAttention, RecursionParallelBlock, attention,
                                       blocked_attention)
-from tiny_models import real_crops, tiny_module
+from tiny_models import TINY_CNN, real_crops, tiny_module
 
 
 @pytest.fixture(autouse=True)
@@ -122,3 +122,30 @@ def test_training_attention_splits_long_sequences_into_image_chunks(monkeypatch)
     torch.testing.assert_close(chunked, whole)  # bf16 tolerances
     for mine, theirs in zip(torch.autograd.grad(chunked.float().square().sum(), (q, k, v)), grads):
         torch.testing.assert_close(mine, theirs)
+
+
+def test_legacy_mlp_bias_layout_is_pre_2653_timm():
+    """Legacy: cat(zeros(3D), mlp_bias) over the whole [mlp, q, k, v] projection, which timm's own
+    block computes when that vector is its qkv_bias-style in_proj bias."""
+    _, ours = block_pair()
+    blocks.set_mlp_bias_layout(ours, "legacy")
+    with_bias = ParallelScalingBlock(64, 4, qkv_bias=True, qk_norm=True, init_values=1.0)
+    state = {k: v for k, v in ours.state_dict().items() if k != "mlp_bias"}
+    state["in_proj.bias"] = torch.cat([torch.zeros(3 * 64), ours.mlp_bias.detach()])
+    with_bias.load_state_dict(state)
+    x = torch.randn(2, 50, 64)
+    torch.testing.assert_close(ours(x), with_bias(x), atol=1e-5, rtol=1e-5)
+    blocks.set_mlp_bias_layout(ours, "fixed")
+    assert relative_error(ours(x), with_bias(x)) > 1e-2  # the layouts differ for the same weights
+
+
+def test_legacy_layout_refuses_timms_unfused_path_and_bad_settings():
+    _, ours = block_pair()
+    blocks.set_mlp_bias_layout(ours, "legacy")
+    ours.fused_attn = False
+    with pytest.raises(NotImplementedError, match="needs the fused path"):
+        ours(torch.randn(1, 4, 64))
+    with pytest.raises(ValueError, match=r"must be one of \('fixed', 'legacy'\), got 'new'"):
+        blocks.set_mlp_bias_layout(ours, "new")
+    with pytest.raises(ValueError, match="ResNet has none"):
+        tiny_module("wsl", num_classes=3, **TINY_CNN, mlp_bias_layout="legacy")

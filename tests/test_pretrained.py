@@ -134,3 +134,33 @@ def test_phenoscale_lightning_checkpoint_loads(shared_data, tmp_path):
 def test_missing_file_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="nothing.ckpt"):
         load_pretrained(tmp_path / "nothing.ckpt")
+
+
+def test_each_checkpoint_kind_gets_its_mlp_bias_layout(shared_data, tmp_path):
+    """OpenPhenom files: legacy; phenoscale checkpoints: what they were trained with (older ones,
+    saved before the setting existed, trained on the fixed layout); new models: fixed."""
+    random_openphenom_checkpoint(shared_data, tmp_path / "model.safetensors", values=False)
+    assert load_pretrained(tmp_path / "model.safetensors").model_cfg.mlp_bias_layout == "legacy"
+    module = tiny_module("camae")
+    assert module.model_cfg.mlp_bias_layout == "fixed"
+    trainer = L.Trainer(max_steps=0, logger=False, enable_checkpointing=False, accelerator="cpu")
+    trainer.strategy.connect(tiny_module("camae", mlp_bias_layout="legacy"))
+    trainer.save_checkpoint(tmp_path / "legacy.ckpt")
+    loaded = load_pretrained(tmp_path / "legacy.ckpt")
+    assert {b.mlp_bias_layout for b in loaded.encoder.vit_backbone.blocks} == {"legacy"}
+    payload = torch.load(tmp_path / "legacy.ckpt", weights_only=True)
+    del payload["hyper_parameters"]["model_cfg"]["mlp_bias_layout"]
+    torch.save(payload, tmp_path / "older.ckpt")
+    assert load_pretrained(tmp_path / "older.ckpt").model_cfg.mlp_bias_layout == "fixed"
+
+
+def test_damaged_or_foreign_files_report_their_own_error(tmp_path):
+    module = tiny_module("camae")
+    torch.save({"state_dict": module.state_dict()}, tmp_path / "whole.pt")
+    data = (tmp_path / "whole.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="cut.pt: cannot read this torch checkpoint: PytorchStreamReader"):
+        load_pretrained(tmp_path / "cut.pt")
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(ValueError, match=r"neither a torch checkpoint nor a safetensors file \(starts with b'hello'\)"):
+        load_pretrained(tmp_path / "notes.txt")

@@ -7,6 +7,7 @@ from datamodules.converters.jump import jump_sites
 from datamodules.converters.registry import (Converter, ConverterOption, converter_names, get_converter,
                                              register_converter)
 from datamodules.converters.rxrx import rxrx1_sites, rxrx3_sites
+from datamodules.converters.stacks import stack_sites
 
 __all__ = ["parse_channel_map", "read_site", "write_sites", "folder_sites", "jump_sites", "rxrx1_sites", "rxrx3_sites",
-           "Converter", "ConverterOption", "converter_names", "get_converter", "register_converter"]
+           "stack_sites", "Converter", "ConverterOption", "converter_names", "get_converter", "register_converter"]

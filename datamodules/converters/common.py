@@ -20,6 +20,8 @@ from datamodules.shards import ShardWriter
 
 # columns of a site table beside the metadata
 FILES = "files"
+# optional: per channel, the plane of its file that holds it (multi-channel TIFF / OME-TIFF stacks)
+PLANES = "planes"
 SITE_COLUMNS = [k for k in REQUIRED_KEYS if k != "channels"]
 
 
@@ -46,6 +48,15 @@ def safe_key(key: pl.Expr) -> pl.Expr:
     return key.str.replace_all(r"[^A-Za-z0-9_\-]", "-")
 
 
+def checked_pixels(path: str, pixels: np.ndarray) -> np.ndarray:
+    """`pixels` as uint8/uint16 at the bit depth acquired, or ValueError naming the file and its type."""
+    if pixels.dtype in (np.uint8, np.uint16):
+        return pixels
+    if pixels.dtype.kind in "iu" and pixels.min() >= 0 and pixels.max() <= np.iinfo(np.uint16).max:
+        return pixels.astype(np.uint16)  # PIL reads some 16-bit PNGs as int32; values are unchanged
+    raise ValueError(f"{path}: pixel type {pixels.dtype} is not 8- or 16-bit unsigned")
+
+
 def read_plane(path: str) -> np.ndarray:
     """One channel file as a 2-D uint8/uint16 array, bit depth as acquired (never rescaled)."""
     if path.lower().endswith((".tif", ".tiff")):
@@ -59,30 +70,64 @@ def read_plane(path: str) -> np.ndarray:
             plane = np.asarray(img)
     if plane.ndim != 2:
         raise ValueError(f"{path}: expected a single-channel 2-D image, got shape {plane.shape}")
-    if plane.dtype in (np.uint8, np.uint16):
-        return plane
-    if plane.dtype.kind in "iu" and plane.min() >= 0 and plane.max() <= np.iinfo(np.uint16).max:
-        return plane.astype(np.uint16)  # PIL reads some 16-bit PNGs as int32; values are unchanged
-    raise ValueError(f"{path}: pixel type {plane.dtype} is not 8- or 16-bit unsigned")
+    return checked_pixels(path, plane)
 
 
-def read_site(task: tuple[str, list[str], list[str], bool]) -> tuple[np.ndarray, list[str]]:
-    """Read and stack one site's channels; returns (C x H x W image, names of the channels kept)."""
-    key, files, channels, allow_missing = task
+def read_stack(path: str) -> np.ndarray:
+    """A multi-channel TIFF or OME-TIFF as C x H x W (uint8/uint16): the first series, whose axes
+    other than the channel axis and Y, X must have length 1 (one site, one focal plane, one time)."""
+    import tifffile
+
+    with tifffile.TiffFile(path) as tif:
+        series = tif.series[0]
+        axes, pixels = series.axes, series.asarray()
+    singletons = [a for a, n in zip(axes, pixels.shape) if a not in "YX" and n == 1]
+    pixels = pixels.reshape([n for a, n in zip(axes, pixels.shape) if a in "YX" or n != 1])
+    axes = "".join(a for a in axes if a not in singletons)
+    if axes == "YX":
+        pixels, axes = pixels[None], "CYX"
+    if len(axes) != 3 or axes[1:] != "YX":
+        raise ValueError(f"{path}: expected one channel axis before Y, X; the TIFF's axes are {series.axes} "
+                         f"{tuple(series.shape)} (more than one Z plane, time point or sample?)")
+    return checked_pixels(path, pixels)
+
+
+def read_site(task: tuple) -> tuple[np.ndarray, list[str]]:
+    """Read and stack one site's channels; returns (C x H x W image, names of the channels kept).
+
+    task: (key, files, channels, allow_missing[, planes]); with planes, channel i is plane
+    planes[i] of files[i], each file read once.
+    """
+    key, files, channels, allow_missing = task[:4]
+    planes = task[4] if len(task) > 4 else None
     missing = [f for f in files if not Path(f).is_file()]
     if missing and not allow_missing:
-        raise ValueError(f"site {key!r}: missing channel files {missing} "
+        raise ValueError(f"site {key!r}: missing channel files {sorted(set(missing))} "
                          "(use --allow-missing to keep the present ones)")
-    kept = [(f, c) for f, c in zip(files, channels) if f not in missing]
+    kept = [(i, f, c) for i, (f, c) in enumerate(zip(files, channels)) if f not in missing]
     if not kept:
         raise ValueError(f"site {key!r}: none of its channel files exist: {files}")
-    planes = [read_plane(f) for f, _ in kept]
-    shapes = {p.shape for p in planes}
-    dtypes = {p.dtype.name for p in planes}
+    if planes is None:
+        images = [read_plane(f) for _, f, _ in kept]
+    else:
+        stacks = {f: read_stack(f) for f in dict.fromkeys(f for _, f, _ in kept)}
+        too_few = [f"{Path(f).name} plane {planes[i] + 1}" for i, f, _ in kept if planes[i] >= len(stacks[f])]
+        if too_few:
+            raise ValueError(f"site {key!r}: no such channel: {too_few} (files have "
+                             f"{ {Path(f).name: len(s) for f, s in stacks.items()} } channels)")
+        images = [stacks[f][planes[i]] for i, f, _ in kept]
+    shapes = {p.shape for p in images}
+    dtypes = {p.dtype.name for p in images}
     if len(shapes) > 1 or len(dtypes) > 1:
-        detail = ", ".join(f"{Path(f).name}: {p.shape} {p.dtype}" for (f, _), p in zip(kept, planes))
+        detail = ", ".join(f"{Path(f).name}: {p.shape} {p.dtype}" for (_, f, _), p in zip(kept, images))
         raise ValueError(f"site {key!r}: channels differ in shape or bit depth ({detail})")
-    return np.stack(planes), [c for _, c in kept]
+    return np.stack(images), [c for _, _, c in kept]
+
+
+def site_tasks(sites: pl.DataFrame, allow_missing: bool) -> list[tuple]:
+    """read_site's task of every row of a site table, in table order."""
+    columns = ["key", FILES, "channels"] + ([PLANES] if PLANES in sites.columns else [])
+    return [(row[0], row[1], row[2], allow_missing, *row[3:]) for row in sites.select(columns).iter_rows()]
 
 
 def check_site_table(sites: pl.DataFrame, source: str) -> None:
@@ -113,9 +158,8 @@ def write_sites(
     reproducible. Returns the manifest.
     """
     check_site_table(sites, source)
-    tasks = [(r["key"], r[FILES], r["channels"], allow_missing)
-             for r in sites.select("key", FILES, "channels").iter_rows(named=True)]
-    metadata = sites.drop(FILES, "channels").to_dicts()
+    tasks = site_tasks(sites, allow_missing)
+    metadata = sites.drop(FILES, "channels", PLANES, strict=False).to_dicts()
     writer = ShardWriter(out_dir, max_bytes=int(max_shard_mb * 2**20), overwrite=overwrite)
     with writer, tqdm(total=len(tasks), desc=f"shards {source}", unit="site") as progress:
         if workers > 1:
