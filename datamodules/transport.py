@@ -66,14 +66,21 @@ class RetryingStream:
         self.url, self.transport = url, transport
         self.position = 0
         self._raw: BinaryIO | None = None
-        self._reopen(first=True)
+        self._failures = 0  # since the stream last got past the byte where it failed
+        self._failed_at = -1
+        self._open(None)
 
-    def _reopen(self, first: bool = False, error: BaseException | None = None) -> None:
-        for attempt in range(0 if first else 1, self.transport.retries + 1):
-            if attempt:
-                delay = min(30.0, self.transport.backoff * 2 ** (attempt - 1))
+    def _open(self, error: BaseException | None) -> None:
+        """Open at `position`; after a failure, back off and retry while the budget lasts."""
+        while True:
+            if error is not None:
+                self._failures += 1
+                if self._failures > self.transport.retries:
+                    raise ShardUnavailableError(f"{self.url}: unreachable after {self.transport.retries} retries "
+                                                f"at byte {self.position} ({error})") from None
+                delay = min(30.0, self.transport.backoff * 2 ** (self._failures - 1))
                 log.warning("retrying %s at byte %d in %.1fs (%d of %d): %s", self.url, self.position, delay,
-                            attempt, self.transport.retries, error)
+                            self._failures, self.transport.retries, error)
                 time.sleep(delay)
             try:
                 self._raw = _open_at(self.url, self.position, self.transport.timeout)
@@ -84,18 +91,20 @@ class RetryingStream:
                 error = err
             except (OSError, http.client.HTTPException) as err:
                 error = err
-        raise ShardUnavailableError(f"{self.url}: unreachable after {self.transport.retries} retries "
-                                    f"at byte {self.position} ({error})") from None
 
     def read(self, size: int = -1) -> bytes:
         while True:
             try:
                 data = self._raw.read(size)
-                self.position += len(data)
-                return data
             except (OSError, http.client.HTTPException) as err:
                 self._close_raw()
-                self._reopen(error=err)
+                self._failed_at = self.position
+                self._open(err)
+                continue
+            self.position += len(data)
+            if self.position > self._failed_at:
+                self._failures = 0  # progress: a later failure gets the full budget again
+            return data
 
     def _close_raw(self) -> None:
         raw, self._raw = self._raw, None
