@@ -9,6 +9,7 @@ writes one parquet part per rank and concatenates the parts in manifest order
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Iterable, Optional
 
 import numpy as np
@@ -26,43 +27,59 @@ def embed_batch(model: Any, images: torch.Tensor, device: torch.device, bf16: bo
         return model.embed(images.to(device, non_blocking=True), pooling=pooling, block=block)
 
 
-@torch.no_grad()
-def rank_site_means(model: Any, loader: Iterable[dict[str, torch.Tensor]], device: torch.device,
-                    pooling: str | None = None, blocks: Optional[list[Optional[int]]] = None, bf16: bool = False,
-                    progress: bool = True) -> tuple[np.ndarray, dict[Optional[int], np.ndarray]]:
-    """(manifest rows seen, ascending; block -> (rows, D) float32 mean crop embedding per row).
+@dataclass
+class SiteSums:
+    """Crop-embedding sums and crop counts of some sites: `rows` (manifest rows, ascending, unique),
+    `sums[block]` (len(rows), D) float64 and `counts` (len(rows),). Sums, not means, so that parts
+    of one site (split over batches or ranks) combine into the exact mean."""
 
-    Crops of one site may come in several batches: per-batch sums are kept per site (float64)
-    and combined at the end, so memory follows the sites this rank saw, not the manifest.
+    rows: torch.Tensor
+    sums: dict[Optional[int], torch.Tensor]
+    counts: torch.Tensor
+
+    @staticmethod
+    def combine(parts: list["SiteSums"]) -> "SiteSums":
+        """One SiteSums of all `parts`, rows seen in several parts added up."""
+        parts = [p for p in parts if len(p.rows)]
+        if not parts:
+            return SiteSums(torch.zeros(0, dtype=torch.int64), {}, torch.zeros(0, dtype=torch.float64))
+        rows, inverse = torch.unique(torch.cat([p.rows for p in parts]), return_inverse=True)
+
+        def add(values: list[torch.Tensor]) -> torch.Tensor:
+            stacked = torch.cat(values)
+            return torch.zeros((len(rows), *stacked.shape[1:]), dtype=torch.float64).index_add_(0, inverse, stacked)
+
+        return SiteSums(rows, {b: add([p.sums[b] for p in parts]) for b in parts[0].sums},
+                        add([p.counts for p in parts]))
+
+    def means(self, block: Optional[int] = None) -> np.ndarray:
+        """(len(rows), D) float32 mean crop embedding of each site."""
+        return (self.sums[block] / self.counts[:, None]).to(torch.float32).numpy()
+
+
+@torch.no_grad()
+def rank_site_sums(model: Any, loader: Iterable[dict[str, torch.Tensor]], device: torch.device,
+                   pooling: str | None = None, blocks: Optional[list[Optional[int]]] = None, bf16: bool = False,
+                   progress: bool = True) -> SiteSums:
+    """SiteSums of the sites `loader` gives this rank, for each of `blocks` (default: [None]).
+
+    Memory follows the sites this rank sees (per-batch sums, combined at the end), not the manifest.
     """
     blocks = blocks or [None]
-    rows: list[torch.Tensor] = []
-    counts: list[torch.Tensor] = []
-    sums: dict[Optional[int], list[torch.Tensor]] = {b: [] for b in blocks}
+    batches: list[SiteSums] = []
     total = len(loader) if hasattr(loader, "__len__") else None
     for batch in tqdm(loader, total=total, desc="embed", unit="batch", disable=not progress, leave=False):
-        site, inverse = torch.unique(batch["site_index"].to(torch.int64), return_inverse=True)
-        rows.append(site)
+        rows, inverse = torch.unique(batch["site_index"].to(torch.int64), return_inverse=True)
+        sums = {}
         for b in blocks:
             crops = embed_batch(model, batch["image"], device, bf16, pooling, b).double().cpu()
-            sums[b].append(torch.zeros(len(site), crops.shape[1], dtype=torch.float64).index_add_(0, inverse, crops))
-        counts.append(torch.bincount(inverse, minlength=len(site)).double()[:, None])
-    if not rows:
-        return np.zeros(0, dtype=np.int64), {}
-    site, inverse = torch.unique(torch.cat(rows), return_inverse=True)
-    crops = _combine(counts, inverse, len(site))
-    means = {b: (_combine(parts, inverse, len(site)) / crops).float().numpy() for b, parts in sums.items()}
-    return site.numpy(), means
+            sums[b] = torch.zeros(len(rows), crops.shape[1], dtype=torch.float64).index_add_(0, inverse, crops)
+        batches.append(SiteSums(rows, sums, torch.bincount(inverse, minlength=len(rows)).double()))
+    return SiteSums.combine(batches)
 
 
-def _combine(parts: list[torch.Tensor], inverse: torch.Tensor, n: int) -> torch.Tensor:
-    """Sum per-batch rows that belong to the same site (`inverse`: each row's site position)."""
-    stacked = torch.cat(parts)
-    return torch.zeros(n, stacked.shape[1], dtype=torch.float64).index_add_(0, inverse, stacked)
-
-
-def part_frame(manifest: pl.DataFrame, rows: np.ndarray, means: np.ndarray,
+def part_frame(manifest: pl.DataFrame, sites: SiteSums, block: Optional[int] = None,
                drop: tuple[str, ...] = ()) -> pl.DataFrame:
-    """The embeddings parquet rows of one rank: manifest metadata (less `drop`) + `embedding`."""
-    metadata = manifest[rows].drop([c for c in drop if c in manifest.columns])
-    return embeddings_frame(metadata, means)
+    """The embeddings parquet rows of `sites`: manifest metadata (less `drop`) + `embedding`."""
+    metadata = manifest[sites.rows.numpy()].drop([c for c in drop if c in manifest.columns])
+    return embeddings_frame(metadata, sites.means(block))
