@@ -17,8 +17,6 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from webdataset.tariterators import tar_file_iterator
-
 from datamodules.schema import ALLOWED_DTYPES
 from datamodules.transport import Transport, is_remote
 
@@ -118,10 +116,49 @@ def _mapped_members(path: str) -> Iterator[tuple[str, memoryview]]:
 
 
 def _streamed_members(url: str, transport: Transport) -> Iterator[tuple[str, bytes]]:
-    """(name, bytes) of a remote tar's files, through webdataset's tar stream iterator."""
+    """(name, bytes) of a remote tar's files, read as a stream: one read per header and per member.
+
+    Not webdataset's tar_file_iterator (tarfile's stream mode): that reads in 10 KB records and
+    copies each member twice, which halved the HTTP loader's throughput (benchmarks/bench_loader.py).
+    Handles ustar, pax (`path`) and GNU long-name headers; a short read is a tarfile.ReadError.
+    """
     with transport.open(url) as stream:
-        for member in tar_file_iterator(stream, skip_meta=None):
-            yield member["fname"], member["data"]
+        long_name: str | None = None
+        while True:
+            header = stream.read(tarfile.BLOCKSIZE)
+            if not header or header == tarfile.NUL * tarfile.BLOCKSIZE:
+                return  # end of archive (a tar may end without its two zero blocks)
+            if len(header) < tarfile.BLOCKSIZE:
+                raise tarfile.ReadError(f"truncated tar header ({len(header)} bytes)")
+            info = tarfile.TarInfo.frombuf(header, "utf-8", "surrogateescape")
+            data = _read_exactly(stream, info.size)
+            _read_exactly(stream, -info.size % tarfile.BLOCKSIZE)  # padding to the next block
+            if info.type == tarfile.GNUTYPE_LONGNAME:
+                long_name = data.rstrip(tarfile.NUL).decode("utf-8", "surrogateescape")
+            elif info.type == tarfile.XHDTYPE:
+                long_name = _pax_path(data) or long_name
+            elif info.type in tarfile.REGULAR_TYPES:
+                yield (long_name or info.name), data
+                long_name = None
+
+
+def _read_exactly(stream, size: int) -> bytes:
+    data = stream.read(size) if size else b""
+    while len(data) < size:  # a source may return less than asked before its end
+        more = stream.read(size - len(data))
+        if not more:
+            raise tarfile.ReadError(f"unexpected end of data ({len(data)} of {size} bytes)")
+        data += more
+    return data
+
+
+def _pax_path(data: bytes) -> str | None:
+    """The `path` record of a pax extended header ("<len> path=<name>\\n" records)."""
+    for record in data.split(b"\n"):
+        _, _, field = record.partition(b" ")
+        if field.startswith(b"path="):
+            return field[5:].decode("utf-8", "surrogateescape")
+    return None
 
 
 def member_view(view: memoryview, info: tarfile.TarInfo) -> memoryview:
