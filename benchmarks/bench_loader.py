@@ -1,16 +1,26 @@
 """Loader throughput: 256x256 training crops per second on one worker core, from 6x512x512 uint8
-shards, against decoding the same sites from the RxRx1 layout (one 8-bit PNG per channel).
+shards, against (1) decoding the same sites from the RxRx1 layout (one 8-bit PNG per channel),
+(2) webdataset's own reader (`webdataset.WebDataset`, resampled, same shuffle buffer) over the
+same shard files, and (3) phenoscale reading the same shards over HTTP from 127.0.0.1 (an
+`http.server` in another process, so the loader's core only reads).
 
-Both paths cut the same number of random crops per decoded site (4) with the same crop code and
-assemble the same batches; only the way a site reaches memory differs. Sites are 512x512 windows
+Every path cuts the same number of random crops per decoded site (4) with the same crop code and
+assembles the same batches; only the way a site reaches memory differs. Sites are 512x512 windows
 of the real Phenix field (../shared), scaled to 8 bit, so PNG compression sees real images.
-Files are read once before timing, so both paths read from the page cache.
+Files are read once before timing, so every path reads from the page cache.
 """
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import socket
+import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import tifffile
@@ -19,6 +29,7 @@ from PIL import Image
 
 from benchmarks.harness import Measurement, best_time
 from datamodules import DataConfig, ShardWriter, build_datamodule
+from datamodules.shards import decode_npy
 from datamodules.transforms import dihedral, fill_random_crops
 
 SITES, CROP, CROPS_PER_SITE, BATCH = 48, 256, 4, 32
@@ -63,6 +74,48 @@ def png_batches(files: list[list[Path]], steps: int, seed: int = 0) -> int:
     return crops
 
 
+def webdataset_batches(pattern: str, steps: int) -> int:
+    """The peer: webdataset's resampled shard reader + its shuffle buffer, then the same crops."""
+    import webdataset as wds
+
+    rng = np.random.default_rng(0)
+    samples = iter(wds.WebDataset(pattern, resampled=True, shardshuffle=False).shuffle(16))
+    sites_per_batch = BATCH // CROPS_PER_SITE
+    crops = 0
+    for _ in range(steps):
+        out = np.empty((BATCH, 6, CROP, CROP), np.uint8)
+        for j in range(sites_per_batch):
+            sample = next(samples)
+            json.loads(sample["json"])  # what our reader checks too
+            fill_random_crops(decode_npy(sample["npy"]), out[j * CROPS_PER_SITE : (j + 1) * CROPS_PER_SITE], rng)
+        crops += torch.from_numpy(out).shape[0]
+    return crops
+
+
+@contextlib.contextmanager
+def http_server(root: Path) -> Iterator[str]:
+    """`python -m http.server` over `root` on 127.0.0.1 in its own process; yields the base URL."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "http.server", "--bind", "127.0.0.1", "--directory", str(root),
+                               str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise RuntimeError("the benchmark's http.server did not start") from None
+                time.sleep(0.1)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
 def run() -> list[Measurement]:
     torch.set_num_threads(1)
     sites = real_sites()
@@ -75,18 +128,24 @@ def run() -> list[Measurement]:
                                         cell_type="DAOY", channels=["Brightfield", "ER", "AGP", "Mito", "DNA", "RNA"]))
         files = write_rxrx1_layout(sites, root / "rxrx1")
         png_bytes = sum(p.stat().st_size for site in files for p in site) / SITES
-        cfg = DataConfig(train_shards=str(root / "shards"), crop_size=CROP, crops_per_site=CROPS_PER_SITE,
-                         batch_size=BATCH, num_workers=0, steps_per_epoch=STEPS, shuffle_buffer=16)
-        loader = build_datamodule(cfg, seed=0).train_dataloader()
+        names = sorted(p.name for p in (root / "shards").glob("*.tar"))
+        braces = f"shard-{{000000..{len(names) - 1:06d}}}.tar"
 
-        def shard_pass() -> None:
-            assert sum(batch["image"].shape[0] for batch in loader) == STEPS * BATCH
+        def loader_seconds(shards: str) -> float:
+            cfg = DataConfig(train_shards=shards, crop_size=CROP, crops_per_site=CROPS_PER_SITE,
+                             batch_size=BATCH, num_workers=0, steps_per_epoch=STEPS, shuffle_buffer=16)
+            loader = build_datamodule(cfg, seed=0).train_dataloader()
+            return best_time(lambda: sum(batch["image"].shape[0] for batch in loader), repeats=3, warmup=1)
 
-        shard_seconds = best_time(shard_pass, repeats=3, warmup=1)
+        shard_seconds = loader_seconds(str(root / "shards"))
+        wds_seconds = best_time(lambda: webdataset_batches(str(root / "shards" / braces), STEPS), repeats=3, warmup=1)
+        with http_server(root / "shards") as base:
+            http_seconds = loader_seconds(f"{base}/{braces}")
         png_steps = max(4, STEPS // 4)  # the baseline is slow: time fewer batches
         png_seconds = best_time(lambda: png_batches(files, png_steps), repeats=2, warmup=1)
 
     shard_rate = STEPS * BATCH / shard_seconds
+    wds_rate, http_rate = STEPS * BATCH / wds_seconds, STEPS * BATCH / http_seconds
     png_rate = png_steps * BATCH / png_seconds
     ratio = shard_rate / png_rate
     extra = {"sites": SITES, "crops_per_site": CROPS_PER_SITE, "batch_size": BATCH, "crop": CROP,
@@ -100,5 +159,17 @@ def run() -> list[Measurement]:
             baseline_name="RxRx1 PNG-per-channel decode, same crops", baseline_value=png_rate, ratio=ratio,
             target=">= 1000 crops/s per worker core and >= 10x the PNG baseline",
             met=bool(shard_rate >= 1000 and ratio >= 10), extra=extra,
-        )
+        ),
+        Measurement(
+            name="train crops/s per worker core: phenoscale (mmap) vs webdataset.WebDataset, same shards and crops",
+            value=shard_rate, unit="crops/s", baseline_name="webdataset.WebDataset (resampled, shuffle 16) + same crops",
+            baseline_value=wds_rate, ratio=shard_rate / wds_rate, target=">= 1.5x webdataset's reader",
+            met=bool(shard_rate / wds_rate >= 1.5), extra=extra,
+        ),
+        Measurement(
+            name="train crops/s per worker core over HTTP from 127.0.0.1 (http.server process) vs local",
+            value=http_rate, unit="crops/s", baseline_name="phenoscale, the same shards from local disk",
+            baseline_value=shard_rate, ratio=http_rate / shard_rate, target=">= 0.7x local",
+            met=bool(http_rate / shard_rate >= 0.7), extra=extra,
+        ),
     ]

@@ -1,15 +1,19 @@
 """Shared measuring tools for the benchmarks: timing, peak memory, machine facts, result files."""
 from __future__ import annotations
 
+import contextlib
+import functools
+import http.server
 import json
 import os
 import platform
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -140,3 +144,21 @@ def write_table() -> Path:
     out = RESULTS_DIR / "README.md"
     out.write_text("\n".join(lines))
     return out
+
+
+@contextlib.contextmanager
+def serve_directory(root: Path, handler: type = http.server.SimpleHTTPRequestHandler) -> Iterator[str]:
+    """`root` over HTTP on 127.0.0.1 (a free port, a background thread): yields the base URL.
+
+    Used to read shards "remotely" in the loader benchmark and the remote-shard tests.
+    """
+    quiet = type("Quiet", (handler,), {"log_message": lambda self, *args: None})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(quiet, directory=str(root)))
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()

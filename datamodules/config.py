@@ -9,9 +9,13 @@ from omegaconf import MISSING
 
 @dataclass
 class DataConfig:
-    # where: a shard directory (holding manifest.parquet) or a glob of its tar files
+    # where: a shard directory (holding manifest.parquet), a glob or brace pattern of its tar files,
+    # or URLs: http(s)://, s3://, gs://, az:// (the `remote` extra), pipe:CMD (docs/data.md)
     train_shards: str = MISSING
     eval_shards: Optional[str] = None  # None: the training shards
+    manifest: Optional[str] = None  # None: manifest.parquet beside the shards (same directory or URL prefix)
+    io_timeout: float = 60.0  # seconds per connect/read of a remote shard before a retry
+    io_retries: int = 5  # reopenings (exponential backoff) of a failing remote shard before the run stops
     # what a batch is
     crop_size: int = 256
     crops_per_site: int = 4  # random crops per decoded site (amortises the decode); divides batch_size

@@ -18,6 +18,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from datamodules.schema import ALLOWED_DTYPES
+from datamodules.transport import Transport, is_remote
 
 log = logging.getLogger("datamodules")
 
@@ -79,31 +80,85 @@ def parse_sample(
     return RawSample(key, shard, meta, npy, offset, tuple(int(s) for s in shape), dtype)
 
 
-def iter_shard(path: str, min_size: int, on_bad: Callable[[str, str, str], None]) -> Iterator[RawSample]:
+def iter_shard(path: str, min_size: int, on_bad: Callable[[str, str, str], None],
+               transport: Transport | None = None) -> Iterator[RawSample]:
     """Checked samples of one tar, in stored order; bad samples and a broken tail go to `on_bad`.
 
-    The shard is memory-mapped and samples are views into it: no copy of the pixels is made
-    before cropping, and the page cache is shared by all workers reading the same shard.
+    A local shard is memory-mapped and samples are views into it: no copy of the pixels is made
+    before cropping, and the page cache is shared by all workers reading the same shard. A URL
+    or `pipe:` shard is read as one forward tar stream (`transport` says how, datamodules.transport);
+    an unreachable one raises ShardUnavailableError rather than being skipped.
     """
     key, members = None, {}
     try:
-        with open(path, "rb") as raw, tarfile.open(fileobj=raw, mode="r:") as tar:
-            view = memoryview(mmap.mmap(raw.fileno(), 0, access=mmap.ACCESS_READ))
-            for info in tar:
-                if not info.isfile():
-                    continue
-                name = info.name.rsplit("/", 1)[-1]
-                member_key, _, ext = name.partition(".")
-                if member_key != key:
-                    if key is not None:
-                        yield from _checked(key, path, members, min_size, on_bad)
-                    key, members = member_key, {}
-                members[ext] = member_view(view, info)
-                tar.members.clear()  # sequential pass: do not keep every TarInfo of a 1 GB shard
+        entries = _streamed_members(path, transport or Transport()) if is_remote(path) else _mapped_members(path)
+        for name, data in entries:
+            member_key, _, ext = name.rsplit("/", 1)[-1].partition(".")
+            if member_key != key:
+                if key is not None:
+                    yield from _checked(key, path, members, min_size, on_bad)
+                key, members = member_key, {}
+            members[ext] = data
         if key is not None:
             yield from _checked(key, path, members, min_size, on_bad)
     except (tarfile.TarError, OSError, EOFError, ValueError) as err:
         on_bad(path, key or "?", f"shard unreadable from here on ({err})")
+
+
+def _mapped_members(path: str) -> Iterator[tuple[str, memoryview]]:
+    """(name, bytes) of a local tar's files: views into the mapped file."""
+    with open(path, "rb") as raw, tarfile.open(fileobj=raw, mode="r:") as tar:
+        view = memoryview(mmap.mmap(raw.fileno(), 0, access=mmap.ACCESS_READ))
+        for info in tar:
+            if info.isfile():
+                yield info.name, member_view(view, info)
+            tar.members.clear()  # sequential pass: do not keep every TarInfo of a 1 GB shard
+
+
+def _streamed_members(url: str, transport: Transport) -> Iterator[tuple[str, bytes]]:
+    """(name, bytes) of a remote tar's files, read as a stream: one read per header and per member.
+
+    Not webdataset's tar_file_iterator (tarfile's stream mode): that reads in 10 KB records and
+    copies each member twice, which halved the HTTP loader's throughput (benchmarks/bench_loader.py).
+    Handles ustar, pax (`path`) and GNU long-name headers; a short read is a tarfile.ReadError.
+    """
+    with transport.open(url) as stream:
+        long_name: str | None = None
+        while True:
+            header = stream.read(tarfile.BLOCKSIZE)
+            if not header or header == tarfile.NUL * tarfile.BLOCKSIZE:
+                return  # end of archive (a tar may end without its two zero blocks)
+            if len(header) < tarfile.BLOCKSIZE:
+                raise tarfile.ReadError(f"truncated tar header ({len(header)} bytes)")
+            info = tarfile.TarInfo.frombuf(header, "utf-8", "surrogateescape")
+            data = _read_exactly(stream, info.size)
+            _read_exactly(stream, -info.size % tarfile.BLOCKSIZE)  # padding to the next block
+            if info.type == tarfile.GNUTYPE_LONGNAME:
+                long_name = data.rstrip(tarfile.NUL).decode("utf-8", "surrogateescape")
+            elif info.type == tarfile.XHDTYPE:
+                long_name = _pax_path(data) or long_name
+            elif info.type in tarfile.REGULAR_TYPES:
+                yield (long_name or info.name), data
+                long_name = None
+
+
+def _read_exactly(stream, size: int) -> bytes:
+    data = stream.read(size) if size else b""
+    while len(data) < size:  # a source may return less than asked before its end
+        more = stream.read(size - len(data))
+        if not more:
+            raise tarfile.ReadError(f"unexpected end of data ({len(data)} of {size} bytes)")
+        data += more
+    return data
+
+
+def _pax_path(data: bytes) -> str | None:
+    """The `path` record of a pax extended header ("<len> path=<name>\\n" records)."""
+    for record in data.split(b"\n"):
+        _, _, field = record.partition(b" ")
+        if field.startswith(b"path="):
+            return field[5:].decode("utf-8", "surrogateescape")
+    return None
 
 
 def member_view(view: memoryview, info: tarfile.TarInfo) -> memoryview:

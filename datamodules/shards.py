@@ -187,10 +187,15 @@ def read_manifest(shard_dir: str | Path) -> pl.DataFrame:
     if not path.is_file():
         raise ValueError(f"no {MANIFEST} in {shard_dir}; shards must be written by datamodules.ShardWriter")
     manifest = pl.read_parquet(path)
-    missing_cols = [c for c in (*REQUIRED_KEYS, *SHARD_COLUMNS) if c not in manifest.columns]
-    if missing_cols:
-        raise ValueError(f"{path}: missing manifest columns {missing_cols}")
+    check_manifest_columns(manifest, str(path))
     missing_shards = [s for s in manifest["shard"].unique().sort().to_list() if not (shard_dir / s).is_file()]
     if missing_shards:
         raise ValueError(f"{path} lists shards that do not exist in {shard_dir}: {missing_shards[:5]}")
     return manifest
+
+
+def check_manifest_columns(manifest: pl.DataFrame, source: str) -> None:
+    """ValueError naming `source` unless the manifest has every required column."""
+    missing_cols = [c for c in (*REQUIRED_KEYS, *SHARD_COLUMNS) if c not in manifest.columns]
+    if missing_cols:
+        raise ValueError(f"{source}: missing manifest columns {missing_cols}")

@@ -14,7 +14,6 @@ starts an iteration, so they reach persistent and re-created workers alike.
 """
 from __future__ import annotations
 
-import glob
 import logging
 import math
 import tarfile
@@ -29,42 +28,46 @@ from torch.utils.data import DataLoader
 
 from datamodules.config import DataConfig
 from datamodules.distributed import rank_and_world
-from datamodules.shards import read_manifest
+from datamodules.locations import load_manifest, shard_locations, shard_name
 from datamodules.streams import BadSampleCounter, EvalStream, SampleFilter, TrainStream
+from datamodules.transport import Transport, is_remote
 
 log = logging.getLogger("datamodules")
 
 
-def resolve_shards(pattern: str, verify: bool = True) -> tuple[list[Path], pl.DataFrame]:
-    """Shard files of `pattern` (a directory or a glob of tars) and the manifest rows they hold.
+def resolve_shards(pattern: str, verify: bool = True, manifest_at: str | None = None,
+                   transport: Transport | None = None) -> tuple[list[str], pl.DataFrame]:
+    """Shard locations of `pattern` (datamodules.locations) and the manifest rows they hold.
 
-    Raises ValueError if nothing matches, the tars span several directories, or the manifest
+    Raises ValueError if nothing matches, local tars span several directories, or the manifest
     and the shards disagree (shards missing on either side, keys differing inside a shard: checked
-    under DDP by each rank for every world-size-th shard).
+    for local shards under DDP by each rank for every world-size-th shard; a remote shard's keys
+    are checked as it streams, since reading its headers would mean downloading it).
     """
-    path = Path(pattern)
-    files = sorted(path.glob("*.tar")) if path.is_dir() else sorted(Path(p) for p in glob.glob(pattern))
-    files = [f for f in files if f.suffix == ".tar"]
+    files = shard_locations(pattern)
     if not files:
         raise ValueError(f"shard pattern {pattern!r} matches no .tar files")
-    roots = {f.parent for f in files}
-    if len(roots) > 1:
-        raise ValueError(f"shard pattern {pattern!r} spans several directories {sorted(map(str, roots))}; "
-                         "each shard directory has its own manifest")
-    root = roots.pop()
-    manifest = read_manifest(root)
-    found = {f.name for f in files}
-    unlisted = sorted(found - set(manifest["shard"].to_list()))
+    remote = is_remote(files[0])
+    if not remote:
+        roots = {str(Path(f).parent) for f in files}
+        if len(roots) > 1:
+            raise ValueError(f"shard pattern {pattern!r} spans several directories {sorted(roots)}; "
+                             "each shard directory has its own manifest")
+    manifest, source = load_manifest(files, manifest_at, transport or Transport())
+    names = [shard_name(f) for f in files]
+    if len(set(names)) < len(names):
+        raise ValueError(f"shard pattern {pattern!r} names the same shard file twice")
+    unlisted = sorted(set(names) - set(manifest["shard"].to_list()))
     if unlisted:
-        raise ValueError(f"{root / 'manifest.parquet'} disagrees with the shards: {unlisted[:5]} are not in it")
-    manifest = manifest.filter(pl.col("shard").is_in(sorted(found)))
-    if verify:
+        raise ValueError(f"{source} disagrees with the shards: {unlisted[:5]} are not in it")
+    manifest = manifest.filter(pl.col("shard").is_in(sorted(names)))
+    if verify and not remote:
         # each rank reads the tar headers of its own share of the shards (a thousand-shard set is
         # verified once per job, not once per GPU); a mismatch stops the rank that finds it
         rank, world = rank_and_world()
         keys = dict(manifest.group_by("shard").agg("key").iter_rows())
         for shard in files[rank::world]:
-            check_shard_keys(shard, set(keys.get(shard.name, [])))
+            check_shard_keys(Path(shard), set(keys.get(Path(shard).name, [])))
     return files, manifest
 
 
@@ -153,11 +156,14 @@ class ShardDataModule(L.LightningDataModule):
             raise ValueError(f"DataConfig.batch_size ({cfg.batch_size}) must be a multiple of "
                              f"crops_per_site ({cfg.crops_per_site})")
         self.cfg, self.seed = cfg, seed
-        self.train_files, self.train_manifest = resolve_shards(cfg.train_shards, cfg.verify_shards)
+        self.transport = Transport(timeout=cfg.io_timeout, retries=cfg.io_retries)
+        self.train_files, self.train_manifest = resolve_shards(cfg.train_shards, cfg.verify_shards, cfg.manifest,
+                                                               self.transport)
         if cfg.eval_shards is None or cfg.eval_shards == cfg.train_shards:
             self.eval_files, self.manifest = self.train_files, self.train_manifest
         else:
-            self.eval_files, self.manifest = resolve_shards(cfg.eval_shards, cfg.verify_shards)
+            self.eval_files, self.manifest = resolve_shards(cfg.eval_shards, cfg.verify_shards, cfg.manifest,
+                                                            self.transport)
         self.channel_names = channel_layout(self.train_manifest, cfg.channels, cfg.train_shards)
         if self.manifest is not self.train_manifest:
             channel_layout(self.manifest, self.channel_names, cfg.eval_shards)
@@ -217,7 +223,7 @@ class ShardDataModule(L.LightningDataModule):
         if self._stream is None:
             rank, _ = rank_and_world()
             self._stream = TrainStream(
-                [str(f) for f in self.train_files], seed=self.seed, rank=rank,
+                self.train_files, seed=self.seed, rank=rank, transport=self.transport,
                 steps_per_epoch=self.steps_per_epoch, batch_size=cfg.batch_size,
                 crops_per_site=cfg.crops_per_site, crop_size=cfg.crop_size, shuffle_buffer=cfg.shuffle_buffer,
                 sample_filter=self._sample_filter(), augment=cfg.augment, channel_permute=cfg.channel_permute,
@@ -271,13 +277,14 @@ class ShardDataModule(L.LightningDataModule):
         n = self.manifest.height
         lo, hi = rank * n // world, (rank + 1) * n // world
         rows = self.manifest.slice(lo, hi - lo).select("shard", "key").iter_rows()
-        root = self.eval_files[0].parent
-        sites = [(lo + i, str(root / shard), key) for i, (shard, key) in enumerate(rows)]
+        location = {shard_name(f): f for f in self.eval_files}
+        sites = [(lo + i, location[shard], key) for i, (shard, key) in enumerate(rows)]
         crop = self.cfg.crop_size
         tiles_per_site = (self.manifest["height"].min() // crop) * (self.manifest["width"].min() // crop)
         stream = EvalStream(sites, sites_per_batch=max(1, self.cfg.batch_size // tiles_per_site),
-                            crop_size=self.cfg.crop_size, sample_filter=self._sample_filter(), bad=self._bad)
-        workers = min(self.cfg.num_workers, len(stream))
+                            crop_size=self.cfg.crop_size, sample_filter=self._sample_filter(), bad=self._bad,
+                            transport=self.transport if is_remote(self.eval_files[0]) else None)
+        workers = min(self.cfg.num_workers, stream.parallelism)
         return DataLoader(stream, batch_size=None, num_workers=workers,
                           prefetch_factor=self.cfg.prefetch_factor if workers > 0 else None,
                           pin_memory=self.pin_memory)

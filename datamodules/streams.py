@@ -22,6 +22,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from datamodules.samples import BadSampleError, RawSample, iter_shard, log_bad_sample, member_view, parse_sample
 from datamodules.transforms import fill_random_crops, tile_crops
+from datamodules.transport import Transport
 
 
 def _worker() -> tuple[int, int]:
@@ -94,9 +95,11 @@ class TrainStream(IterableDataset):
         label_key: str,
         vocab: dict[str, int],
         bad: BadSampleCounter,
+        transport: Transport | None = None,
     ) -> None:
         super().__init__()
-        self.shards = shards
+        self.shards = shards  # local paths (memory-mapped) or remote locations (streamed through `transport`)
+        self.transport = transport
         self.seed, self.rank = seed, rank
         self.steps_per_epoch = steps_per_epoch
         self.batch_size, self.crops_per_site, self.crop_size = batch_size, crops_per_site, crop_size
@@ -134,7 +137,7 @@ class TrainStream(IterableDataset):
             t += 1
 
     def _checked_samples(self, shard: str) -> Iterator[tuple[RawSample, np.ndarray | None]]:
-        for sample in iter_shard(shard, self.crop_size, self.bad):
+        for sample in iter_shard(shard, self.crop_size, self.bad, self.transport):
             try:
                 yield sample, self.filter.indices(sample)
             except BadSampleError as err:
@@ -175,7 +178,13 @@ class TrainStream(IterableDataset):
 
 
 class EvalStream(IterableDataset):
-    """This rank's sites, each once, tiled into non-overlapping crops; batch j from worker j % W."""
+    """This rank's sites, each once, tiled into non-overlapping crops.
+
+    Local shards are read by key (random access into the mapped file), batch j from worker j % W.
+    Remote shards (`transport` given) can only be read front to back, so each worker streams
+    whole shards, shard i of the rank's by worker i % W, and no batch spans two shards: every
+    byte is fetched once, and the batch count does not depend on the number of workers.
+    """
 
     def __init__(
         self,
@@ -185,39 +194,80 @@ class EvalStream(IterableDataset):
         crop_size: int,
         sample_filter: SampleFilter,
         bad: BadSampleCounter,
+        transport: Transport | None = None,
     ) -> None:
         super().__init__()
-        self.sites = sites  # (manifest row, shard path, key), in manifest order
+        self.sites = sites  # (manifest row, shard location, key), in manifest order
         self.sites_per_batch = max(1, sites_per_batch)
         self.crop_size = crop_size
         self.filter = sample_filter
         self.bad = bad
+        self.transport = transport
+        self.by_shard: dict[str, dict[str, int]] = {}  # shard -> key -> manifest row, in order
+        for row, shard, key in sites:
+            self.by_shard.setdefault(shard, {})[key] = row
 
     def __len__(self) -> int:
-        return math.ceil(len(self.sites) / self.sites_per_batch)
+        if self.transport is None:
+            return math.ceil(len(self.sites) / self.sites_per_batch)
+        return sum(math.ceil(len(keys) / self.sites_per_batch) for keys in self.by_shard.values())
+
+    @property
+    def parallelism(self) -> int:
+        """How many workers can be kept busy: one per batch (local) or per shard (remote)."""
+        return len(self) if self.transport is None else len(self.by_shard)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        if self.transport is not None:
+            yield from self._streamed()
+            return
         worker, workers = _worker()
         reader = ShardReader(self.bad)
         try:
             for j in range(worker, len(self), workers):
-                crops, index = [], []
-                for row, shard, key in self.sites[j * self.sites_per_batch : (j + 1) * self.sites_per_batch]:
-                    sample = reader.read(shard, key, self.crop_size)
-                    if sample is None:
-                        continue
-                    try:
-                        tiles = tile_crops(sample.image(), self.crop_size, self.filter.indices(sample))
-                    except BadSampleError as err:
-                        self.bad(shard, key, str(err))
-                        continue
-                    crops.append(tiles)
-                    index.append(np.full(len(tiles), row, dtype=np.int64))
-                if crops:
-                    yield {"image": torch.from_numpy(np.concatenate(crops)),
-                           "site_index": torch.from_numpy(np.concatenate(index))}
+                group = self.sites[j * self.sites_per_batch : (j + 1) * self.sites_per_batch]
+                batch = self._tiles((row, reader.read(shard, key, self.crop_size)) for row, shard, key in group)
+                if batch is not None:
+                    yield batch
         finally:
             reader.close()
+
+    def _streamed(self) -> Iterator[dict[str, torch.Tensor]]:
+        worker, workers = _worker()
+        for shard in list(self.by_shard)[worker::workers]:
+            wanted = dict(self.by_shard[shard])
+            group: list[tuple[int, RawSample]] = []
+            for sample in iter_shard(shard, self.crop_size, self.bad, self.transport):
+                row = wanted.pop(sample.key, None)
+                if row is None:
+                    continue  # another rank's site, or one the manifest leaves out
+                group.append((row, sample))
+                if len(group) == self.sites_per_batch:
+                    batch, group = self._tiles(group), []
+                    if batch is not None:
+                        yield batch
+            for key in wanted:
+                self.bad(shard, key, "not found in the shard stream")
+            batch = self._tiles(group)
+            if batch is not None:
+                yield batch
+
+    def _tiles(self, group) -> dict[str, torch.Tensor] | None:
+        """One batch from (manifest row, sample or None) pairs; None if no sample was usable."""
+        crops, index = [], []
+        for row, sample in group:
+            if sample is None:
+                continue
+            try:
+                tiles = tile_crops(sample.image(), self.crop_size, self.filter.indices(sample))
+            except BadSampleError as err:
+                self.bad(sample.shard, sample.key, str(err))
+                continue
+            crops.append(tiles)
+            index.append(np.full(len(tiles), row, dtype=np.int64))
+        if not crops:
+            return None
+        return {"image": torch.from_numpy(np.concatenate(crops)), "site_index": torch.from_numpy(np.concatenate(index))}
 
 
 class ShardReader:

@@ -76,7 +76,7 @@ def test_embed_under_torchrun_equals_one_process(shards: Path, torchrun_fit: tup
     assert main(["embed", str(checkpoint), str(shards), str(one), "--num-workers", "0"]) == 0
     split, whole = pl.read_parquet(two), pl.read_parquet(one)
     assert split["key"].to_list() == whole["key"].to_list() and split.height == 16  # every site once
-    # each rank embedded half the sites; the summed all-reduce gives exactly the one-process means
+    # each rank embedded half the sites into its own part; the merged parts give the one-process means
     np.testing.assert_allclose(split["embedding"].to_numpy(), whole["embedding"].to_numpy(), rtol=1e-6)
 
 

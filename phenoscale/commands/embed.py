@@ -9,7 +9,8 @@ manifest's metadata columns plus `embedding` (Array(Float32, D)), ready for
 Data settings (crop size, channels, batch size) come from --config, else from the run's
 config.yaml when CHECKPOINT lives in a run directory, else the defaults with the model's crop
 size. Runs in one process with a progress bar, or under torchrun/srun with the sites split
-over ranks (rank 0 writes OUT).
+over ranks: each rank writes its part to OUT.parts/ and rank 0 concatenates them into OUT
+(`--merge` redoes only that step, e.g. after rank 0 was interrupted while merging).
 
 With --images instead of SHARDS, raw images are embedded without writing shards: a site table
 (CSV/TSV/parquet with FileName_<Stain> columns), a folder of Opera Phenix TIFFs (stains from
@@ -25,6 +26,7 @@ Examples:
   phenoscale embed exports/camae --images sites.csv emb.parquet --channels DNA,RNA,AGP
   phenoscale embed openphenom/model.safetensors jump_shards/ emb.parquet --pooling channelwise
   torchrun --nproc_per_node 8 -m phenoscale.cli embed last.ckpt shards/ emb.parquet --block -2
+  phenoscale embed last.ckpt shards/ emb.parquet --merge
 """
 from __future__ import annotations
 
@@ -53,6 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--channel-map", help="--images: file channel number to stain, e.g. 1=Brightfield,2=ER")
     parser.add_argument("--channels", help="stains to embed, in order, comma-separated (default: the model's, else all)")
     parser.add_argument("--allow-missing", action="store_true", help="--images: embed the channels present")
+    parser.add_argument("--merge", action="store_true",
+                        help="only concatenate the ranks' parts already in OUT.parts/ into OUT (CHECKPOINT is not loaded)")
     parser.add_argument("--precision", default="32",
                         help="32 (default), bf16 (bfloat16 autocast: faster only where the hardware has native bf16; "
                              "TVN can amplify its rounding) or auto (bf16 where native, else 32)")
@@ -76,8 +80,18 @@ def data_config(args: argparse.Namespace, crop_size: int):
 def run(args: argparse.Namespace) -> int:
     import lightning_modules
     from lightning_modules.hardware import check_embed_precision
-    from phenoscale.embedding import embed_model
+    from phenoscale.embedding import embed_model, merge_parts
 
+    if args.merge:
+        from datamodules.streaming import resolve_shards
+
+        try:
+            written = merge_parts(args.out, resolve_shards(args.shards, verify=False)[1])
+        except (ValueError, RuntimeError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        print(f"[phenoscale] embeddings written to {written}")
+        return 0
     channels = [c.strip() for c in args.channels.split(",") if c.strip()] if args.channels else None
     try:
         if (args.images is None) == (args.shards is None):

@@ -1,0 +1,161 @@
+"""Shard bytes from wherever they live: http(s), object stores (s3/gs/az through fsspec) and
+`pipe:CMD` commands (webdataset's convention), read as one forward stream with bounded retries.
+
+A dropped connection or a stalled read (the socket timeout) is retried with exponential backoff
+by reopening the source at the byte already reached (an HTTP Range request, a seek, or for a
+pipe re-running the command and discarding what was read), so a transient failure changes
+nothing in the sample stream; after `retries` reopenings it is a ShardUnavailableError naming
+the URL. A source that ends early without an error (a truncated object) is not retried: the tar
+reader sees the short stream, and the sample reader counts it as a skip, like a truncated local
+file.
+"""
+from __future__ import annotations
+
+import http.client
+import logging
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from webdataset.gopen import gopen
+
+log = logging.getLogger("datamodules")
+
+#: fsspec protocols read through fsspec (install the `remote` extra: s3fs, gcsfs, adlfs)
+FSSPEC_SCHEMES = ("s3://", "gs://", "gcs://", "az://", "abfs://")
+HTTP_SCHEMES = ("http://", "https://")
+REMOTE_PREFIXES = (*HTTP_SCHEMES, *FSSPEC_SCHEMES, "pipe:")
+_DISCARD_CHUNK = 1 << 20
+
+
+def is_remote(location: str) -> bool:
+    """True for a URL or `pipe:` command, False for a local path (read by memory mapping)."""
+    return location.startswith(REMOTE_PREFIXES)
+
+
+class ShardUnavailableError(RuntimeError):
+    """A remote source that kept failing after every retry (not an OSError on purpose: the sample
+    reader skips damaged shards, but an unreachable store must stop the run, naming the URL)."""
+
+
+@dataclass(frozen=True)
+class Transport:
+    """How remote bytes are fetched: `timeout` seconds per connect/read, `retries` reopenings
+    with backoff `backoff * 2**attempt` seconds (capped at 30) before giving up."""
+
+    timeout: float = 60.0
+    retries: int = 5
+    backoff: float = 0.5
+
+    def open(self, url: str) -> "RetryingStream":
+        return RetryingStream(url, self)
+
+    def read_bytes(self, url: str) -> bytes:
+        """The whole object at `url` (a manifest), with the same retries as a shard."""
+        with self.open(url) as stream:
+            chunks = iter(lambda: stream.read(_DISCARD_CHUNK), b"")
+            return b"".join(chunks)
+
+
+class RetryingStream:
+    """A read-only forward stream over `url` that survives transient failures (module docstring)."""
+
+    def __init__(self, url: str, transport: Transport) -> None:
+        self.url, self.transport = url, transport
+        self.position = 0
+        self._raw: BinaryIO | None = None
+        self._failures = 0  # since the stream last got past the byte where it failed
+        self._failed_at = -1
+        self._open(None)
+
+    def _open(self, error: BaseException | None) -> None:
+        """Open at `position`; after a failure, back off and retry while the budget lasts."""
+        while True:
+            if error is not None:
+                self._failures += 1
+                if self._failures > self.transport.retries:
+                    raise ShardUnavailableError(f"{self.url}: unreachable after {self.transport.retries} retries "
+                                                f"at byte {self.position} ({error})") from None
+                delay = min(30.0, self.transport.backoff * 2 ** (self._failures - 1))
+                log.warning("retrying %s at byte %d in %.1fs (%d of %d): %s", self.url, self.position, delay,
+                            self._failures, self.transport.retries, error)
+                time.sleep(delay)
+            try:
+                self._raw = _open_at(self.url, self.position, self.transport.timeout)
+                return
+            except urllib.error.HTTPError as err:
+                if err.code < 500 and err.code not in (408, 429):
+                    raise ShardUnavailableError(f"{self.url}: HTTP {err.code} {err.reason}") from None
+                error = err
+            except (OSError, http.client.HTTPException) as err:
+                error = err
+
+    def read(self, size: int = -1) -> bytes:
+        while True:
+            try:
+                data = self._raw.read(size)
+            except (OSError, http.client.HTTPException) as err:
+                self._close_raw()
+                self._failed_at = self.position
+                self._open(err)
+                continue
+            self.position += len(data)
+            if self.position > self._failed_at:
+                self._failures = 0  # progress: a later failure gets the full budget again
+            return data
+
+    def _close_raw(self) -> None:
+        raw, self._raw = self._raw, None
+        if raw is not None:
+            try:
+                raw.close()
+            except (OSError, http.client.HTTPException):
+                pass  # a failed pipe's exit status: the reopen (or the caller) reports the failure
+
+    def close(self) -> None:
+        self._close_raw()
+
+    def __enter__(self) -> "RetryingStream":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __str__(self) -> str:  # webdataset's tar iterator names the stream in its errors
+        return self.url
+
+
+def _open_at(url: str, offset: int, timeout: float) -> BinaryIO:
+    """`url` opened for reading from byte `offset`."""
+    if url.startswith(HTTP_SCHEMES):
+        request = urllib.request.Request(url, headers={"Range": f"bytes={offset}-"} if offset else {})
+        response = urllib.request.urlopen(request, timeout=timeout)
+        if offset and response.status != 206:  # the server ignores ranges: read up to where we were
+            _discard(response, offset)
+        return response
+    if url.startswith(FSSPEC_SCHEMES):
+        try:
+            import fsspec
+        except ImportError:
+            raise ShardUnavailableError(f"{url}: reading object stores needs fsspec and its backend "
+                                        "(pip install 'phenoscale[remote]')") from None
+        stream = fsspec.open(url, "rb").open()
+        stream.seek(offset)
+        return stream
+    if url.startswith("pipe:"):
+        stream = gopen(url, "rb")
+        _discard(stream, offset)
+        return stream
+    raise ValueError(f"{url!r} is not a remote location (allowed: {', '.join(REMOTE_PREFIXES)})")
+
+
+def _discard(stream: BinaryIO, count: int) -> None:
+    """Skip `count` bytes of a source that cannot seek; EOFError if it is shorter than that now."""
+    left = count
+    while left > 0:
+        chunk = stream.read(min(left, _DISCARD_CHUNK))
+        if not chunk:
+            raise EOFError(f"source is now shorter than the {count} bytes read before the failure")
+        left -= len(chunk)

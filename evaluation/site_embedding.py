@@ -1,0 +1,85 @@
+"""Site embeddings of one rank: the single embedding pass behind `phenoscale embed` and the
+EFAAR callback.
+
+Each rank embeds only the sites its evaluation loader gives it (a contiguous block of manifest
+rows) and keeps float64 sums for those sites alone, so memory per rank is O(its sites x D), not
+O(all sites x D); the ranks' results are then combined by whoever needs them: `phenoscale embed`
+writes one parquet part per rank and concatenates the parts in manifest order
+(phenoscale/embedding.py), the callback gathers the parts to rank 0 in one collective.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable, Optional
+
+import numpy as np
+import polars as pl
+import torch
+from tqdm.auto import tqdm
+
+from evaluation.embeddings_io import embeddings_frame
+
+
+def embed_batch(model: Any, images: torch.Tensor, device: torch.device, bf16: bool,
+                pooling: str | None = None, block: int | None = None) -> torch.Tensor:
+    """model.embed() of one batch of raw images on `device`, under bfloat16 autocast when `bf16`."""
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        return model.embed(images.to(device, non_blocking=True), pooling=pooling, block=block)
+
+
+@dataclass
+class SiteSums:
+    """Crop-embedding sums and crop counts of some sites: `rows` (manifest rows, ascending, unique),
+    `sums[block]` (len(rows), D) float64 and `counts` (len(rows),). Sums, not means, so that parts
+    of one site (split over batches or ranks) combine into the exact mean."""
+
+    rows: torch.Tensor
+    sums: dict[Optional[int], torch.Tensor]
+    counts: torch.Tensor
+
+    @staticmethod
+    def combine(parts: list["SiteSums"]) -> "SiteSums":
+        """One SiteSums of all `parts`, rows seen in several parts added up."""
+        parts = [p for p in parts if len(p.rows)]
+        if not parts:
+            return SiteSums(torch.zeros(0, dtype=torch.int64), {}, torch.zeros(0, dtype=torch.float64))
+        rows, inverse = torch.unique(torch.cat([p.rows for p in parts]), return_inverse=True)
+
+        def add(values: list[torch.Tensor]) -> torch.Tensor:
+            stacked = torch.cat(values)
+            return torch.zeros((len(rows), *stacked.shape[1:]), dtype=torch.float64).index_add_(0, inverse, stacked)
+
+        return SiteSums(rows, {b: add([p.sums[b] for p in parts]) for b in parts[0].sums},
+                        add([p.counts for p in parts]))
+
+    def means(self, block: Optional[int] = None) -> np.ndarray:
+        """(len(rows), D) float32 mean crop embedding of each site."""
+        return (self.sums[block] / self.counts[:, None]).to(torch.float32).numpy()
+
+
+@torch.no_grad()
+def rank_site_sums(model: Any, loader: Iterable[dict[str, torch.Tensor]], device: torch.device,
+                   pooling: str | None = None, blocks: Optional[list[Optional[int]]] = None, bf16: bool = False,
+                   progress: bool = True) -> SiteSums:
+    """SiteSums of the sites `loader` gives this rank, for each of `blocks` (default: [None]).
+
+    Memory follows the sites this rank sees (per-batch sums, combined at the end), not the manifest.
+    """
+    blocks = blocks or [None]
+    batches: list[SiteSums] = []
+    total = len(loader) if hasattr(loader, "__len__") else None
+    for batch in tqdm(loader, total=total, desc="embed", unit="batch", disable=not progress, leave=False):
+        rows, inverse = torch.unique(batch["site_index"].to(torch.int64), return_inverse=True)
+        sums = {}
+        for b in blocks:
+            crops = embed_batch(model, batch["image"], device, bf16, pooling, b).double().cpu()
+            sums[b] = torch.zeros(len(rows), crops.shape[1], dtype=torch.float64).index_add_(0, inverse, crops)
+        batches.append(SiteSums(rows, sums, torch.bincount(inverse, minlength=len(rows)).double()))
+    return SiteSums.combine(batches)
+
+
+def part_frame(manifest: pl.DataFrame, sites: SiteSums, block: Optional[int] = None,
+               drop: tuple[str, ...] = ()) -> pl.DataFrame:
+    """The embeddings parquet rows of `sites`: manifest metadata (less `drop`) + `embedding`."""
+    metadata = manifest[sites.rows.numpy()].drop([c for c in drop if c in manifest.columns])
+    return embeddings_frame(metadata, sites.means(block))

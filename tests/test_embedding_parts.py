@@ -1,0 +1,73 @@
+"""`phenoscale embed` in parts: each rank embeds only its block of sites and writes its own parquet
+part; merging the parts gives exactly the one-process file, and a missing or stale part is named."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+from datamodules import build_datamodule
+from evaluation.site_embedding import rank_site_sums
+from phenoscale.cli import main
+from phenoscale.embedding import embed_model, merge_parts, parts_directory, site_embeddings, write_part
+from test_streaming import config, write_toy_shards
+from tiny_models import TINY_CNN, tiny_module
+
+RANKS = 3
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("parts")
+    shards = write_toy_shards(root / "shards")
+    torch.manual_seed(0)
+    model = tiny_module("wsl", in_chans=3, num_classes=5, img_size=16, **TINY_CNN).eval()
+    cfg = config(shards, batch_size=8)  # 16-px tiles of 40-px sites: 4 per site, 2 sites per batch
+    whole = pl.read_parquet(embed_model(model, cfg, root / "one.parquet"))
+    return model, cfg, whole
+
+
+def write_rank_parts(model, cfg, out: Path, ranks: list[int], monkeypatch: pytest.MonkeyPatch) -> pl.DataFrame:
+    """What `phenoscale embed` does on each of RANKS ranks (without a process group), for `ranks`."""
+    monkeypatch.setenv("WORLD_SIZE", str(RANKS))
+    for rank in ranks:
+        monkeypatch.setenv("RANK", str(rank))
+        dm = build_datamodule(cfg)
+        sites = rank_site_sums(model, dm.eval_dataloader(), torch.device("cpu"), progress=False)
+        assert len(sites.rows) == dm.manifest.height // RANKS  # a rank holds its own sites only
+        write_part(out, dm.manifest, sites, None, rank, RANKS)
+    monkeypatch.delenv("RANK")
+    monkeypatch.delenv("WORLD_SIZE")
+    return dm.manifest
+
+
+def test_parts_merge_to_exactly_the_one_process_file(setup, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model, cfg, whole = setup
+    out = tmp_path / "split.parquet"
+    manifest = write_rank_parts(model, cfg, out, list(range(RANKS)), monkeypatch)
+    assert len(list(parts_directory(out).glob("*.parquet"))) == RANKS
+    assert main(["embed", "not-loaded.ckpt", cfg.train_shards, str(out), "--merge"]) == 0
+    merged = pl.read_parquet(out)
+    assert merged.equals(whole)  # same rows, order, metadata and float32 values
+    assert not parts_directory(out).exists()
+    assert merged["key"].to_list() == manifest["key"].to_list()
+    # and the values are the per-site means of the tile embeddings (the dense, whole-manifest path)
+    sums, counts = site_embeddings(model, build_datamodule(cfg).eval_dataloader(), manifest.height,
+                                   torch.device("cpu"), None, None, progress=False)
+    assert counts.tolist() == [4.0] * manifest.height
+    np.testing.assert_array_equal(merged["embedding"].to_numpy(), (sums / counts[:, None]).float().numpy())
+
+
+def test_a_missing_or_stale_part_is_named(setup, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model, cfg, _ = setup
+    out = tmp_path / "split.parquet"
+    manifest = write_rank_parts(model, cfg, out, [0, 2], monkeypatch)
+    with pytest.raises(RuntimeError, match=f"{manifest.height // RANKS} of {manifest.height} sites got no crop"):
+        merge_parts(out, manifest)
+    assert not out.exists()
+    (parts_directory(out) / "rank00000-of-00002.parquet").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"mixes parts of runs with \['00002', '00003'\] ranks"):
+        merge_parts(out, manifest)

@@ -1,0 +1,134 @@
+"""Shards from URLs: http:// from 127.0.0.1 and `pipe:` commands give the same training batches,
+resume and evaluation as the local directory; a failing server is retried, then named, never a
+hang; a truncated remote shard is a counted skip."""
+from __future__ import annotations
+
+import http.server
+import logging
+import time
+from pathlib import Path
+
+import pytest
+
+from benchmarks.harness import serve_directory
+from datamodules import build_datamodule
+from datamodules.transport import ShardUnavailableError
+from run_helpers import audit, run_cli, tiny_overrides, train_cmd
+from test_streaming import config, epoch_batches, same, write_toy_shards
+
+
+def brace_pattern(shards: Path, prefix: str) -> str:
+    """`prefix/<name>-{000000..00000N}.tar` over the shard files of `shards`."""
+    names = sorted(p.name for p in shards.glob("*.tar"))
+    stem = names[0].rsplit("-", 1)[0]
+    assert names == [f"{stem}-{i:06d}.tar" for i in range(len(names))]
+    return f"{prefix}/{stem}-{{000000..{len(names) - 1:06d}}}.tar"
+
+
+def eval_tiles(dm) -> dict[int, list[int]]:
+    """manifest row -> pixel sums of its tiles, over every evaluation batch."""
+    tiles: dict[int, list[int]] = {}
+    for batch in dm.eval_dataloader():
+        for row, crop in zip(batch["site_index"].tolist(), batch["image"]):
+            tiles.setdefault(row, []).append(int(crop.sum()))
+    return tiles
+
+
+@pytest.fixture
+def shards(tmp_path: Path) -> Path:
+    return write_toy_shards(tmp_path / "shards")
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_http_and_pipe_match_the_local_directory(shards: Path, workers: int) -> None:
+    local = build_datamodule(config(shards, steps_per_epoch=12, num_workers=workers), seed=3)
+    reference, tiles = epoch_batches(local.train_dataloader()), eval_tiles(local)
+    assert len(tiles) == local.manifest.height
+    with serve_directory(shards) as base:
+        sources = {"http": (brace_pattern(shards, base), None),
+                   "pipe": (brace_pattern(shards, f"pipe:cat {shards}"), None),
+                   "http, data.manifest": (brace_pattern(shards, base), str(shards / "manifest.parquet"))}
+        for name, (pattern, manifest) in sources.items():
+            remote = build_datamodule(config(pattern, steps_per_epoch=12, num_workers=workers, manifest=manifest),
+                                      seed=3)
+            assert remote.manifest.equals(local.manifest), name
+            assert same(epoch_batches(remote.train_dataloader()), reference), name
+            assert eval_tiles(remote) == tiles, name  # every site once, the same tiles
+            resumed = build_datamodule(config(pattern, steps_per_epoch=12, num_workers=workers, manifest=manifest),
+                                       seed=3)
+            resumed.load_state_dict({"epoch": 0, "batches": 5})
+            assert same(epoch_batches(resumed.train_dataloader()), reference[5:]), name
+            assert remote.bad_samples == 0
+
+
+class DyingHandler(http.server.SimpleHTTPRequestHandler):
+    """Sends half of the first shard asked for, then the server goes away (or stalls, see `stall`)."""
+
+    stall = False
+
+    def do_GET(self) -> None:
+        if not self.path.endswith(".tar"):
+            return super().do_GET()
+        data = Path(self.directory, self.path.lstrip("/")).read_bytes()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data[: len(data) // 2])
+        self.wfile.flush()
+        if self.stall:
+            time.sleep(30)  # a server that hangs: only the client's read timeout gets past it
+        else:
+            self.server.shutdown()  # a handler thread, not the serving loop: this returns
+            self.server.server_close()  # later connections are refused
+
+
+@pytest.mark.parametrize("stall", [False, True], ids=["dies", "stalls"])
+def test_a_server_failing_mid_shard_is_retried_then_named(shards: Path, stall: bool,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    handler = type("Handler", (DyingHandler,), {"stall": stall})
+    with serve_directory(shards, handler) as base:
+        dm = build_datamodule(config(brace_pattern(shards, base), steps_per_epoch=4, io_retries=2, io_timeout=1.0))
+        start = time.monotonic()
+        with caplog.at_level(logging.WARNING, logger="datamodules"), \
+                pytest.raises(ShardUnavailableError, match=rf"{base}/shard-0000\d\d\.tar.*after 2 retries"):
+            epoch_batches(dm.train_dataloader())
+        assert time.monotonic() - start < 20  # bounded: 2 retries x (backoff + 1 s timeout)
+    assert caplog.text.count("retrying") == 2
+
+
+def test_a_truncated_remote_shard_is_a_counted_skip(shards: Path, caplog: pytest.LogCaptureFixture) -> None:
+    tar = shards / "shard-000001.tar"
+    tar.write_bytes(tar.read_bytes()[: tar.stat().st_size // 2])
+    with serve_directory(shards) as base, caplog.at_level(logging.WARNING, logger="datamodules"):
+        dm = build_datamodule(config(brace_pattern(shards, base), steps_per_epoch=40), seed=0)
+        assert len(epoch_batches(dm.train_dataloader())) == 40  # training went on, full epoch
+        counted = dm.bad_samples
+        assert counted >= 1 and f"{base}/shard-000001.tar" in caplog.text
+        assert "unreadable from here on" in caplog.text
+        tiles = eval_tiles(dm)
+    assert 0 < dm.manifest.height - len(tiles) < 5  # only that shard's tail is missing
+    assert dm.bad_samples > counted  # ... counted again by the evaluation pass
+
+
+def test_remote_input_errors_name_the_location(shards: Path) -> None:
+    with serve_directory(shards) as base:
+        with pytest.raises(ValueError, match="names no .tar shard file"):
+            build_datamodule(config(f"{base}/readme.txt"))
+        with pytest.raises(ValueError, match=r"manifest.parquet disagrees with the shards: \['shard-000005.tar'"):
+            build_datamodule(config(f"{base}/shard-{{000000..000099}}.tar"))
+        with pytest.raises(ShardUnavailableError, match="HTTP 404"):
+            build_datamodule(config(f"{base}/elsewhere/shard-000000.tar"))
+
+
+@pytest.mark.slow
+def test_tiny_fit_from_http_and_pipe_sees_the_local_batches(screen: Path, tmp_path: Path) -> None:
+    shards = screen / "shards"
+    checksums = {}
+    with serve_directory(shards) as base:
+        for name, source in (("local", shards), ("http", brace_pattern(shards, base)),
+                             ("pipe", brace_pattern(shards, f"pipe:cat {shards}"))):
+            done = run_cli(train_cmd(*tiny_overrides(source, tmp_path / name, "trainer.max_steps=6")))
+            assert done.returncode == 0, done.stderr[-3000:]
+            checksums[name] = audit(tmp_path / name)["checksum"].to_list()
+    assert len(checksums["local"]) == 6
+    assert checksums["http"] == checksums["local"] and checksums["pipe"] == checksums["local"]
