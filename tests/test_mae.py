@@ -168,7 +168,7 @@ def test_tiny_mae_overfits_a_fixed_batch(shared_data):
     losses = []
     for _ in range(steps):
         pred, target, mask = module(images, generator=torch.Generator().manual_seed(0))  # the same mask each step
-        loss = mae_loss(pred, target, mask.mask, module.patch_size, module.model_cfg.fourier_alpha)[0]
+        loss = mae_loss(pred, target, mask.mask, module.patch_size, module.family_cfg.fourier_alpha)[0]
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
