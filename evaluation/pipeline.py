@@ -78,9 +78,9 @@ def run_efaar(embeddings: pl.DataFrame | pl.LazyFrame, cfg: EvalConfig) -> EvalR
             raise KeyError(f"column '{column}' missing from embeddings; columns are {metadata.columns}")
     labels = metadata.get_column(cfg.perturbation_column).cast(pl.String).to_numpy()
     batches = metadata.get_column(cfg.batch_column).to_numpy() if cfg.batch_column else None
-    wanted = [get_benchmark(name) for name in cfg.benchmarks]
-    order = {name: i for i, name in enumerate(benchmark_names())}
-    wanted.sort(key=lambda b: order[b.name])  # registry order: reports list the benchmarks alike
+    # registry order, whatever the order asked for, so every report lists the benchmarks alike
+    # (EvalConfig has already refused unregistered names)
+    wanted = [get_benchmark(name) for name in benchmark_names() if name in cfg.benchmarks]
     prepared = {b.name: b.prepare(cfg) if b.prepare else None for b in wanted}
 
     rows: list[MetricRow] = [(None, "filter", "n_dropped_nonfinite", float(n_dropped), None)]
