@@ -115,7 +115,8 @@ class EFAARCallback(L.Callback):
         sites, outputs = [], {b: [] for b in blocks}
         try:
             with torch.no_grad():
-                quiet = _distributed() and dist.get_rank() != 0
+                # None: no bar when stderr is not a terminal (a batch job's log), as the training bar
+                quiet = True if _distributed() and dist.get_rank() != 0 else None
                 for batch in tqdm(self.datamodule.eval_dataloader(), desc="EFAAR embed", disable=quiet, leave=False):
                     images = batch["image"].to(pl_module.device)
                     sites.append(batch["site_index"].to(torch.int64).cpu())
