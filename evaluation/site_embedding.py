@@ -68,7 +68,9 @@ def rank_site_sums(model: Any, loader: Iterable[dict[str, torch.Tensor]], device
     blocks = blocks or [None]
     batches: list[SiteSums] = []
     total = len(loader) if hasattr(loader, "__len__") else None
-    for batch in tqdm(loader, total=total, desc="embed", unit="batch", disable=not progress, leave=False):
+    # disable=None: no bar when stderr is not a terminal (a batch job's log), like the training bar
+    bar_off = None if progress else True
+    for batch in tqdm(loader, total=total, desc="embed", unit="batch", disable=bar_off, leave=False):
         rows, inverse = torch.unique(batch["site_index"].to(torch.int64), return_inverse=True)
         sums = {}
         for b in blocks:

@@ -113,13 +113,6 @@ class PhenoModule(L.LightningModule):
         self.log("train/loss", losses["loss"].detach(), on_step=True, prog_bar=True, batch_size=batch_size)
         return losses["loss"]
 
-    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        if "label" not in batch:  # evaluation loaders (site_index) are the EFAAR callback's job
-            return
-        losses = self.compute_losses(batch)
-        self.log_dict({f"val/{k}": v for k, v in losses.items()}, sync_dist=True,
-                      batch_size=batch["image"].shape[0])
-
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = build_optimizer(self, self.optim_cfg)
         scheduler = build_scheduler(optimizer, self.optim_cfg, self.total_steps)

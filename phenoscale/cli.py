@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 
+from phenoscale.output import set_verbosity
 from phenoscale.plugins import load_plugins
 
 COMMANDS = ["synth", "shards", "fit", "embed", "export", "evaluate", "config", "plan", "demo", "scaling"]
@@ -21,6 +23,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="phenoscale",
         description="Train, scale and evaluate foundation models of cell biology (MAE, CA-MAE, WSL).",
     )
+    loud = parser.add_mutually_exclusive_group()
+    loud.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only, no progress bars")
+    loud.add_argument("-v", "--verbose", action="store_true", help="debug messages too")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
         try:
@@ -39,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    set_verbosity(logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO)
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2

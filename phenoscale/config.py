@@ -17,7 +17,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from datamodules.atomic import write_text_atomic
@@ -36,6 +36,45 @@ class LRRule(str, Enum):
     none = "none"  # factor 1: the config's lr is used as is
     linear = "linear"  # factor effective / base (Goyal et al.; SGD-style)
     sqrt = "sqrt"  # factor sqrt(effective / base) (common for Adam/Lion-type optimisers)
+
+
+LOGGERS = ("csv", "tensorboard", "wandb", "mlflow")
+
+#: lightning.Trainer arguments phenoscale sets itself (from the keys of TrainerConfig of the same
+#: name, or because the run directory, checkpoints and output depend on them): not for trainer.extra
+OWNED_TRAINER_ARGS = (
+    "accelerator", "devices", "num_nodes", "strategy", "precision", "max_steps", "max_epochs",
+    "accumulate_grad_batches", "gradient_clip_val", "log_every_n_steps", "deterministic",
+    "num_sanity_val_steps", "enable_checkpointing", "default_root_dir", "logger", "callbacks",
+    "plugins", "enable_progress_bar", "enable_model_summary", "enable_autolog_hparams",
+)
+
+
+@dataclass
+class WandbConfig:
+    """Weights & Biases (`pip install phenoscale[wandb]`); a resumed run continues the same W&B run."""
+
+    project: str = "phenoscale"
+    entity: Optional[str] = None  # team or user; None: the logged-in default
+    offline: bool = False  # write under <run_dir>/logs/wandb, `wandb sync` later (as WANDB_MODE=offline)
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class MLflowConfig:
+    """MLflow (`pip install phenoscale[mlflow]`); a resumed run continues the same MLflow run."""
+
+    experiment: str = "phenoscale"
+    # None: $MLFLOW_TRACKING_URI if set, else a file store in <run_dir>/logs/mlflow (no server needed)
+    tracking_uri: Optional[str] = None
+
+
+@dataclass
+class CallbackConfig:
+    """A Lightning callback by import path, Lightning CLI's convention: `class_path(**init_args)`."""
+
+    class_path: str = MISSING  # e.g. lightning.pytorch.callbacks.DeviceStatsMonitor
+    init_args: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -58,6 +97,17 @@ class TrainerConfig:
     evaluate: bool = False  # EFAAR on data.eval_shards every eval.every_n_epochs during fit
     deterministic: bool = False
     audit_batches: bool = False  # logs/batches/rank<r>.tsv: step, epoch, batch, crops, checksum
+    loggers: list[str] = field(default_factory=lambda: ["csv", "tensorboard"])  # of LOGGERS
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    mlflow: MLflowConfig = field(default_factory=MLflowConfig)
+    callbacks: list[CallbackConfig] = field(default_factory=list)  # run after phenoscale's own
+    extra: dict[str, Any] = field(default_factory=dict)  # other lightning.Trainer arguments, checked by name
+    # None: a bar refreshed every log_every_n_steps // 10 steps when stdout is a terminal, otherwise
+    # none and a log line every log_every_n_steps (SLURM logs stay readable); 0: never a bar
+    progress_bar_refresh_rate: Optional[int] = None
+    # per-device peak FLOP/s for MFU; None: Lightning's table of CUDA/TPU chips. A CPU has no such
+    # entry (its peak depends on cores, vector width and clock), so CPU runs log no MFU unless set
+    peak_flops: Optional[float] = None
 
 
 @dataclass
@@ -220,6 +270,14 @@ def _check_values(cfg: Any) -> None:
     for name in ("accumulate_grad_batches", "log_every_n_steps", "checkpoint_every_n_steps"):
         if getattr(t, name) < 1:
             raise ConfigError(f"trainer.{name}={getattr(t, name)}: must be >= 1")
+    unknown = [name for name in t.loggers if name not in LOGGERS]
+    if unknown or len(set(t.loggers)) != len(t.loggers):
+        raise ConfigError(f"trainer.loggers={list(t.loggers)}: each at most once, of {', '.join(LOGGERS)}")
+    if t.progress_bar_refresh_rate is not None and t.progress_bar_refresh_rate < 0:
+        raise ConfigError(f"trainer.progress_bar_refresh_rate={t.progress_bar_refresh_rate}: must be >= 0")
+    if t.peak_flops is not None and t.peak_flops <= 0:
+        raise ConfigError(f"trainer.peak_flops={t.peak_flops}: must be > 0 (FLOP/s of one device)")
+    check_trainer_extra(t.extra)
     if cfg.scaling.base_batch_size < 1:
         raise ConfigError(f"scaling.base_batch_size={cfg.scaling.base_batch_size}: must be >= 1")
     for section in cfg:
@@ -238,6 +296,30 @@ def _check_values(cfg: Any) -> None:
             raise ConfigError(f"cannot resolve '{err.full_key}': {err.msg}") from None
         except (ValueError, TypeError) as err:
             raise ConfigError(str(err)) from None
+
+
+def check_trainer_extra(extra: Any) -> None:
+    """trainer.extra must name lightning.Trainer arguments that phenoscale does not set itself.
+
+    Checked against the installed Trainer's signature, so a typo fails here, not after queueing.
+    Lightning is imported only when extra is used (`phenoscale config` stays fast).
+    """
+    if not extra:
+        return
+    import inspect
+
+    import lightning.pytorch as pl
+
+    accepted = set(inspect.signature(pl.Trainer.__init__).parameters) - {"self"}
+    allowed = sorted(accepted - set(OWNED_TRAINER_ARGS))
+    own = {f.name for f in dataclasses.fields(TrainerConfig)}
+    for key in extra:
+        if key in OWNED_TRAINER_ARGS:
+            hint = f"set trainer.{key} instead" if key in own else "phenoscale sets it itself"
+            raise ConfigError(f"trainer.extra.{key}: {hint}.\nAllowed keys of trainer.extra: {', '.join(allowed)}")
+        if key not in accepted:
+            raise ConfigError(f"trainer.extra.{key}: not an argument of lightning.Trainer "
+                              f"{pl.__version__}.\nAllowed keys of trainer.extra: {', '.join(allowed)}")
 
 
 def require_complete(cfg: Any) -> None:

@@ -7,6 +7,8 @@ opened or a model is built, so a 64-GPU job fails in seconds, not after queueing
 from __future__ import annotations
 
 import os
+import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,6 @@ import lightning.pytorch as pl
 import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import LearningRateMonitor, TQDMProgressBar
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from omegaconf import OmegaConf
 
@@ -23,9 +24,13 @@ import datamodules
 import lightning_modules
 from evaluation.callback import EFAARCallback
 from lightning_modules import hardware
-from phenoscale.callbacks import BatchAudit, StepCheckpoint, StopGuard, Throughput
-from phenoscale.config import BatchPlan, ConfigError, plan_batch, require_complete, save_config, to_yaml
+from phenoscale import output
+from phenoscale.callbacks import (BatchAudit, EvalReport, ProgressLog, StepCheckpoint, StopGuard, Throughput,
+                                  instantiate_callbacks)
+from phenoscale.config import ConfigError, plan_batch, require_complete, save_config, to_yaml
 from phenoscale.launch import LaunchEnv, LaunchMismatchError, detect_launch, resolve_topology
+from phenoscale.loggers import build_loggers, check_available, finish as finish_loggers, log_config
+from phenoscale.plan import model_size
 from phenoscale.run import AtomicCheckpointIO, RunDir
 
 
@@ -33,7 +38,7 @@ from phenoscale.run import AtomicCheckpointIO, RunDir
 class FitResult:
     run_dir: Path
     global_step: int
-    preempted: bool  # stopped by SIGTERM/SIGUSR1 after checkpointing; rerun to resume
+    preempted: bool  # stopped by SIGTERM/SIGUSR1/SIGUSR2 after checkpointing; rerun to resume
     resumed_from: Path | None
 
 
@@ -100,24 +105,39 @@ def _record_config(cfg: Any, run_dir: RunDir, resuming: bool) -> None:
     save_config(cfg, run_dir.config)
 
 
+def progress_bar_refresh_rate(t: Any) -> int:
+    """trainer.progress_bar_refresh_rate, or the default: a bar on a terminal, none in a log file
+    (a batch job's stdout) or under `phenoscale --quiet`; 0 = no bar."""
+    if t.progress_bar_refresh_rate is not None:
+        return int(t.progress_bar_refresh_rate)
+    if output.is_quiet() or not sys.stdout.isatty():
+        return 0
+    return max(1, t.log_every_n_steps // 10)
+
+
 def build_trainer(cfg: Any, env: LaunchEnv, run_dir: RunDir, devices: int, num_nodes: int,
-                  datamodule: datamodules.ShardDataModule, choice: DeviceChoice) -> tuple[pl.Trainer, StopGuard]:
-    """The Trainer with atomic checkpoints, preemption handling, loggers and progress."""
+                  datamodule: datamodules.ShardDataModule, choice: DeviceChoice,
+                  user_callbacks: list[pl.Callback]) -> tuple[pl.Trainer, StopGuard]:
+    """The Trainer with atomic checkpoints, preemption handling, loggers and progress; the user's
+    callbacks run after phenoscale's own, trainer.extra is passed through as checked by the config."""
     t = cfg.trainer
     checkpoint = StepCheckpoint(run_dir, t.checkpoint_every_n_steps, t.keep_checkpoints)
     guard = StopGuard(checkpoint)
+    refresh = progress_bar_refresh_rate(t)
     callbacks: list[pl.Callback] = [
         guard,  # first: a non-finite loss must stop before the checkpoint callback runs
         checkpoint,
-        Throughput(t.log_every_n_steps),
+        # rates over one logging interval of batches (+1: n intervals need n + 1 timestamps)
+        Throughput(window=t.log_every_n_steps * t.accumulate_grad_batches + 1, peak_flops=t.peak_flops),
         LearningRateMonitor(logging_interval="step"),
-        TQDMProgressBar(refresh_rate=max(1, t.log_every_n_steps // 10)),
+        TQDMProgressBar(refresh_rate=refresh) if refresh else ProgressLog(t.log_every_n_steps),
         datamodules.StreamEpochCallback(datamodule),
     ]
     if t.audit_batches:
         callbacks.append(BatchAudit(run_dir.logs / "batches"))
     if t.evaluate:  # EFAAR on data.eval_shards (default: the training shards) every eval.every_n_epochs
-        callbacks.append(EFAARCallback(datamodule, OmegaConf.to_object(cfg.eval)))
+        efaar = EFAARCallback(datamodule, OmegaConf.to_object(cfg.eval))
+        callbacks += [efaar, EvalReport(efaar, run_dir.reports)]
     version = run_dir.next_attempt()
     plugins: list[Any] = [AtomicCheckpointIO()]
     if env.launcher == "slurm":
@@ -138,12 +158,14 @@ def build_trainer(cfg: Any, env: LaunchEnv, run_dir: RunDir, devices: int, num_n
         num_sanity_val_steps=0,
         deterministic=t.deterministic,
         enable_checkpointing=False,  # StepCheckpoint does it, atomically
+        enable_progress_bar=bool(refresh),
+        enable_model_summary=False,  # its FLOPs column needs an example input; fit logs counted FLOPs instead
+        enable_autolog_hparams=False,  # fit logs the whole resolved config instead of the module's arguments
         default_root_dir=str(run_dir.root),
-        logger=[CSVLogger(run_dir.logs, name="csv", version=version),
-                TensorBoardLogger(run_dir.logs, name="tensorboard", version=version,
-                                  default_hp_metric=False)],
-        callbacks=callbacks,
+        logger=build_loggers(cfg, run_dir, version, rank_zero=env.global_rank == 0),
+        callbacks=callbacks + user_callbacks,
         plugins=plugins,
+        **OmegaConf.to_container(t.extra, resolve=True),
     )
     return trainer, guard
 
@@ -159,6 +181,8 @@ def fit(cfg: Any, environ: dict[str, str] | None = None) -> FitResult:
         raise ConfigError(f"{run_dir.root} already holds {last}; pass run.resume=true to continue "
                           "it or choose another run.run_dir (runs are never overwritten)")
     choice = choose_device(cfg.trainer, env)
+    check_available(list(cfg.trainer.loggers))
+    user_callbacks = instantiate_callbacks(cfg.trainer.callbacks)
     plan = plan_batch(cfg, cfg.data.batch_size, devices, num_nodes)
     rank_zero_info(f"[phenoscale] {env.launcher} launch, world size {env.world_size}: "
                    f"{devices} devices x {num_nodes} nodes; {plan.describe()}")
@@ -177,23 +201,40 @@ def fit(cfg: Any, environ: dict[str, str] | None = None) -> FitResult:
         _record_config(cfg, run_dir, resuming=last is not None)
 
     datamodule = datamodules.build_datamodule(OmegaConf.to_object(cfg.data), seed=cfg.run.seed)
-    trainer, guard = build_trainer(cfg, env, run_dir, devices, num_nodes, datamodule, choice)
+    trainer, guard = build_trainer(cfg, env, run_dir, devices, num_nodes, datamodule, choice, user_callbacks)
     steps = _total_steps(cfg, datamodule)
     optim = OmegaConf.merge(cfg.optim, {"lr": plan.lr})
     module = lightning_modules.build_module(
         cfg.model, optim, in_chans=datamodule.in_chans, num_classes=datamodule.num_classes,
         total_steps=steps,
     )
+    params, encoder_params, flops_per_crop = model_size(cfg.model, optim, datamodule.in_chans,
+                                                        datamodule.num_classes)
+    module.flops_per_batch = flops_per_crop * cfg.data.batch_size  # read by the Throughput callback
+    rank_zero_info(f"[phenoscale] {type(module).__name__}: {params / 1e6:.3g} M parameters "
+                   f"({encoder_params / 1e6:.3g} M embedding trunk), {flops_per_crop / 1e9:.3g} GFLOPs "
+                   f"per training crop (forward + backward); {_mfu_basis(cfg.trainer, choice)}")
     # identical initial weights on every rank (above), then a rank-specific stream for what the
     # model draws during training (MAE masks, drop-path): N ranks should not mask alike
     torch.manual_seed(cfg.run.seed + 1_000_003 * trainer.global_rank)
-    _log_plan(trainer, plan, choice)
+    log_config(trainer.loggers, cfg, {"effective_batch_size": plan.effective, "lr": plan.lr,
+                                      "lr_rule": plan.rule, "world_size": plan.devices * plan.num_nodes,
+                                      "precision": choice.precision, "device_type": choice.device_type,
+                                      "flops_per_crop": flops_per_crop, "in_chans": datamodule.in_chans,
+                                      "num_classes": datamodule.num_classes, "total_steps": steps})
     if last is not None:
         rank_zero_info(f"[phenoscale] resuming from {last}")
     if cfg.trainer.compile:  # Lightning unwraps the compiled module for checkpoints and hooks
         module = torch.compile(module)
     # our own run directory's checkpoint: it holds loop/data state beyond tensors, so full unpickling
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if last else None, weights_only=False)
+    with warnings.catch_warnings():
+        # Lightning warns about any IterableDataset with a __len__; ours splits the stream over
+        # ranks and workers itself (datamodules/streaming.py), so its length is exact
+        warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
+        try:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if last else None, weights_only=False)
+        finally:
+            finish_loggers(trainer.loggers)
     if guard.stopped_by_signal:
         rank_zero_info(f"[phenoscale] stopped at step {trainer.global_step} after a preemption "
                        f"signal; checkpoint saved. Rerun the same command to resume.")
@@ -208,8 +249,11 @@ def _total_steps(cfg: Any, datamodule: Any) -> int:
     return max(1, per_epoch * int(cfg.trainer.max_epochs))
 
 
-def _log_plan(trainer: pl.Trainer, plan: BatchPlan, choice: DeviceChoice) -> None:
-    for logger in trainer.loggers:
-        logger.log_hyperparams({"effective_batch_size": plan.effective, "lr": plan.lr,
-                                "lr_rule": plan.rule, "world_size": plan.devices * plan.num_nodes,
-                                "precision": choice.precision, "device_type": choice.device_type})
+def _mfu_basis(t: Any, choice: DeviceChoice) -> str:
+    """Which peak MFU is measured against, said once at start (a CPU has no table entry)."""
+    if t.peak_flops is not None:
+        return f"MFU against trainer.peak_flops={t.peak_flops:.3g} FLOP/s per device"
+    if choice.device_type == "cpu":
+        return ("no MFU: Lightning knows no peak FLOP/s for CPUs; set trainer.peak_flops (FLOP/s per "
+                "process, e.g. from a large-matmul benchmark) to log it")
+    return "MFU against Lightning's peak FLOP/s table for this device"

@@ -4,6 +4,7 @@
     <run_dir>/checkpoints/       step=<N>.ckpt every N steps and at the end, last.ckpt = newest
     <run_dir>/logs/csv/attempt_<k>/metrics.csv      one attempt per (re)start
     <run_dir>/logs/tensorboard/attempt_<k>/
+    <run_dir>/logs/logger_ids.json                   W&B / MLflow run ids (a resume continues them)
     <run_dir>/embeddings/        `phenoscale embed` output
     <run_dir>/reports/           evaluation reports
 
@@ -39,6 +40,7 @@ class RunDir:
         self.config = self.root / "config.yaml"
         self.checkpoints = self.root / "checkpoints"
         self.logs = self.root / "logs"
+        self.logger_ids = self.logs / "logger_ids.json"
         self.embeddings = self.root / "embeddings"
         self.reports = self.root / "reports"
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+from lightning.pytorch import Callback
 
 from datamodules import ShardWriter
 from real_field import PEDIATRIC_STAINS, pediatric_field
@@ -74,3 +75,14 @@ def audit(run_dir: Path, rank: int = 0) -> pl.DataFrame:
     """logs/batches/rank<r>.tsv written by BatchAudit: one row per training batch."""
     return pl.read_csv(run_dir / "logs" / "batches" / f"rank{rank}.tsv", separator="\t", has_header=False,
                        new_columns=["step", "epoch", "batch", "crops", "checksum"])
+
+
+class StepRecorder(Callback):
+    """A user callback for `trainer.callbacks` tests: one line per step, what the Trainer looked like."""
+
+    def __init__(self, path: str, label: str = "") -> None:
+        self.path, self.label = Path(path), label
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        with self.path.open("a") as out:
+            out.write(f"{self.label}\t{trainer.global_step}\t{type(trainer.profiler).__name__}\n")

@@ -45,9 +45,12 @@ def assert_two_ranks_trained(run_dir: Path, launcher_line: str, output: str) -> 
     # different data per rank: the ranks did not train N copies of the same stream
     assert ranks[0]["checksum"].to_list() != ranks[1]["checksum"].to_list()
     metrics = pl.read_csv(run_dir / "logs" / "csv" / "attempt_0" / "metrics.csv")
-    seen = metrics.drop_nulls("throughput/samples_seen")
-    # crops summed over both ranks: 2 ranks x 8 crops x steps
-    assert seen["throughput/samples_seen"].to_list() == [2 * 8 * 2.0, 2 * 8 * 4.0]
+    seen = metrics.drop_nulls("train/samples")
+    # Lightning's ThroughputMonitor counts rank 0's crops (8 a step) and scales rates by the world size
+    assert seen["train/samples"].to_list() == [8 * 2.0, 8 * 4.0]
+    rates = metrics.drop_nulls("train/samples_per_sec")
+    assert rates["train/samples_per_sec"].to_list() == pytest.approx(
+        [2 * r for r in rates["train/device/samples_per_sec"].to_list()])
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
 
 

@@ -58,9 +58,9 @@ def test_fit_embed_evaluate_on_a_synthetic_screen(screen: Path, tmp_path: Path) 
     assert steps == ["step=00000004.ckpt", "step=00000008.ckpt"]
     assert (run_dir / "checkpoints" / "last.ckpt").samefile(run_dir / "checkpoints" / steps[-1])
     metrics = pl.read_csv(run_dir / "logs" / "csv" / "attempt_0" / "metrics.csv")
-    assert {"train/loss", "throughput/crops_per_s", "throughput/samples_seen"} <= set(metrics.columns)
+    assert {"train/loss", "train/device/samples_per_sec", "train/samples"} <= set(metrics.columns)
     assert any(c.startswith("lr-") for c in metrics.columns)
-    assert metrics["throughput/samples_seen"].drop_nulls().to_list() == [16.0, 32.0, 48.0, 64.0]
+    assert metrics["train/samples"].drop_nulls().to_list() == [16.0, 32.0, 48.0, 64.0]
     online = metrics["eval/recall_relationships"].drop_nulls()  # EFAAR after each of the 2 epochs
     assert online.len() == 2  # the last one is checked against the offline evaluation below
     hparams = OmegaConf.load(run_dir / "logs" / "csv" / "attempt_0" / "hparams.yaml")
@@ -116,8 +116,10 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoin
     assert all(torch.isfinite(v).all() for v in state["state_dict"].values() if v.is_floating_point())
 
 
-def test_sigusr1_checkpoints_and_stops_in_process(screen: Path, tmp_path: Path) -> None:
-    """SLURM's preemption warning (`--signal=USR1@...`): checkpoint at the next step, stop cleanly."""
+@pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGUSR2], ids=["slurm_usr1", "submitit_usr2"])
+def test_preemption_signal_checkpoints_and_stops_in_process(screen: Path, tmp_path: Path, signum: int) -> None:
+    """SLURM's (`--signal=USR1@...`) or submitit's (USR2) preemption warning: checkpoint at the next
+    step, stop cleanly."""
     run_dir = tmp_path / "run"
     cfg = load_config(TINY, [f"data.train_shards={screen / 'shards'}", f"run.run_dir={run_dir}",
                              "data.num_workers=0", "trainer.max_steps=40", "trainer.checkpoint_every_n_steps=100",
@@ -128,7 +130,7 @@ def test_sigusr1_checkpoints_and_stops_in_process(screen: Path, tmp_path: Path) 
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             if audit_file.is_file() and len(audit_file.read_text().splitlines()) >= 2:
-                os.kill(os.getpid(), signal.SIGUSR1)
+                os.kill(os.getpid(), signum)
                 return
             time.sleep(0.02)
 
@@ -139,7 +141,7 @@ def test_sigusr1_checkpoints_and_stops_in_process(screen: Path, tmp_path: Path) 
     assert result.preempted and 2 <= result.global_step < 40
     state = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert state["global_step"] == result.global_step
-    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # handlers restored after training
+    assert signal.getsignal(signum) is signal.SIG_DFL  # handlers restored after training
 
 
 def test_trainer_compile_and_auto_precision(screen: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
