@@ -231,6 +231,10 @@ def fit(cfg: Any, environ: dict[str, str] | None = None) -> FitResult:
         # Lightning warns about any IterableDataset with a __len__; ours splits the stream over
         # ranks and workers itself (datamodules/streaming.py), so its length is exact
         warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
+        # Lightning's CombinedLoader builds torch's deprecated LeafSpec at every fit; nothing a user
+        # can change, so only that message from only that Lightning module is silenced
+        warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                                category=FutureWarning, module=r"lightning\.pytorch\.utilities\._pytree")
         try:
             trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if last else None, weights_only=False)
         finally:

@@ -60,7 +60,7 @@ def image_sites(images: Any, channel_map: Optional[dict[int, str]] = None) -> pl
 def _decoded(tasks: list[tuple], workers: int, progress: bool) -> Iterator[tuple[np.ndarray, list[str]]]:
     """read_site of every task, in order, at most 2 x workers sites ahead of the consumer."""
     with ThreadPoolExecutor(max(1, workers)) as pool, tqdm(total=len(tasks), desc="embed images", unit="site",
-                                                          disable=not progress) as bar:
+                                                          disable=None if progress else True) as bar:
         pending: deque = deque()
         for task in tasks:
             pending.append(pool.submit(read_site, task))

@@ -161,7 +161,7 @@ def write_sites(
     tasks = site_tasks(sites, allow_missing)
     metadata = sites.drop(FILES, "channels", PLANES, strict=False).to_dicts()
     writer = ShardWriter(out_dir, max_bytes=int(max_shard_mb * 2**20), overwrite=overwrite)
-    with writer, tqdm(total=len(tasks), desc=f"shards {source}", unit="site") as progress:
+    with writer, tqdm(total=len(tasks), desc=f"shards {source}", unit="site", disable=None) as progress:
         if workers > 1:
             # spawn: forking a process that already runs polars/torch threads can deadlock; an
             # executor (unlike multiprocessing.Pool) raises if a worker dies instead of hanging

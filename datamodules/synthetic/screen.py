@@ -84,8 +84,9 @@ def write_screen(
                      overwrite=overwrite) as writer:
         images = render_sites(design, workers)
         rows = design.sites.select(meta_columns).iter_rows(named=True)
+        # disable=None: no bar when stderr is not a terminal (a batch job's log), as everywhere
         for meta, image in tqdm(zip(rows, images), total=design.sites.height, desc="synth: rendering sites",
-                                unit="site", disable=not progress):
+                                unit="site", disable=None if progress else True):
             writer.write(image, {**meta, "channels": channels})
     seconds = time.perf_counter() - start
     summary = {
