@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 import numpy as np
 import polars as pl
 
+from registry import Registry
+
 if TYPE_CHECKING:
     from evaluation.config import EvalConfig
 
@@ -62,24 +64,18 @@ class Benchmark:
     default: bool = True  # part of EvalConfig's default benchmarks
 
 
-_BENCHMARKS: dict[str, Benchmark] = {}
+_BENCHMARKS: Registry[Benchmark] = Registry("benchmark", origin=lambda b: b.run.__module__)
 
 
 def register_benchmark(benchmark: Benchmark) -> Benchmark:
     """Add `benchmark`; a different one under a taken name is an error, the same one again a no-op."""
-    known = _BENCHMARKS.get(benchmark.name)
-    if known is not None and known != benchmark:
-        raise ValueError(f"benchmark {benchmark.name!r} is already registered ({known.run.__module__})")
-    _BENCHMARKS[benchmark.name] = benchmark
-    return benchmark
+    return _BENCHMARKS.register(benchmark.name, benchmark)
 
 
 def get_benchmark(name: str) -> Benchmark:
-    if name not in _BENCHMARKS:
-        raise ValueError(f"unknown benchmark {name!r}; registered: {', '.join(benchmark_names())}")
-    return _BENCHMARKS[name]
+    return _BENCHMARKS.get(name)
 
 
 def benchmark_names(default_only: bool = False) -> tuple[str, ...]:
     """Registered benchmarks in registration order (`default_only`: those run when none are named)."""
-    return tuple(name for name, b in _BENCHMARKS.items() if b.default or not default_only)
+    return tuple(b.name for b in _BENCHMARKS.values() if b.default or not default_only)
