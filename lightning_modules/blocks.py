@@ -30,7 +30,7 @@ from timm.models.vision_transformer import ParallelScalingBlock
 from torch import Tensor, nn
 
 from lightning_modules import hardware
-from lightning_modules.config import MLP_BIAS_LAYOUTS
+from lightning_modules.config import MLP_BIAS_LAYOUTS, check_one_of
 
 
 def _norm_without_autocast(norm: nn.Module, x: Tensor) -> Tensor:
@@ -184,8 +184,7 @@ def set_mlp_bias_layout(model: nn.Module, layout: str) -> nn.Module:
     "legacy" on a model without such a block (e.g. a CNN) is an error: the setting would be lost.
     Returns `model`.
     """
-    if layout not in MLP_BIAS_LAYOUTS:
-        raise ValueError(f"mlp_bias_layout must be one of {MLP_BIAS_LAYOUTS}, got {layout!r}")
+    check_one_of("mlp_bias_layout", layout, MLP_BIAS_LAYOUTS)
     blocks = [m for m in model.modules() if isinstance(m, RecursionParallelBlock)]
     if layout != "fixed" and not blocks:
         raise ValueError(f"mlp_bias_layout={layout!r} applies to Recursion parallel blocks; "
