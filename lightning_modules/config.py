@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
-from typing import Any, List, Optional
+from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -129,8 +129,8 @@ def migrate_legacy_keys(cfg: dict[str, Any], family: str | None = None, source: 
     """Flat keys from before the per-family sections (`model.mask_ratio`) -> `model.<family>.<key>`.
 
     Kept for one release so old YAML files and checkpoints still load; each moved key warns
-    with its new name (a FutureWarning: shown to users by default). A flat key of another family (e.g. `wsl_hidden_dim` in an MAE
-    config, harmless when configs were flat) is dropped with a warning.
+    with its new name (a FutureWarning: shown to users by default). A flat key of another family
+    (e.g. `wsl_hidden_dim` in an MAE config, harmless when configs were flat) is dropped with a warning.
     """
     family = get_family(family or cfg.get("family", ModelConfig.family))
     every_legacy = {key for f in (get_family(n) for n in family_names()) for key in f.legacy_keys}
@@ -186,7 +186,7 @@ class OptimConfig:
     name: str = "lion"  # lion | adamw
     lr: float = 1e-4
     weight_decay: float = 0.05  # never applied to norms, biases, tokens and position embeddings
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     schedule: str = "onecycle"  # onecycle | cosine (linear warmup then cosine)
     warmup_fraction: float = 0.1  # OneCycle pct_start / cosine warmup share of total steps
     min_lr_ratio: float = 0.0  # cosine: final lr = lr·min_lr_ratio

@@ -24,11 +24,26 @@ import lightning_modules
 from evaluation.callback import EFAARCallback
 from lightning_modules import hardware
 from phenoscale import output
-from phenoscale.callbacks import (BatchAudit, EvalReport, ProgressLog, StepCheckpoint, StopGuard, Throughput,
-                                  instantiate_callbacks)
+from phenoscale.callbacks import (
+    BatchAudit,
+    EvalReport,
+    ProgressLog,
+    StepCheckpoint,
+    StopGuard,
+    Throughput,
+    instantiate_callbacks,
+)
 from phenoscale.config import ConfigError, plan_batch, require_complete, save_config, to_yaml
-from phenoscale.launch import NO_LAUNCHER, LaunchEnv, LaunchMismatchError, cluster_plugins, detect_launch, resolve_topology
-from phenoscale.loggers import build_loggers, check_available, finish as finish_loggers, log_config
+from phenoscale.launch import (
+    NO_LAUNCHER,
+    LaunchEnv,
+    LaunchMismatchError,
+    cluster_plugins,
+    detect_launch,
+    resolve_topology,
+)
+from phenoscale.loggers import build_loggers, check_available, log_config
+from phenoscale.loggers import finish as finish_loggers
 from phenoscale.plan import model_size
 from phenoscale.run import AtomicCheckpointIO, RunDir
 

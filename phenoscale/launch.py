@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable, Mapping, Optional
+from typing import Any
 
 from lightning.fabric.plugins.environments import SLURMEnvironment
 
@@ -64,7 +65,7 @@ class Launcher:
     devices_from: str
     nodes_from: str
     # the Lightning ClusterEnvironment the Trainer gets under this launcher (None: Lightning's own detection)
-    cluster_environment: Optional[Callable[[], Any]] = None
+    cluster_environment: Callable[[], Any] | None = None
 
 
 _LAUNCHERS: Registry[Launcher] = Registry("launcher", origin=lambda launcher: launcher.read.__module__)

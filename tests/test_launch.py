@@ -1,13 +1,21 @@
 """Launcher detection from the environment each launcher really sets, and the mismatch errors."""
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import pytest
 from lightning.fabric.plugins.environments import SLURMEnvironment
 
-from phenoscale.launch import (Launcher, LaunchEnv, LaunchMismatchError, cluster_plugins, detect_launch,
-                               launcher_names, register_launcher, resolve_topology)
+from phenoscale.launch import (
+    LaunchEnv,
+    Launcher,
+    LaunchMismatchError,
+    cluster_plugins,
+    detect_launch,
+    launcher_names,
+    register_launcher,
+    resolve_topology,
+)
 
 # what torchrun 2.x exports to each worker (rank 3 of 2 nodes x 2 processes)
 TORCHRUN = {

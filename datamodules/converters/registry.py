@@ -7,8 +7,9 @@ writing for all of them. Registering one here (from the package or from user cod
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import polars as pl
 

@@ -10,7 +10,8 @@ searchsorted_left(null, x)/len), and 2 x geomloss' energy loss = the V-statistic
 """
 from __future__ import annotations
 
-from typing import Callable, Literal, Optional
+from collections.abc import Callable
+from typing import Literal
 
 import numpy as np
 import polars as pl
@@ -51,7 +52,7 @@ def _against_control_null(
     treated: np.ndarray,
     min_replicates: int,
     statistic: Callable[[np.ndarray], float],
-    null_of: Callable[[int], Optional[np.ndarray]],
+    null_of: Callable[[int], np.ndarray | None],
     column: str,
     side: Literal["left", "right"],
 ) -> pl.DataFrame:
@@ -64,7 +65,7 @@ def _against_control_null(
     """
     uniq, order, bounds = group_rows(perturbations)
     treated = treated[order]
-    nulls: dict[int, Optional[np.ndarray]] = {}
+    nulls: dict[int, np.ndarray | None] = {}
     rows = []
     for name, a, b in zip(uniq, bounds[:-1], bounds[1:]):
         n = int(b - a)
@@ -89,7 +90,7 @@ def consistency(
     controls = unit[is_control]
     rng = np.random.default_rng(seed)
 
-    def null_of(n: int) -> Optional[np.ndarray]:
+    def null_of(n: int) -> np.ndarray | None:
         if n > len(controls):
             return None
         return np.sort([mean_pairwise_cosine(controls[s]) for s in _control_sets(len(controls), n, n_null, rng)])
@@ -120,7 +121,7 @@ def magnitude(
     def to_reference(rows: np.ndarray) -> float:
         return energy_distance(rows, reference)
 
-    def null_of(n: int) -> Optional[np.ndarray]:
+    def null_of(n: int) -> np.ndarray | None:
         if n > len(pool):
             return None
         return np.sort([to_reference(pool[s]) for s in _control_sets(len(pool), n, n_null, rng)])
@@ -129,7 +130,7 @@ def magnitude(
                                  MIN_MAGNITUDE_REPLICATES, to_reference, null_of, "energy_distance", "right")
 
 
-def share_significant(p_values: pl.Series) -> tuple[Optional[float], Optional[str]]:
+def share_significant(p_values: pl.Series) -> tuple[float | None, str | None]:
     """Fraction of perturbations with p <= SIGNIFICANCE, or None and why."""
     valid = p_values.drop_nulls()
     if len(valid) == 0:

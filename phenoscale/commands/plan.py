@@ -39,8 +39,16 @@ def run(args: argparse.Namespace) -> int:
 
     from phenoscale.config import ConfigError, load_config
     from phenoscale.grid import cell_layers, cells, load_grid
-    from phenoscale.plan import (Hardware, SiteFormat, assumptions, crops_of, markdown_table,
-                                 measured_loader_rate, model_size, plan_row)
+    from phenoscale.plan import (
+        Hardware,
+        SiteFormat,
+        assumptions,
+        crops_of,
+        markdown_table,
+        measured_loader_rate,
+        model_size,
+        plan_row,
+    )
 
     grid = load_grid(args.grid) if args.grid else None
     if grid is None and args.config is None:
