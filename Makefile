@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 export PHENOSCALE_SHARED ?= $(abspath ../shared)
 GRID   ?= configs/scaling/cpu.yaml
 
-.PHONY: help install demo test test-fast bench gpu-check scaling clean
+.PHONY: help install demo lint format test test-fast bench gpu-check scaling clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -22,7 +22,15 @@ install: $(STAMP)  ## create .venv and install phenoscale with its test extras (
 demo: install  ## synthesise the demo screen, train MAE / CA-MAE / WSL, evaluate, print the table (runs/demo/)
 	$(VENV)/bin/phenoscale demo --out runs/demo
 
-test: install  ## the whole test suite, slow and DDP tests included
+lint: install  ## ruff check and ruff format --check (settings in pyproject.toml); make test runs it first
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: install  ## sort imports and ruff format the tree (what lint's format check asks for)
+	$(PY) -m ruff check --fix --select I .
+	$(PY) -m ruff format .
+
+test: lint  ## lint, then the whole test suite, slow and DDP tests included
 	$(PY) -m pytest -q
 
 test-fast: install  ## tests not marked slow or ddp

@@ -16,8 +16,9 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -59,6 +60,9 @@ def bf16_gemm_peak() -> float:
 
 def measure(name: str, config: Path, peak: float, compile_module: bool) -> dict[str, Any]:
     """Training and embedding speed of one paper model at BATCH crops on the GPU."""
+    # hand the previous model's cached blocks back: its module, optimizer and the compiled
+    # closures over them are only gone once its measure() returned
+    torch.cuda.empty_cache()
     torch.manual_seed(0)
     module = paper_module(config, in_chans=CHANNELS).cuda()
     train_flops = training_flops_per_crop(module, batch_size=2)
@@ -88,8 +92,6 @@ def measure(name: str, config: Path, peak: float, compile_module: bool) -> dict[
     torch.cuda.reset_peak_memory_stats()
     embed_s = cuda_seconds(embed_pass, repeats=10)
     embed_memory = torch.cuda.max_memory_allocated() / 2**30
-    del module, optimizer
-    torch.cuda.empty_cache()
     return {"model": name, "config": str(config.relative_to(REPO)), "batch": BATCH, "compiled": compile_module,
             "train_crops_per_s": BATCH / train_s, "train_peak_memory_gb": train_memory,
             "train_mfu": train_flops * BATCH / train_s / peak, "train_gflops_per_crop": train_flops / 1e9,
@@ -118,8 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{torch.cuda.get_device_name()}: dense bf16 GEMM peak {peak / 1e12:.0f} TFLOP/s ({GEMM_SIDE}³)")
     rows = [measure(name, config, peak, compiled) for name, config in MODELS.items()
             for compiled in ([False, True] if args.compile else [False])]
-    print(f"| model | compiled | train crops/s | train MFU | train peak GB | embed crops/s | embed MFU "
-          f"| embed peak GB |\n|---|---|---|---|---|---|---|---|")
+    print("| model | compiled | train crops/s | train MFU | train peak GB | embed crops/s | embed MFU "
+          "| embed peak GB |\n|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['model']} | {r['compiled']} | {r['train_crops_per_s']:.0f} | {r['train_mfu']:.2f} "
               f"| {r['train_peak_memory_gb']:.1f} | {r['embed_crops_per_s']:.0f} | {r['embed_mfu']:.2f} "

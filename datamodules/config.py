@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Optional
 
 from omegaconf import MISSING
 
@@ -23,7 +23,7 @@ class DataConfig:
     steps_per_epoch: Optional[int] = None  # None: each site visited ~once per epoch across all ranks
     # augmentation and channels
     augment: bool = True  # random flips + 90-degree rotations
-    channels: Optional[List[str]] = None  # stain names to keep, in this order (None: all, as stored)
+    channels: Optional[list[str]] = None  # stain names to keep, in this order (None: all, as stored)
     channel_permute: bool = False  # shuffle channel order per crop (channel-agnostic training)
     in_chans: Optional[int] = None  # channels the model expects: a mismatch is an error before training
     # labels (weakly supervised training)

@@ -12,8 +12,8 @@ import json
 import logging
 import mmap
 import tarfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import numpy as np
 

@@ -154,7 +154,7 @@ class ShardWriter:
         self._abort_current()
         self._closed = True
 
-    def __enter__(self) -> "ShardWriter":
+    def __enter__(self) -> ShardWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import mmap
 import tarfile
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch

@@ -49,7 +49,7 @@ class Transport:
     retries: int = 5
     backoff: float = 0.5
 
-    def open(self, url: str) -> "RetryingStream":
+    def open(self, url: str) -> RetryingStream:
         return RetryingStream(url, self)
 
     def read_bytes(self, url: str) -> bytes:
@@ -117,7 +117,7 @@ class RetryingStream:
     def close(self) -> None:
         self._close_raw()
 
-    def __enter__(self) -> "RetryingStream":
+    def __enter__(self) -> RetryingStream:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -11,7 +11,7 @@ broadcast too, so no rank waits forever.
 from __future__ import annotations
 
 import logging
-from typing import Any, Optional
+from typing import Any
 
 import lightning as L
 import polars as pl
@@ -31,7 +31,7 @@ def _distributed() -> bool:
 class EFAARCallback(L.Callback):
     """Evaluate `eval_datamodule` every `cfg.every_n_epochs` epochs and log `eval/*` metrics."""
 
-    def __init__(self, eval_datamodule: Any, cfg: Optional[EvalConfig] = None, prefix: str = "eval") -> None:
+    def __init__(self, eval_datamodule: Any, cfg: EvalConfig | None = None, prefix: str = "eval") -> None:
         super().__init__()
         for needed in ("manifest", "eval_dataloader"):
             if not hasattr(eval_datamodule, needed):
@@ -39,7 +39,7 @@ class EFAARCallback(L.Callback):
         self.datamodule = eval_datamodule
         self.cfg = cfg or EvalConfig()
         self.prefix = prefix
-        self.last_results: dict[Optional[int], EvalResult] = {}  # rank 0 only: block -> result
+        self.last_results: dict[int | None, EvalResult] = {}  # rank 0 only: block -> result
         self.last_metrics: dict[str, float] = {}
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -71,7 +71,7 @@ class EFAARCallback(L.Callback):
         self.last_metrics = payload[0]
         return payload[0]
 
-    def _embed(self, pl_module: L.LightningModule, blocks: list[Optional[int]], progress: bool) -> SiteSums:
+    def _embed(self, pl_module: L.LightningModule, blocks: list[int | None], progress: bool) -> SiteSums:
         was_training = pl_module.training
         pl_module.eval()
         try:
@@ -80,7 +80,7 @@ class EFAARCallback(L.Callback):
         finally:
             pl_module.train(was_training)
 
-    def _score(self, blocks: list[Optional[int]], sites: SiteSums) -> dict[str, float]:
+    def _score(self, blocks: list[int | None], sites: SiteSums) -> dict[str, float]:
         if len(sites.rows) == 0:
             raise ValueError("the evaluation dataloader yielded no sites")
         manifest: pl.DataFrame = self.datamodule.manifest
@@ -88,7 +88,7 @@ class EFAARCallback(L.Callback):
         return block_metrics(self.last_results)
 
 
-def block_metrics(results: dict[Optional[int], EvalResult]) -> dict[str, float]:
+def block_metrics(results: dict[int | None, EvalResult]) -> dict[str, float]:
     """Loggable metrics: the best block's (by recall_mean) unprefixed, each block's as `block<i>/...`.
 
     None values (benchmarks that could not be computed) are left out: a logger has no "missing",

@@ -7,7 +7,6 @@ as 0, so a broken evaluation cannot pass for a bad model.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 import numpy as np
 import polars as pl
@@ -31,7 +30,7 @@ class EvalResult:
 
     metrics: pl.DataFrame  # METRIC_SCHEMA: one scalar per (alignment, metric), value None + reason if not computable
     tables: dict[str, pl.DataFrame]  # each benchmark's frames under its registered table name
-    oracle: Optional[pl.DataFrame]
+    oracle: pl.DataFrame | None
     n_dropped: int
     primary_alignment: str
     maps: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # alignment -> (genes, profiles)
@@ -53,7 +52,7 @@ class EvalResult:
     retrieval = property(lambda self: self.table("retrieval"))
     generalisation = property(lambda self: self.table("generalisation"))
 
-    def summary(self) -> dict[str, Optional[float]]:
+    def summary(self) -> dict[str, float | None]:
         """Flat metric names -> values: the primary alignment unprefixed, others as `<alignment>/<metric>`."""
         out = {}
         for row in self.metrics.iter_rows(named=True):
@@ -87,7 +86,7 @@ def run_efaar(embeddings: pl.DataFrame | pl.LazyFrame, cfg: EvalConfig) -> EvalR
     frames: dict[str, list[pl.DataFrame]] = {}
     maps = {}
 
-    def run(benchmark, alignment: Optional[str], aligned: np.ndarray, genes=None, profiles=None) -> None:
+    def run(benchmark, alignment: str | None, aligned: np.ndarray, genes=None, profiles=None) -> None:
         given = BenchmarkInput(benchmark.name, cfg, alignment, labels, aligned, is_control, batches, metadata,
                                genes, profiles, prepared[benchmark.name], rows)
         out = benchmark.run(given)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import Optional
 
 import matplotlib
 
@@ -30,7 +29,7 @@ def _first_threshold(recall: pl.DataFrame) -> pl.DataFrame:
     return recall.filter(pl.col("threshold_low") == recall["threshold_low"].min())
 
 
-def plot_recall(recall: pl.DataFrame, path: Path) -> Optional[Path]:
+def plot_recall(recall: pl.DataFrame, path: Path) -> Path | None:
     """Recall per source (bars per alignment) against the random baseline (dashed)."""
     recall = _first_threshold(recall.drop_nulls("recall")) if len(recall) else recall
     if len(recall) == 0:
@@ -51,7 +50,7 @@ def plot_recall(recall: pl.DataFrame, path: Path) -> Optional[Path]:
     return save_figure(fig, path)
 
 
-def plot_similarity_heatmap(genes: np.ndarray, profiles: np.ndarray, path: Path, n_genes: int = 50) -> Optional[Path]:
+def plot_similarity_heatmap(genes: np.ndarray, profiles: np.ndarray, path: Path, n_genes: int = 50) -> Path | None:
     """Cosine map of the `n_genes` genes with the strongest nearest neighbour, hierarchically ordered."""
     if len(genes) < 3:
         return None
@@ -71,7 +70,7 @@ def plot_similarity_heatmap(genes: np.ndarray, profiles: np.ndarray, path: Path,
     return save_figure(fig, path)
 
 
-def plot_model_vs_oracle(recall: pl.DataFrame, oracle: pl.DataFrame, alignment: str, path: Path) -> Optional[Path]:
+def plot_model_vs_oracle(recall: pl.DataFrame, oracle: pl.DataFrame, alignment: str, path: Path) -> Path | None:
     """Model recall next to the planted-truth ceiling, per source."""
     model = _first_threshold(recall.filter(pl.col("alignment") == alignment)) if len(recall) else recall
     ceiling = _first_threshold(oracle)

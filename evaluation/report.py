@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import polars as pl
 
@@ -45,7 +45,7 @@ def write_metrics_json(result: EvalResult, path: Path) -> Path:
     return write_text_atomic(path, json.dumps(result_json(result), indent=2, allow_nan=False, default=str))
 
 
-def write_report(result: EvalResult, path: Path, source: str, figures: dict[str, Optional[Path]]) -> Path:
+def write_report(result: EvalResult, path: Path, source: str, figures: dict[str, Path | None]) -> Path:
     """report.md beside the figures (relative links)."""
     wide = result.metrics.filter(pl.col("alignment").is_not_null()).pivot(
         on="alignment", index=["benchmark", "metric"], values="value", aggregate_function="first")

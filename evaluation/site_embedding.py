@@ -9,8 +9,9 @@ writes one parquet part per rank and concatenates the parts in manifest order
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable, Optional
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -34,11 +35,11 @@ class SiteSums:
     of one site (split over batches or ranks) combine into the exact mean."""
 
     rows: torch.Tensor
-    sums: dict[Optional[int], torch.Tensor]
+    sums: dict[int | None, torch.Tensor]
     counts: torch.Tensor
 
     @staticmethod
-    def combine(parts: list["SiteSums"]) -> "SiteSums":
+    def combine(parts: list[SiteSums]) -> SiteSums:
         """One SiteSums of all `parts`, rows seen in several parts added up."""
         parts = [p for p in parts if len(p.rows)]
         if not parts:
@@ -52,14 +53,14 @@ class SiteSums:
         return SiteSums(rows, {b: add([p.sums[b] for p in parts]) for b in parts[0].sums},
                         add([p.counts for p in parts]))
 
-    def means(self, block: Optional[int] = None) -> np.ndarray:
+    def means(self, block: int | None = None) -> np.ndarray:
         """(len(rows), D) float32 mean crop embedding of each site."""
         return (self.sums[block] / self.counts[:, None]).to(torch.float32).numpy()
 
 
 @torch.no_grad()
 def rank_site_sums(model: Any, loader: Iterable[dict[str, torch.Tensor]], device: torch.device,
-                   pooling: str | None = None, blocks: Optional[list[Optional[int]]] = None, bf16: bool = False,
+                   pooling: str | None = None, blocks: list[int | None] | None = None, bf16: bool = False,
                    progress: bool = True) -> SiteSums:
     """SiteSums of the sites `loader` gives this rank, for each of `blocks` (default: [None]).
 
@@ -80,7 +81,7 @@ def rank_site_sums(model: Any, loader: Iterable[dict[str, torch.Tensor]], device
     return SiteSums.combine(batches)
 
 
-def part_frame(manifest: pl.DataFrame, sites: SiteSums, block: Optional[int] = None,
+def part_frame(manifest: pl.DataFrame, sites: SiteSums, block: int | None = None,
                drop: tuple[str, ...] = ()) -> pl.DataFrame:
     """The embeddings parquet rows of `sites`: manifest metadata (less `drop`) + `embedding`."""
     metadata = manifest[sites.rows.numpy()].drop([c for c in drop if c in manifest.columns])

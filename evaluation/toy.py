@@ -7,7 +7,6 @@ effect. Small enough for unit tests, and scales to genome-wide sizes for the ben
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import polars as pl
@@ -26,7 +25,7 @@ def toy_screen(
     module_size: int = 4,
     batch_strength: float = 2.0,
     seed: int = 0,
-    truth_dir: Optional[Path] = None,
+    truth_dir: Path | None = None,
 ) -> pl.DataFrame:
     """Columns experiment, plate, well, perturbation, is_control, embedding (float32).
 

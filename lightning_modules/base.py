@@ -1,7 +1,7 @@
 """What every phenoscale LightningModule shares: configs as hyperparameters, optimisation, embed()."""
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import lightning as L
 import timm
@@ -75,7 +75,7 @@ class PhenoModule(L.LightningModule):
     #: the child modules embed() uses: what an --encoder-only export keeps (lightning_modules.export)
     embedding_submodules: tuple[str, ...] = ()
     #: stains in channel order the weights were trained on, when known (an export's config.json)
-    channel_names: Optional[list[str]] = None
+    channel_names: list[str] | None = None
 
     @property
     def trunk(self) -> torch.nn.Module:

@@ -21,8 +21,6 @@ float rounding); only where bf16 autocast puts its casts changes:
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from timm.layers import Attention
@@ -30,7 +28,7 @@ from timm.models.vision_transformer import ParallelScalingBlock
 from torch import Tensor, nn
 
 from lightning_modules import hardware
-from lightning_modules.config import MLP_BIAS_LAYOUTS
+from lightning_modules.config import MLP_BIAS_LAYOUTS, check_one_of
 
 
 def _norm_without_autocast(norm: nn.Module, x: Tensor) -> Tensor:
@@ -124,7 +122,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, dropout_p: float) -> Tensor:
 class DecoderAttention(Attention):
     """timm's Attention (same weights and keys) whose product goes through `attention` above."""
 
-    def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
         if attn_mask is not None or is_causal or not self.fused_attn or self.gate is not None:
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
         batch, tokens, _ = x.shape
@@ -147,7 +145,7 @@ class RecursionParallelBlock(ParallelScalingBlock):
 
     mlp_bias_layout: str = "fixed"
 
-    def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
         if attn_mask is not None or is_causal or not self.fused_attn or self.out_proj is not None:
             if self.mlp_bias_layout != "fixed" and self.mlp_bias is not None:
                 raise NotImplementedError(  # timm's own forward knows only the fixed layout
@@ -167,7 +165,7 @@ class RecursionParallelBlock(ParallelScalingBlock):
         y = self.attn_out_proj(x_attn) + self.mlp_out_proj(x_mlp)
         return x + self.drop_path(self.ls(y))
 
-    def _in_proj_bias(self) -> Optional[Tensor]:
+    def _in_proj_bias(self) -> Tensor | None:
         """in_proj's bias: the MLP bias in front and zeros for q, k, v (fixed layout), or zeros
         in front and the MLP bias behind (legacy timm), when qkv_bias is off."""
         if self.mlp_bias is None:  # qkv_bias: timm keeps the MLP bias inside in_proj.bias already
@@ -184,8 +182,7 @@ def set_mlp_bias_layout(model: nn.Module, layout: str) -> nn.Module:
     "legacy" on a model without such a block (e.g. a CNN) is an error: the setting would be lost.
     Returns `model`.
     """
-    if layout not in MLP_BIAS_LAYOUTS:
-        raise ValueError(f"mlp_bias_layout must be one of {MLP_BIAS_LAYOUTS}, got {layout!r}")
+    check_one_of("mlp_bias_layout", layout, MLP_BIAS_LAYOUTS)
     blocks = [m for m in model.modules() if isinstance(m, RecursionParallelBlock)]
     if layout != "fixed" and not blocks:
         raise ValueError(f"mlp_bias_layout={layout!r} applies to Recursion parallel blocks; "

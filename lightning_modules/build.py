@@ -1,22 +1,19 @@
 """build_module: typed configs -> the LightningModule of the configured family."""
 from __future__ import annotations
 
-from dataclasses import asdict, is_dataclass
+from dataclasses import asdict
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from lightning_modules.base import PhenoModule
-from lightning_modules.config import ModelConfig, OptimConfig, model_config_dict
+from lightning_modules.config import ModelConfig, OptimConfig, plain_dict
 from lightning_modules.families import get_family
 
 
 def as_plain_dict(cfg: Any, schema: type) -> dict[str, Any]:
     """Dataclass, DictConfig or dict -> a validated plain dict of `schema`'s fields."""
-    if isinstance(cfg, DictConfig):
-        cfg = OmegaConf.to_container(cfg, resolve=True)
-    elif is_dataclass(cfg):
-        cfg = asdict(cfg)
+    cfg = plain_dict(cfg)
     unknown = set(cfg) - set(schema.__dataclass_fields__)
     if unknown:
         raise ValueError(f"unknown {schema.__name__} keys {sorted(unknown)}; "
@@ -26,8 +23,13 @@ def as_plain_dict(cfg: Any, schema: type) -> dict[str, Any]:
 
 def build_module(model_cfg: ModelConfig | DictConfig | dict, optim_cfg: OptimConfig | DictConfig | dict, *,
                  in_chans: int, num_classes: int = 0, total_steps: int = 1) -> PhenoModule:
-    """The LightningModule of the registered family `model_cfg.family`, ready for a Trainer."""
-    model = model_config_dict(model_cfg)
+    """The LightningModule of the registered family `model_cfg.family`, ready for a Trainer.
+
+    Only the family name is read here: the module validates the model config itself
+    (`model_config_dict` in PhenoModule.__init__), as it must when a checkpoint rebuilds it, so
+    the check (and any deprecation warning for flat keys) runs once.
+    """
+    model = plain_dict(model_cfg)
     optim = as_plain_dict(optim_cfg, OptimConfig)
-    return get_family(model["family"]).module(model, optim, in_chans=in_chans, num_classes=num_classes,
-                                              total_steps=total_steps)
+    return get_family(model.get("family", ModelConfig.family)).module(
+        model, optim, in_chans=in_chans, num_classes=num_classes, total_steps=total_steps)

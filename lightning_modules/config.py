@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
-from typing import Any, List, Optional
+from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -20,6 +20,18 @@ MASK_MODES = ("joint", "spatial", "channel")
 #: "fixed" adds it to the MLP features; "legacy" adds cat(zeros(3D), mlp_bias) to the whole fused
 #: projection [mlp, q, k, v], as every timm before the fix did (OpenPhenom was trained that way)
 MLP_BIAS_LAYOUTS = ("fixed", "legacy")
+
+
+def check_one_of(key: str, value: object, choices: tuple[str, ...]) -> None:
+    """Refuse a setting outside its choices, naming the key, so a typo fails at load and not mid-run."""
+    if value not in choices:
+        raise ValueError(f"{key} must be one of {choices}, got {value!r}")
+
+
+def check_fraction(key: str, value: float, *, one_allowed: bool = False) -> None:
+    """Refuse a share outside [0, 1) (or [0, 1] when 1 is meaningful, e.g. a loss weight), naming the key."""
+    if not (0.0 <= value <= 1.0 if one_allowed else 0.0 <= value < 1.0):
+        raise ValueError(f"{key} must be in [0, {'1]' if one_allowed else '1)'}, got {value}")
 
 
 @dataclass
@@ -48,10 +60,8 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         get_family(self.family)  # raises, listing the registered families
-        if self.embed_pooling not in POOLINGS:
-            raise ValueError(f"model.embed_pooling must be one of {POOLINGS}, got {self.embed_pooling!r}")
-        if self.mlp_bias_layout not in MLP_BIAS_LAYOUTS:
-            raise ValueError(f"model.mlp_bias_layout must be one of {MLP_BIAS_LAYOUTS}, got {self.mlp_bias_layout!r}")
+        check_one_of("model.embed_pooling", self.embed_pooling, POOLINGS)
+        check_one_of("model.mlp_bias_layout", self.mlp_bias_layout, MLP_BIAS_LAYOUTS)
 
 
 @dataclass
@@ -69,10 +79,8 @@ class MAEConfig:
     norm_pix_eps: float = 1e-6
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.mask_ratio < 1.0:
-            raise ValueError(f"model.*.mask_ratio must be in [0, 1), got {self.mask_ratio}")
-        if not 0.0 <= self.fourier_alpha < 1.0:
-            raise ValueError(f"model.*.fourier_alpha must be in [0, 1), got {self.fourier_alpha}")
+        check_fraction("model.*.mask_ratio", self.mask_ratio)
+        check_fraction("model.*.fourier_alpha", self.fourier_alpha)
 
 
 @dataclass
@@ -90,22 +98,26 @@ class CAMAEConfig(MAEConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.mask_mode not in MASK_MODES:
-            raise ValueError(f"model.camae.mask_mode must be one of {MASK_MODES}, got {self.mask_mode!r}")
+        check_one_of("model.camae.mask_mode", self.mask_mode, MASK_MODES)
 
 
 @dataclass
 class WSLConfig:
     """model.wsl: the weakly supervised classifier's neck and loss."""
 
-    hidden_dim: int = 1024
-    embed_dim: int = 512
-    arcface_scale: float = 30.0
-    arcface_margin: float = 0.5
+    hidden_dim: int = 1024  # the neck's inner width (backbone features -> hidden -> embedding)
+    embed_dim: int = 512  # the embedding embed() returns, what the classifier and ArcFace heads see
+    arcface_scale: float = 30.0  # s: the logits' scale on the unit sphere
+    arcface_margin: float = 0.5  # m (radians) added to the true class's angle
     arcface_weight: float = 0.5  # loss = (1-w)·CE(softmax head) + w·CE(ArcFace logits)
 
+    def __post_init__(self) -> None:
+        # outside [0, 1] one of the two cross-entropies would be maximised instead of minimised
+        check_fraction("model.wsl.arcface_weight", self.arcface_weight, one_allowed=True)
 
-def _plain(cfg: Any) -> dict[str, Any]:
+
+def plain_dict(cfg: Any) -> dict[str, Any]:
+    """A dataclass, DictConfig (resolved) or mapping as a plain dict, not yet validated."""
     if isinstance(cfg, DictConfig):
         return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
     if is_dataclass(cfg):
@@ -117,8 +129,8 @@ def migrate_legacy_keys(cfg: dict[str, Any], family: str | None = None, source: 
     """Flat keys from before the per-family sections (`model.mask_ratio`) -> `model.<family>.<key>`.
 
     Kept for one release so old YAML files and checkpoints still load; each moved key warns
-    with its new name (a FutureWarning: shown to users by default). A flat key of another family (e.g. `wsl_hidden_dim` in an MAE
-    config, harmless when configs were flat) is dropped with a warning.
+    with its new name (a FutureWarning: shown to users by default). A flat key of another family
+    (e.g. `wsl_hidden_dim` in an MAE config, harmless when configs were flat) is dropped with a warning.
     """
     family = get_family(family or cfg.get("family", ModelConfig.family))
     every_legacy = {key for f in (get_family(n) for n in family_names()) for key in f.legacy_keys}
@@ -153,7 +165,7 @@ def model_config_dict(cfg: Any) -> dict[str, Any]:
     other registered families are dropped (one file may configure several families, as
     configs/experiments/tiny.yaml does); an unknown key fails naming what is allowed.
     """
-    raw = without_other_sections(migrate_legacy_keys(_plain(cfg)))
+    raw = without_other_sections(migrate_legacy_keys(plain_dict(cfg)))
     family = get_family(raw.get("family", ModelConfig.family))
     shared = {f.name for f in fields(ModelConfig)}
     unknown = sorted(set(raw) - shared - {family.name})
@@ -174,7 +186,7 @@ class OptimConfig:
     name: str = "lion"  # lion | adamw
     lr: float = 1e-4
     weight_decay: float = 0.05  # never applied to norms, biases, tokens and position embeddings
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     schedule: str = "onecycle"  # onecycle | cosine (linear warmup then cosine)
     warmup_fraction: float = 0.1  # OneCycle pct_start / cosine warmup share of total steps
     min_lr_ratio: float = 0.0  # cosine: final lr = lr·min_lr_ratio
@@ -182,11 +194,8 @@ class OptimConfig:
     gradient_clip_val: Optional[float] = 1.0
 
     def __post_init__(self) -> None:
-        if self.name not in OPTIMIZERS:
-            raise ValueError(f"optim.name must be one of {OPTIMIZERS}, got {self.name!r}")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"optim.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        check_one_of("optim.name", self.name, OPTIMIZERS)
+        check_one_of("optim.schedule", self.schedule, SCHEDULES)
         if len(self.betas) != 2:
             raise ValueError(f"optim.betas must hold two values, got {list(self.betas)}")
-        if not 0.0 <= self.warmup_fraction < 1.0:
-            raise ValueError(f"optim.warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
+        check_fraction("optim.warmup_fraction", self.warmup_fraction)

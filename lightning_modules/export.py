@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -40,7 +40,7 @@ class DroppedSubmodule(nn.Module):
                            "only embed() works")
 
 
-def export_config(module: PhenoModule, *, channels: Optional[list[str]], encoder_only: bool) -> dict[str, Any]:
+def export_config(module: PhenoModule, *, channels: list[str] | None, encoder_only: bool) -> dict[str, Any]:
     """config.json of `module`: what to rebuild it and what its inputs must be."""
     hparams = dict(module.hparams)
     cfg = module.model_cfg
@@ -66,7 +66,7 @@ def export_state_dict(module: PhenoModule, encoder_only: bool) -> dict[str, Tens
     return {k: v.detach().contiguous() for k, v in state.items()}
 
 
-def write_export(module: PhenoModule, out_dir: str | Path, *, channels: Optional[list[str]] = None,
+def write_export(module: PhenoModule, out_dir: str | Path, *, channels: list[str] | None = None,
                  encoder_only: bool = False) -> Path:
     """OUT_DIR/model.safetensors and OUT_DIR/config.json; returns OUT_DIR."""
     out = Path(out_dir)
@@ -77,7 +77,7 @@ def write_export(module: PhenoModule, out_dir: str | Path, *, channels: Optional
     return out
 
 
-def read_export_config(folder: str | Path) -> Optional[dict[str, Any]]:
+def read_export_config(folder: str | Path) -> dict[str, Any] | None:
     """The folder's config.json if it is a phenoscale export, else None (e.g. an OpenPhenom folder)."""
     path = Path(folder) / CONFIG
     if not path.is_file():

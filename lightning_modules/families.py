@@ -6,12 +6,16 @@ A family is a LightningModule class plus the dataclass of its own config section
 reads this registry, so a new family is one module that calls `register_family` - from inside
 the package or from a user's own code (docs/ARCHITECTURE.md, "Add a model family").
 
-This module imports nothing of the package, so configs and modules can both depend on it.
+This module imports nothing of the package (only the shared, pure-Python `registry`), so configs
+and modules can both depend on it.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, TypeVar
+from typing import Any, TypeVar
+
+from registry import Registry
 
 T = TypeVar("T", bound=type)
 
@@ -31,7 +35,12 @@ class Family:
     legacy_keys: Mapping[str, str] = field(default_factory=dict)
 
 
-_FAMILIES: dict[str, Family] = {}
+_FAMILIES: Registry[Family] = Registry(
+    "model.family",
+    origin=lambda f: f"{f.module.__module__}.{f.module.__qualname__}",
+    # the same class again (a module reloaded, a plugin imported twice) is not a collision
+    same=lambda old, new: old.module.__qualname__ == new.module.__qualname__,
+)
 
 
 def register_family(name: str, *, config: type, label: str, colour: str = "#555555",
@@ -44,11 +53,7 @@ def register_family(name: str, *, config: type, label: str, colour: str = "#5555
     """
 
     def register(module: T) -> T:
-        known = _FAMILIES.get(name)
-        if known is not None and known.module.__qualname__ != module.__qualname__:
-            raise ValueError(f"model family {name!r} is already registered by {known.module.__module__}."
-                             f"{known.module.__qualname__}")
-        _FAMILIES[name] = Family(name, module, config, label, colour, self_supervised, dict(legacy_keys or {}))
+        _FAMILIES.register(name, Family(name, module, config, label, colour, self_supervised, dict(legacy_keys or {})))
         module.family = name
         return module
 
@@ -57,11 +62,9 @@ def register_family(name: str, *, config: type, label: str, colour: str = "#5555
 
 def get_family(name: Any) -> Family:
     """The registered family `name`, or a ValueError that lists the registered ones."""
-    if name not in _FAMILIES:
-        raise ValueError(f"model.family must be one of {', '.join(family_names())}, got {name!r}")
-    return _FAMILIES[name]
+    return _FAMILIES.get(name)
 
 
 def family_names() -> tuple[str, ...]:
     """Registered family names, in registration order (the built-in mae, camae, wsl first)."""
-    return tuple(_FAMILIES)
+    return _FAMILIES.names()

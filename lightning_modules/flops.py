@@ -10,6 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode, flop_registry, register_fl
 
 from lightning_modules.base import PhenoModule
 
+
 # torch counts the CUDA attention kernels but not the CPU flash kernel SDPA dispatches to on
 # CPU, so a real-device count on CPU missed all attention FLOPs (meta-device counts had them).
 # Count them as model FLOPs: forward 2 products, backward 4 (the kernel's recomputation of

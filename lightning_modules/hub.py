@@ -34,8 +34,12 @@ def parse_hub_uri(uri: str) -> tuple[str, str | None]:
 
 def _download(repo_id: str, filename: str, revision: str | None, required: bool = True) -> Path | None:
     from huggingface_hub import constants, hf_hub_download
-    from huggingface_hub.errors import (EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError,
-                                        RevisionNotFoundError)
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     where = f"hf://{repo_id}" + (f"@{revision}" if revision else "")
     try:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lightning_modules.config import MASK_MODES
+from lightning_modules.config import MASK_MODES, check_fraction, check_one_of
 
 
 def patchify(images: Tensor, patch: int, channel_agnostic: bool) -> Tensor:
@@ -69,10 +69,8 @@ def random_token_mask(batch: int, length: int, ratio: float, device: torch.devic
     "channel": one whole random channel per sample, the rest uniformly (ChA-MAEViT's channel
     masking, with C >= 2 and ratio >= 1/C), so that a stain must be predicted from the others.
     """
-    if not 0.0 <= ratio < 1.0:
-        raise ValueError(f"mask ratio must be in [0, 1), got {ratio}")
-    if mode not in MASK_MODES:
-        raise ValueError(f"mask mode must be one of {MASK_MODES}, got {mode!r}")
+    check_fraction("mask ratio", ratio)
+    check_one_of("mask mode", mode, MASK_MODES)
     if length % channels:
         raise ValueError(f"{length} tokens do not split into {channels} channels")
     n_keep = int(length * (1 - ratio))

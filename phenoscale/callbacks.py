@@ -18,7 +18,7 @@ import signal
 import time
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -163,19 +163,19 @@ class Throughput(ThroughputMonitor):
     Rates are rolling means over the last `window` batches.
     """
 
-    def __init__(self, window: int, peak_flops: Optional[float] = None) -> None:
+    def __init__(self, window: int, peak_flops: float | None = None) -> None:
         self.peak_flops = peak_flops
-        self._table_flops: Optional[float] = None
+        self._table_flops: float | None = None
         super().__init__(batch_size_fn=_crops, window_size=window)
 
     # the parent's setup() stores Lightning's table value here and hands it to its Throughput
     # meters; a configured peak takes precedence without re-implementing setup()
     @property
-    def available_flops(self) -> Optional[float]:  # type: ignore[override]
+    def available_flops(self) -> float | None:  # type: ignore[override]
         return self.peak_flops if self.peak_flops is not None else self._table_flops
 
     @available_flops.setter
-    def available_flops(self, value: Optional[float]) -> None:
+    def available_flops(self, value: float | None) -> None:
         self._table_flops = value
 
 

@@ -12,10 +12,11 @@ import dataclasses
 import math
 import os
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
@@ -23,11 +24,15 @@ from omegaconf.errors import OmegaConfBaseException
 from datamodules.atomic import write_text_atomic
 from datamodules.config import DataConfig
 from evaluation.config import EvalConfig
-from lightning_modules.config import (ModelConfig, OptimConfig, migrate_legacy_keys, model_config_dict,
-                                      without_other_sections)
+from lightning_modules.config import (
+    ModelConfig,
+    OptimConfig,
+    migrate_legacy_keys,
+    model_config_dict,
+    without_other_sections,
+)
 from lightning_modules.families import get_family
 from lightning_modules.hardware import TRAIN_PRECISIONS
-
 
 
 class LRRule(str, Enum):

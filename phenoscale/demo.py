@@ -14,7 +14,6 @@ import itertools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import polars as pl
 import torch
@@ -71,7 +70,7 @@ class DemoSettings:
     out: Path = Path("runs/demo")
     genes: int = 200
     seed: int = 0
-    max_steps: Optional[int] = None  # None: each model's configs/experiments/demo_<model>.yaml budget
+    max_steps: int | None = None  # None: each model's configs/experiments/demo_<model>.yaml budget
     models: tuple[str, ...] = field(default_factory=demo_models)
     overrides: list[str] = field(default_factory=list)  # dotlist applied to every model
 
@@ -173,7 +172,7 @@ def recall_table(rows: list[DemoRow]) -> pl.DataFrame:
     return pl.DataFrame(records)
 
 
-def channel_generalisation(camae: Optional[torch.nn.Module], as_trained: Optional[Path], screen: Screen, crop: int,
+def channel_generalisation(camae: torch.nn.Module | None, as_trained: Path | None, screen: Screen, crop: int,
                            eval_cfg: EvalConfig, out: Path) -> pl.DataFrame:
     """CA-MAE recall on all 6 channels and a 5-channel subset (no retraining).
 
@@ -196,7 +195,7 @@ def channel_generalisation(camae: Optional[torch.nn.Module], as_trained: Optiona
     return pl.DataFrame(records)
 
 
-def channel_order_check(camae: Optional[torch.nn.Module], screen: Screen, crop: int) -> Optional[dict[str, float]]:
+def channel_order_check(camae: torch.nn.Module | None, screen: Screen, crop: int) -> dict[str, float] | None:
     """The CA-MAE's embeddings of the first ORDER_CHECK_BATCHES evaluation batches with the stains in
     reversed order against the original order: relative difference overall and of the worst crop."""
     if camae is None:
@@ -216,7 +215,7 @@ def channel_order_check(camae: Optional[torch.nn.Module], screen: Screen, crop: 
             "worst_crop_relative_difference": float(per_crop.max())}
 
 
-def block_scan(mae: Optional[torch.nn.Module], as_trained: Optional[Path], screen: Screen, crop: int,
+def block_scan(mae: torch.nn.Module | None, as_trained: Path | None, screen: Screen, crop: int,
                eval_cfg: EvalConfig, out: Path) -> pl.DataFrame:
     """MAE recall from every encoder block's output (Phenom-2 picks an intermediate block).
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -47,7 +47,7 @@ def plot_blocks(blocks: pl.DataFrame, path: Path) -> Path:
 
 
 def write_demo_report(out: Path, table: pl.DataFrame, channels: pl.DataFrame, blocks: pl.DataFrame,
-                      settings: Any, order: Optional[dict[str, float]] = None) -> Path:
+                      settings: Any, order: dict[str, float] | None = None) -> Path:
     """OUT/report.md, the tables behind it (recall_table, channel_generalisation and
     recall_by_block .parquet, channel_order_check.json) and the figures."""
     table.write_parquet(out / "recall_table.parquet")

@@ -22,8 +22,8 @@ import torch.distributed as dist
 
 import datamodules
 from datamodules.atomic import atomic_write
-from evaluation.site_embedding import SiteSums, embed_batch, part_frame, rank_site_sums
 from evaluation.embeddings_io import write_embeddings
+from evaluation.site_embedding import SiteSums, embed_batch, part_frame, rank_site_sums
 from lightning_modules import hardware
 from phenoscale.launch import detect_launch
 

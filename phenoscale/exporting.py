@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import datamodules
 import lightning_modules
@@ -17,13 +17,13 @@ from phenoscale.config import load_config
 from phenoscale.run import RunDir
 
 
-def run_of(checkpoint: Path) -> Optional[RunDir]:
+def run_of(checkpoint: Path) -> RunDir | None:
     """The run directory a checkpoint lives in (<run>/checkpoints/x.ckpt with <run>/config.yaml)."""
     run = RunDir(checkpoint.resolve().parent.parent)
     return run if checkpoint.resolve().parent == run.checkpoints.resolve() and run.config.is_file() else None
 
 
-def training_data(run: Optional[RunDir]) -> tuple[Optional[list[str]], dict[str, Any]]:
+def training_data(run: RunDir | None) -> tuple[list[str] | None, dict[str, Any]]:
     """(stains in channel order, facts about the training shards) as far as the run tells."""
     if run is None:
         return None, {}
@@ -39,7 +39,7 @@ def training_data(run: Optional[RunDir]) -> tuple[Optional[list[str]], dict[str,
     return channels, facts
 
 
-def recall_metrics(run: Optional[RunDir], metrics: Optional[Path]) -> tuple[Optional[Path], dict[str, float]]:
+def recall_metrics(run: RunDir | None, metrics: Path | None) -> tuple[Path | None, dict[str, float]]:
     """The recall figures of `metrics` (else the run's newest reports/**/metrics.json)."""
     if metrics is None and run is not None:
         found = sorted(run.reports.glob("**/metrics.json"), key=lambda p: p.stat().st_mtime)
@@ -50,9 +50,9 @@ def recall_metrics(run: Optional[RunDir], metrics: Optional[Path]) -> tuple[Opti
     return metrics, {k: v for k, v in summary.items() if "recall" in k and v is not None}
 
 
-def model_card(module: Any, checkpoint: Path, channels: Optional[list[str]], facts: dict[str, Any],
-               metrics_path: Optional[Path], recall: dict[str, float], encoder_only: bool,
-               hub_repo: Optional[str] = None) -> str:
+def model_card(module: Any, checkpoint: Path, channels: list[str] | None, facts: dict[str, Any],
+               metrics_path: Path | None, recall: dict[str, float], encoder_only: bool,
+               hub_repo: str | None = None) -> str:
     """README.md of the export: what the model is, takes, was trained on and scores."""
     cfg = module.model_cfg
     lines = [
@@ -68,8 +68,9 @@ def model_card(module: Any, checkpoint: Path, channels: Optional[list[str]], fac
         f"- channels, in order: {', '.join(channels) if channels else 'not recorded'} ({module.in_chans} at training)",
         f"- crops of {cfg.img_size} x {cfg.img_size} px, raw integer pixels; the model self-standardises "
         "(divide by the dtype maximum, per-image per-channel instance norm)",
-        f"- embedding: pooling `{cfg.embed_pooling}`, block {cfg.embed_block if cfg.embed_block is not None else 'last'};"
-        f" MLP-bias layout `{cfg.mlp_bias_layout}`", "",
+        f"- embedding: pooling `{cfg.embed_pooling}`, "
+        f"block {cfg.embed_block if cfg.embed_block is not None else 'last'}; "
+        f"MLP-bias layout `{cfg.mlp_bias_layout}`", "",
         "## Training data", "",
     ]
     if facts:
@@ -86,8 +87,8 @@ def model_card(module: Any, checkpoint: Path, channels: Optional[list[str]], fac
 
 
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, encoder_only: bool = False,
-                      channels: Optional[list[str]] = None, metrics: Optional[str | Path] = None,
-                      hub_repo: Optional[str] = None) -> Path:
+                      channels: list[str] | None = None, metrics: str | Path | None = None,
+                      hub_repo: str | None = None) -> Path:
     """Write OUT_DIR/{model.safetensors, config.json, README.md} for `checkpoint`; returns OUT_DIR."""
     checkpoint = Path(checkpoint)
     module = lightning_modules.load_pretrained(checkpoint)

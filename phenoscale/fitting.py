@@ -15,7 +15,6 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import LearningRateMonitor, TQDMProgressBar
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from omegaconf import OmegaConf
@@ -25,11 +24,26 @@ import lightning_modules
 from evaluation.callback import EFAARCallback
 from lightning_modules import hardware
 from phenoscale import output
-from phenoscale.callbacks import (BatchAudit, EvalReport, ProgressLog, StepCheckpoint, StopGuard, Throughput,
-                                  instantiate_callbacks)
+from phenoscale.callbacks import (
+    BatchAudit,
+    EvalReport,
+    ProgressLog,
+    StepCheckpoint,
+    StopGuard,
+    Throughput,
+    instantiate_callbacks,
+)
 from phenoscale.config import ConfigError, plan_batch, require_complete, save_config, to_yaml
-from phenoscale.launch import LaunchEnv, LaunchMismatchError, detect_launch, resolve_topology
-from phenoscale.loggers import build_loggers, check_available, finish as finish_loggers, log_config
+from phenoscale.launch import (
+    NO_LAUNCHER,
+    LaunchEnv,
+    LaunchMismatchError,
+    cluster_plugins,
+    detect_launch,
+    resolve_topology,
+)
+from phenoscale.loggers import build_loggers, check_available, log_config
+from phenoscale.loggers import finish as finish_loggers
 from phenoscale.plan import model_size
 from phenoscale.run import AtomicCheckpointIO, RunDir
 
@@ -79,7 +93,7 @@ def choose_device(t: Any, env: LaunchEnv) -> DeviceChoice:
     except ValueError as err:
         raise ConfigError(f"trainer.precision: {err}") from None
     strategy = agree_with_launcher("strategy", t.strategy, env.strategy)
-    if env.launcher != "none" and strategy in SPAWNING_STRATEGIES:
+    if env.launcher != NO_LAUNCHER and strategy in SPAWNING_STRATEGIES:
         raise LaunchMismatchError(f"trainer.strategy={strategy!r} starts its own processes, but {env.launcher} "
                                   "already started them: use ddp (or auto)")
     return DeviceChoice(accelerator, device_type, precision, strategy)
@@ -139,11 +153,7 @@ def build_trainer(cfg: Any, env: LaunchEnv, run_dir: RunDir, devices: int, num_n
         efaar = EFAARCallback(datamodule, OmegaConf.to_object(cfg.eval))
         callbacks += [efaar, EvalReport(efaar, run_dir.reports)]
     version = run_dir.next_attempt()
-    plugins: list[Any] = [AtomicCheckpointIO()]
-    if env.launcher == "slurm":
-        # we checkpoint and stop on SIGUSR1/SIGTERM ourselves; Lightning's auto-requeue would
-        # write a second (non-atomic) hpc checkpoint and call scontrol behind the user's back
-        plugins.append(SLURMEnvironment(auto_requeue=False))
+    plugins: list[Any] = [AtomicCheckpointIO(), *cluster_plugins(env)]
     trainer = pl.Trainer(
         accelerator=choice.accelerator,
         devices=devices,
@@ -190,9 +200,10 @@ def fit(cfg: Any, environ: dict[str, str] | None = None) -> FitResult:
                    f"(trainer.precision={cfg.trainer.precision}; {hardware.numerics(choice.device_type).describe()})")
     hardware.configure_device(choice.device_type)
     pl.seed_everything(cfg.run.seed, workers=True)
-    if env.launcher == "slurm":
+    if env.is_distributed:
         # code that reads the torchrun convention before the process group exists (the data
-        # module's per-rank step count) sees the right rank and world under srun as well
+        # module's per-rank step count) sees the right rank and world under srun (or any
+        # launcher that does not export it) as well; torchrun and fabric run already set both
         os.environ.setdefault("RANK", str(env.global_rank))
         os.environ.setdefault("WORLD_SIZE", str(env.world_size))
 

@@ -45,23 +45,6 @@ class GridModel:
 
 
 @dataclass
-class GridHardware:
-    gpu: str = "h100"
-    gpus: int = 8
-    mfu: float = 0.4
-
-
-@dataclass
-class GridSite:
-    """Stored site format, for the data-path part of the compute plan."""
-
-    channels: int = 6
-    side: int = 2048
-    bytes_per_pixel: int = 2
-    crops_per_site: int = 4
-
-
-@dataclass
 class GridConfig:
     name: str = "grid"
     base: Optional[str] = None  # experiment YAML under every cell (data, trainer, eval settings)
@@ -69,19 +52,13 @@ class GridConfig:
     screen: ScreenSpec = field(default_factory=ScreenSpec)
     models: list[GridModel] = field(default_factory=list)
     crops: list[str] = field(default_factory=list)  # training budgets: 2e4, '3.5B', ...
-    hardware: GridHardware = field(default_factory=GridHardware)
-    site: GridSite = field(default_factory=GridSite)
+    # the plan's own dataclasses, so the grid YAML is checked (a GPU name, an mfu) when it loads
+    hardware: Hardware = field(default_factory=Hardware)
+    site: SiteFormat = field(default_factory=SiteFormat)
 
     @property
     def budgets(self) -> list[float]:
         return [crops_of(c) for c in self.crops]
-
-    def plan_hardware(self) -> Hardware:
-        return Hardware(self.hardware.gpu, self.hardware.gpus, self.hardware.mfu)
-
-    def plan_site(self) -> SiteFormat:
-        s = self.site
-        return SiteFormat(s.channels, s.side, s.bytes_per_pixel, s.crops_per_site)
 
 
 @dataclass(frozen=True)
@@ -112,6 +89,8 @@ def load_grid(path: str | Path) -> GridConfig:
     except OmegaConfBaseException as err:
         raise ConfigError(f"{path}: {err.msg} (key '{err.full_key}'); allowed top-level keys: "
                           f"{', '.join(GridConfig.__dataclass_fields__)}") from None
+    except ValueError as err:  # a value the plan's dataclasses refuse (hardware.gpu, hardware.mfu, ...)
+        raise ConfigError(f"{path}: {err}") from None
     if not grid.models or not grid.crops:
         raise ConfigError(f"{path}: a grid needs at least one entry in 'models' and in 'crops'")
     for model in grid.models:

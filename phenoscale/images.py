@@ -10,29 +10,30 @@ the same batches, hence the embeddings of `phenoscale embed` on shards of the sa
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional, Sequence
+from typing import Any
 
 import numpy as np
 import polars as pl
 import torch
 from tqdm import tqdm
 
+import lightning_modules
 from datamodules.converters.common import FILES, PLANES, check_site_table, read_site, site_tasks
 from datamodules.converters.folder import folder_sites
 from datamodules.converters.jump import PHENIX_NAME, jump_sites
 from datamodules.converters.stacks import SUFFIXES, stack_sites
 from datamodules.transforms import tile_crops
 from evaluation.embeddings_io import embeddings_frame
-import lightning_modules
 from lightning_modules import hardware
 from phenoscale.embedding import embedding_device, site_embeddings
 
 TABLE_SUFFIXES = (".csv", ".tsv", ".txt", ".parquet")
 
 
-def image_sites(images: Any, channel_map: Optional[dict[int, str]] = None) -> pl.DataFrame:
+def image_sites(images: Any, channel_map: dict[int, str] | None = None) -> pl.DataFrame:
     """A converters' site table for `images`: a site table itself, a CSV/TSV/parquet with
     FileName_<Stain> columns, a folder of Phenix TIFFs (channel map from --channel-map or its
     load_data table), a folder or list of multi-channel TIFF / OME-TIFF stacks."""
@@ -72,7 +73,7 @@ def _decoded(tasks: list[tuple], workers: int, progress: bool) -> Iterator[tuple
             bar.update()
 
 
-def channel_indices(key: str, names: list[str], channels: Optional[Sequence[str]], n_channels: int) -> Optional[np.ndarray]:
+def channel_indices(key: str, names: list[str], channels: Sequence[str] | None, n_channels: int) -> np.ndarray | None:
     """Indices of `channels` (stain names, in order) in a site's `names`; None keeps all."""
     if channels is None:
         if n_channels and len(names) != n_channels:
@@ -85,7 +86,7 @@ def channel_indices(key: str, names: list[str], channels: Optional[Sequence[str]
     return np.array([names.index(c) for c in channels])
 
 
-def crop_batches(sites: pl.DataFrame, crop_size: int, batch_size: int, *, channels: Optional[Sequence[str]],
+def crop_batches(sites: pl.DataFrame, crop_size: int, batch_size: int, *, channels: Sequence[str] | None,
                  n_channels: int, workers: int, allow_missing: bool, progress: bool) -> Iterator[dict[str, torch.Tensor]]:
     """{"image", "site_index"} batches of the evaluation loader's shape: each site's tiles, whole
     sites per batch, batch_size // tiles-per-site sites a batch."""
@@ -108,8 +109,8 @@ def crop_batches(sites: pl.DataFrame, crop_size: int, batch_size: int, *, channe
         yield {"image": torch.from_numpy(np.concatenate(crops)), "site_index": torch.from_numpy(np.concatenate(index))}
 
 
-def embed_images(model: Any, images: Any, *, channel_map: Optional[dict[int, str]] = None,
-                 channels: Optional[Sequence[str]] = None, pooling: Optional[str] = None, block: Optional[int] = None,
+def embed_images(model: Any, images: Any, *, channel_map: dict[int, str] | None = None,
+                 channels: Sequence[str] | None = None, pooling: str | None = None, block: int | None = None,
                  batch_size: int = 64, workers: int = 4, precision: str = "32", allow_missing: bool = False,
                  progress: bool = True) -> pl.DataFrame:
     """Embeddings of raw images, one row per site, in the embeddings layout (ARCHITECTURE.md).

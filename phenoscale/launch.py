@@ -6,15 +6,28 @@ mismatch it either raises late (after data and model are built) or, with devices
 launcher that started N processes, silently trains N independent copies. So we read the
 launcher's environment first, derive devices and num_nodes from it and compare them with the
 config before anything is built.
+
+Launchers are registered entries (`register_launcher`): how to recognise one from the
+environment and how to read this process's place from it. `detect_launch` tries them in
+registration order - the built-in fabric, torchrun, slurm first, then plugins' - and the first
+that recognises the environment wins; none recognising it means a plain single process
+(docs/ARCHITECTURE.md, "Add a launcher").
 """
 from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Mapping
+from functools import partial
+from typing import Any
 
-LAUNCHERS = ("none", "torchrun", "fabric", "slurm")
+from lightning.fabric.plugins.environments import SLURMEnvironment
+
+from registry import Registry
+
+#: the launcher of a process no registered launcher recognised
+NO_LAUNCHER = "none"
 
 
 class LaunchMismatchError(ValueError):
@@ -25,7 +38,7 @@ class LaunchMismatchError(ValueError):
 class LaunchEnv:
     """This process's place in the job, as the launcher described it."""
 
-    launcher: str  # one of LAUNCHERS
+    launcher: str  # a registered launcher's name, or NO_LAUNCHER
     world_size: int
     devices: int  # processes per node
     num_nodes: int
@@ -39,6 +52,39 @@ class LaunchEnv:
     @property
     def is_distributed(self) -> bool:
         return self.world_size > 1
+
+
+@dataclass(frozen=True)
+class Launcher:
+    """One way processes get started: how to recognise it and what it says about the job."""
+
+    name: str
+    detect: Callable[[Mapping[str, str]], bool]  # does this environment come from this launcher?
+    read: Callable[[Mapping[str, str]], LaunchEnv]  # this process's place; LaunchMismatchError if inconsistent
+    # where the launcher states processes per node and node count, for the mismatch messages
+    devices_from: str
+    nodes_from: str
+    # the Lightning ClusterEnvironment the Trainer gets under this launcher (None: Lightning's own detection)
+    cluster_environment: Callable[[], Any] | None = None
+
+
+_LAUNCHERS: Registry[Launcher] = Registry("launcher", origin=lambda launcher: launcher.read.__module__)
+
+
+def register_launcher(launcher: Launcher) -> Launcher:
+    """Add `launcher`, tried after those registered before it; the same one again is a no-op."""
+    if launcher.name == NO_LAUNCHER:
+        raise ValueError(f"{NO_LAUNCHER!r} is the name of a process no launcher started")
+    return _LAUNCHERS.register(launcher.name, launcher)
+
+
+def get_launcher(name: str) -> Launcher:
+    return _LAUNCHERS.get(name)
+
+
+def launcher_names() -> tuple[str, ...]:
+    """Registered launchers in detection order."""
+    return _LAUNCHERS.names()
 
 
 def _int(environ: Mapping[str, str], key: str, launcher: str) -> int:
@@ -78,6 +124,16 @@ def _torchelastic(environ: Mapping[str, str], launcher: str) -> LaunchEnv:
     )
 
 
+def _is_torchelastic(environ: Mapping[str, str]) -> bool:
+    return "TORCHELASTIC_RUN_ID" in environ or ("LOCAL_WORLD_SIZE" in environ and "RANK" in environ)
+
+
+def _slurm_cluster_environment() -> Any:
+    # we checkpoint and stop on SIGUSR1/SIGTERM ourselves; Lightning's auto-requeue would
+    # write a second (non-atomic) hpc checkpoint and call scontrol behind the user's back
+    return SLURMEnvironment(auto_requeue=False)
+
+
 def _slurm(environ: Mapping[str, str]) -> LaunchEnv:
     world = _int(environ, "SLURM_NTASKS", "slurm")
     nodes = _int(environ, "SLURM_NNODES", "slurm") if "SLURM_NNODES" in environ else 1
@@ -105,21 +161,41 @@ def _slurm(environ: Mapping[str, str]) -> LaunchEnv:
     )
 
 
-def detect_launch(environ: Mapping[str, str] | None = None) -> LaunchEnv:
-    """Read the launcher from `environ` (default: os.environ).
+# `fabric run` calls torchrun after setting LT_CLI_USED and LT_* (--accelerator, --precision and
+# --strategy among them, which a Lightning Trainer would ignore: `phenoscale fit` honours them), so
+# it is tried before torchrun, whose variables (TORCHELASTIC_RUN_ID with RANK/LOCAL_RANK/WORLD_SIZE/
+# LOCAL_WORLD_SIZE/GROUP_RANK) it shares
+register_launcher(Launcher(
+    "fabric", detect=lambda environ: _is_torchelastic(environ) and bool(environ.get("LT_CLI_USED")),
+    read=partial(_torchelastic, launcher="fabric"),
+    devices_from="LOCAL_WORLD_SIZE, from --devices", nodes_from="WORLD_SIZE / LOCAL_WORLD_SIZE, from --num-nodes"))
+register_launcher(Launcher(
+    "torchrun", detect=_is_torchelastic, read=partial(_torchelastic, launcher="torchrun"),
+    devices_from="LOCAL_WORLD_SIZE", nodes_from="WORLD_SIZE / LOCAL_WORLD_SIZE"))
+# `srun` sets SLURM_NTASKS and friends; an interactive allocation (job name `bash`/`interactive`)
+# is not a launch, as in Lightning's SLURMEnvironment
+register_launcher(Launcher(
+    "slurm",
+    detect=lambda environ: "SLURM_NTASKS" in environ and environ.get("SLURM_JOB_NAME") not in ("bash", "interactive"),
+    read=_slurm, devices_from="SLURM_NTASKS_PER_NODE", nodes_from="SLURM_NNODES",
+    cluster_environment=_slurm_cluster_environment))
 
-    torchrun sets TORCHELASTIC_RUN_ID with RANK/LOCAL_RANK/WORLD_SIZE/LOCAL_WORLD_SIZE/GROUP_RANK;
-    `fabric run` calls torchrun after setting LT_CLI_USED and LT_* (--accelerator, --precision and
-    --strategy among them, which a Lightning Trainer would ignore: `phenoscale fit` honours them);
-    `srun` sets SLURM_NTASKS and friends (an interactive allocation, job name `bash`/`interactive`,
-    is not a launch, as in Lightning's SLURMEnvironment).
-    """
+
+def detect_launch(environ: Mapping[str, str] | None = None) -> LaunchEnv:
+    """The first registered launcher that recognises `environ` (default: os.environ), read from it."""
     environ = os.environ if environ is None else environ
-    if "TORCHELASTIC_RUN_ID" in environ or ("LOCAL_WORLD_SIZE" in environ and "RANK" in environ):
-        return _torchelastic(environ, "fabric" if environ.get("LT_CLI_USED") else "torchrun")
-    if "SLURM_NTASKS" in environ and environ.get("SLURM_JOB_NAME") not in ("bash", "interactive"):
-        return _slurm(environ)
-    return LaunchEnv(launcher="none", world_size=1, devices=1, num_nodes=1)
+    for launcher in _LAUNCHERS.values():
+        if launcher.detect(environ):
+            return launcher.read(environ)
+    return LaunchEnv(launcher=NO_LAUNCHER, world_size=1, devices=1, num_nodes=1)
+
+
+def cluster_plugins(env: LaunchEnv) -> list[Any]:
+    """The Trainer plugins `env`'s launcher needs (its ClusterEnvironment, if it names one)."""
+    if env.launcher == NO_LAUNCHER:
+        return []
+    make = get_launcher(env.launcher).cluster_environment
+    return [] if make is None else [make()]
 
 
 def _check(name: str, configured: str, derived: int, env: LaunchEnv, hint: str) -> int:
@@ -146,7 +222,7 @@ def resolve_topology(devices: str, num_nodes: str, env: LaunchEnv) -> tuple[int,
     Without a launcher, an explicit `devices` > 1 lets Lightning spawn the processes itself
     (its default subprocess launcher); `num_nodes` > 1 then needs a launcher on every node.
     """
-    if env.launcher == "none":
+    if env.launcher == NO_LAUNCHER:
         n_dev = 1 if str(devices) == "auto" else _positive("devices", devices)
         n_nodes = 1 if str(num_nodes) == "auto" else _positive("num_nodes", num_nodes)
         if n_nodes > 1:
@@ -155,14 +231,10 @@ def resolve_topology(devices: str, num_nodes: str, env: LaunchEnv) -> tuple[int,
                 "group per node with `torchrun --nnodes ...` or `srun` (see docs/runs.md)"
             )
         return n_dev, n_nodes
-    hints = {
-        "torchrun": ("LOCAL_WORLD_SIZE", "WORLD_SIZE / LOCAL_WORLD_SIZE"),
-        "fabric": ("LOCAL_WORLD_SIZE, from --devices", "WORLD_SIZE / LOCAL_WORLD_SIZE, from --num-nodes"),
-        "slurm": ("SLURM_NTASKS_PER_NODE", "SLURM_NNODES"),
-    }[env.launcher]
+    launcher = get_launcher(env.launcher)
     return (
-        _check("devices", devices, env.devices, env, f"processes per node, {hints[0]}"),
-        _check("num_nodes", num_nodes, env.num_nodes, env, f"nodes, {hints[1]}"),
+        _check("devices", devices, env.devices, env, f"processes per node, {launcher.devices_from}"),
+        _check("num_nodes", num_nodes, env.num_nodes, env, f"nodes, {launcher.nodes_from}"),
     )
 
 

@@ -44,7 +44,7 @@ class RunDir:
         self.embeddings = self.root / "embeddings"
         self.reports = self.root / "reports"
 
-    def create(self) -> "RunDir":
+    def create(self) -> RunDir:
         """Make the layout; drop temp files a killed writer left (never complete, never read)."""
         for path in (self.checkpoints, self.logs, self.embeddings, self.reports):
             path.mkdir(parents=True, exist_ok=True)

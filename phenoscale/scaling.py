@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Optional
 
 import matplotlib.pyplot as plt
 import polars as pl
@@ -38,7 +37,7 @@ def grid_screen(grid: GridConfig, out: Path) -> Screen:
                          seed=spec.seed, modules_from=spec.modules_from)
 
 
-def run_cell(grid: GridConfig, cell: Cell, screen: Screen, out: Path) -> Optional[dict]:
+def run_cell(grid: GridConfig, cell: Cell, screen: Screen, out: Path) -> dict | None:
     """Fit, embed and score one cell; returns its result row (rank 0) or None (other ranks)."""
     cell_dir = out / "cells" / cell.name
     done = cell_dir / RESULT
@@ -116,7 +115,7 @@ def plot_scaling(table: pl.DataFrame, path: Path) -> Path:
     return save_figure(fig, path)
 
 
-def run_grid(grid: GridConfig, out: Path, only: Optional[list[int]] = None) -> Optional[pl.DataFrame]:
+def run_grid(grid: GridConfig, out: Path, only: list[int] | None = None) -> pl.DataFrame | None:
     """Run the grid's cells (all, or the indices in `only`) and collect what is finished."""
     todo = [c for c in cells(grid) if only is None or c.index in only]
     if not todo:

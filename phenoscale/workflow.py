@@ -9,7 +9,7 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import polars as pl
 import torch
@@ -29,10 +29,10 @@ class Screen:
     """Where a screen's shards and (for synthetic screens) its planted truth live."""
 
     shards: Path
-    truth: Optional[Path]
+    truth: Path | None
 
     @property
-    def relationships(self) -> Optional[Path]:
+    def relationships(self) -> Path | None:
         return self.truth / "relationships.csv" if self.truth else None
 
 
@@ -52,7 +52,7 @@ def ensure_screen(out: Path, preset_name: str = "demo", **settings: Any) -> Scre
     return Screen(out / "shards", out / "truth")
 
 
-def eval_data_config(shards: Path, crop_size: int, batch_size: int = 64, channels: Optional[list[str]] = None,
+def eval_data_config(shards: Path, crop_size: int, batch_size: int = 64, channels: list[str] | None = None,
                      num_workers: int = 1) -> datamodules.DataConfig:
     """Evaluation loading of `shards`: whole sites tiled into crops of the model's input size."""
     return datamodules.DataConfig(train_shards=str(shards), eval_shards=str(shards), crop_size=crop_size,
@@ -68,7 +68,7 @@ def train(cfg: Any) -> tuple[FitResult, torch.nn.Module]:
     return result, lightning_modules.load_pretrained(checkpoint)
 
 
-def score(embeddings: Path, eval_cfg: EvalConfig, out: Optional[Path] = None) -> EvalResult:
+def score(embeddings: Path, eval_cfg: EvalConfig, out: Path | None = None) -> EvalResult:
     """EFAAR on one embeddings file; with OUT, also metrics.json, report.md and figures there."""
     result = run_efaar(read_embeddings(embeddings), eval_cfg)
     if out is not None:

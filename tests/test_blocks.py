@@ -7,8 +7,13 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import Block, ParallelScalingBlock
 
 from lightning_modules import blocks, hardware
-from lightning_modules.blocks import (DecoderAttention, MatmulAttention, RecursionParallelBlock, attention,
-                                      blocked_attention)
+from lightning_modules.blocks import (
+    DecoderAttention,
+    MatmulAttention,
+    RecursionParallelBlock,
+    attention,
+    blocked_attention,
+)
 from tiny_models import TINY_CNN, real_crops, tiny_module
 
 

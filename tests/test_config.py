@@ -68,7 +68,7 @@ def test_enum_lists_allowed_values() -> None:
 
 def test_package_checks_run_before_anything_starts() -> None:
     # ModelConfig.__post_init__ validates the family; it must fire at load, not at build time
-    with pytest.raises(ConfigError, match="model.family must be one of"):
+    with pytest.raises(ConfigError, match="unknown model.family"):
         load_config(None, ["model.family=resnet"])
     with pytest.raises(ConfigError, match="trainer.precision='fp8'"):
         load_config(None, ["trainer.precision=fp8"])

@@ -168,7 +168,7 @@ def test_two_process_gloo_ranks_log_identical_metrics(tmp_path, batch_size):
     procs = [subprocess.Popen([sys.executable, str(script), str(r)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}) for r in range(2)]
     outs = [p.communicate(timeout=240) for p in procs]
-    for p, (out, err) in zip(procs, outs):
+    for p, (_, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
     import json
     metrics = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]

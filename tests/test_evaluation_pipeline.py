@@ -76,19 +76,19 @@ def test_streaming_null_equals_brute_force_sort(monkeypatch, caplog, locator):
         expected = ((right <= low) | (left >= high)).mean()
         got = streamed.filter(pl.col("threshold_low") == low)["recall"][0]
         assert got == pytest.approx(expected, abs=1e-12)
-        k, l = rank_cutoffs(len(null), low, high)
+        k, upper = rank_cutoffs(len(null), low, high)
         row = streamed.filter(pl.col("threshold_low") == low)
         assert row["null_low"][0] == pytest.approx(null[k - 1], abs=1e-6)
-        assert row["null_high"][0] == pytest.approx(null[l - 1], abs=1e-6)
+        assert row["null_high"][0] == pytest.approx(null[upper - 1], abs=1e-6)
 
 
 @pytest.mark.parametrize("m", [190, 1000, 4950, 123457])
 def test_rank_cutoffs_follow_efaar_float_divisions(m):
     for low, high in [(0.05, 0.95), (0.1, 0.9)]:
-        k1, l = rank_cutoffs(m, low, high)
+        k1, upper = rank_cutoffs(m, low, high)
         ranks = np.arange(m + 1)
         assert k1 - 1 == ranks[ranks / m <= low].max()
-        assert l == ranks[ranks / m >= high].min()
+        assert upper == ranks[ranks / m >= high].min()
 
 
 def test_embeddings_round_trip_lazy_and_atomic(tmp_path):

@@ -1,9 +1,21 @@
 """Launcher detection from the environment each launcher really sets, and the mismatch errors."""
 from __future__ import annotations
 
-import pytest
+from collections.abc import Mapping
 
-from phenoscale.launch import LaunchEnv, LaunchMismatchError, detect_launch, resolve_topology
+import pytest
+from lightning.fabric.plugins.environments import SLURMEnvironment
+
+from phenoscale.launch import (
+    LaunchEnv,
+    Launcher,
+    LaunchMismatchError,
+    cluster_plugins,
+    detect_launch,
+    launcher_names,
+    register_launcher,
+    resolve_topology,
+)
 
 # what torchrun 2.x exports to each worker (rank 3 of 2 nodes x 2 processes)
 TORCHRUN = {
@@ -93,3 +105,45 @@ def test_exported_rank_does_not_turn_slurm_into_torchrun() -> None:
     # fit exports RANK/WORLD_SIZE under srun for code that reads the torchrun convention
     env = detect_launch({**SLURM, "RANK": "5", "WORLD_SIZE": "12"})
     assert (env.launcher, env.devices, env.num_nodes) == ("slurm", 4, 3)
+
+
+# a scheduler the package does not know, registered from here as a plugin would: Flux's
+# `flux run` exports FLUX_JOB_ID and the task's place (names as in flux-core's task environment)
+FLUX = {"FLUX_JOB_ID": "f1", "FLUX_JOB_SIZE": "6", "FLUX_JOB_NNODES": "3", "FLUX_TASK_RANK": "4",
+        "FLUX_TASK_LOCAL_ID": "0"}
+
+
+def _read_flux(environ: Mapping[str, str]) -> LaunchEnv:
+    world, nodes = int(environ["FLUX_JOB_SIZE"]), int(environ["FLUX_JOB_NNODES"])
+    rank = int(environ["FLUX_TASK_RANK"])
+    return LaunchEnv("flux", world_size=world, devices=world // nodes, num_nodes=nodes, global_rank=rank,
+                     local_rank=int(environ["FLUX_TASK_LOCAL_ID"]), node_rank=rank // (world // nodes))
+
+
+register_launcher(Launcher("flux", detect=lambda environ: "FLUX_JOB_ID" in environ, read=_read_flux,
+                           devices_from="FLUX_JOB_SIZE / FLUX_JOB_NNODES", nodes_from="FLUX_JOB_NNODES"))
+
+
+def test_a_launcher_registered_outside_the_package_is_detected_and_checked() -> None:
+    env = detect_launch(FLUX)
+    assert env == LaunchEnv("flux", world_size=6, devices=2, num_nodes=3, global_rank=4, local_rank=0, node_rank=2)
+    assert resolve_topology("auto", "auto", env) == (2, 3)
+    with pytest.raises(LaunchMismatchError, match=r"flux launcher started 2 \(processes per node, FLUX_JOB_SIZE"):
+        resolve_topology("4", "auto", env)
+    assert cluster_plugins(env) == []  # no ClusterEnvironment named: Lightning's own detection
+    # the built-ins come first, in the documented order, and still win in their own environments
+    assert launcher_names()[:3] == ("fabric", "torchrun", "slurm") and "flux" in launcher_names()
+    assert detect_launch({**SLURM, **FLUX}).launcher == "slurm"
+
+
+def test_only_slurm_brings_its_own_cluster_environment() -> None:
+    (plugin,) = cluster_plugins(detect_launch(SLURM))
+    assert isinstance(plugin, SLURMEnvironment) and not plugin.auto_requeue
+    assert cluster_plugins(detect_launch(TORCHRUN)) == [] and cluster_plugins(detect_launch({})) == []
+
+
+def test_a_taken_launcher_name_or_none_is_refused() -> None:
+    with pytest.raises(ValueError, match="launcher 'slurm' is already registered by phenoscale.launch"):
+        register_launcher(Launcher("slurm", detect=bool, read=_read_flux, devices_from="", nodes_from=""))
+    with pytest.raises(ValueError, match="no launcher started"):
+        register_launcher(Launcher("none", detect=bool, read=_read_flux, devices_from="", nodes_from=""))

@@ -13,8 +13,14 @@ import numpy as np
 import pytest
 import torch
 
-from fixtures.openphenom_reference import (CHANNEL_SUBSET, FIXTURE, SEED, digest, reference_images,
-                                           seeded_encoder_weights)
+from fixtures.openphenom_reference import (
+    CHANNEL_SUBSET,
+    FIXTURE,
+    SEED,
+    digest,
+    reference_images,
+    seeded_encoder_weights,
+)
 from lightning_modules.blocks import set_mlp_bias_layout
 from lightning_modules.families import get_family
 from lightning_modules.pretrained import load_state_dict_strictly, reference_config_to_phenoscale

@@ -30,7 +30,7 @@ TOP_DIRS = sorted(p.name for p in REPO.iterdir() if p.is_dir() and not p.name.st
                   and p.name not in {"runs", "build", "dist"} and not p.name.endswith(".egg-info"))
 #: repository paths that documentation names as outputs of a command, not as files in a checkout
 OUTPUTS = {"benchmarks/results/gpu.json": "written by `python -m benchmarks.gpu_check` on a CUDA machine"}
-TOKEN = re.compile(r"(?<![\w./:$~-])((?:%s)/[\w./<>*{}-]*)" % "|".join(map(re.escape, TOP_DIRS)))
+TOKEN = re.compile(r"(?<![\w./:$~-])((?:" + "|".join(map(re.escape, TOP_DIRS)) + r")/[\w./<>*{}-]*)")
 LINK = re.compile(r"\]\(([^)\s#]+)(?:#[^)]*)?\)")
 PLACEHOLDER = re.compile(r"<[^>]*>|\{[^}]*\}")
 

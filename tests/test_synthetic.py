@@ -14,8 +14,19 @@ from scipy.ndimage import gaussian_filter, maximum_filter
 
 from datamodules import read_manifest
 from datamodules.shards import decode_npy
-from datamodules.synthetic import (AXES, CHANNELS, SCREEN_JSON, Optics, ScreenConfig, design_screen,
-                                   in_cell_stain_correlation, preset, read_truth, render_site, write_screen)
+from datamodules.synthetic import (
+    AXES,
+    CHANNELS,
+    SCREEN_JSON,
+    Optics,
+    ScreenConfig,
+    design_screen,
+    in_cell_stain_correlation,
+    preset,
+    read_truth,
+    render_site,
+    write_screen,
+)
 from phenoscale.cli import main as cli_main
 from real_field import PEDIATRIC_STAINS, pediatric_field
 

@@ -7,10 +7,13 @@ writing for all of them. Registering one here (from the package or from user cod
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import polars as pl
+
+from registry import Registry
 
 
 @dataclass(frozen=True)
@@ -42,23 +45,17 @@ class Converter:
         return self.sites(src, **options)
 
 
-_CONVERTERS: dict[str, Converter] = {}
+_CONVERTERS: Registry[Converter] = Registry("layout", origin=lambda c: c.sites.__module__)
 
 
 def register_converter(converter: Converter) -> Converter:
     """Add `converter`; a second one under a taken name is an error, the same one again a no-op."""
-    known = _CONVERTERS.get(converter.name)
-    if known is not None and known != converter:
-        raise ValueError(f"converter {converter.name!r} is already registered ({known.sites.__module__})")
-    _CONVERTERS[converter.name] = converter
-    return converter
+    return _CONVERTERS.register(converter.name, converter)
 
 
 def get_converter(name: str) -> Converter:
-    if name not in _CONVERTERS:
-        raise ValueError(f"unknown layout {name!r}; registered: {', '.join(converter_names())}")
-    return _CONVERTERS[name]
+    return _CONVERTERS.get(name)
 
 
 def converter_names() -> tuple[str, ...]:
-    return tuple(_CONVERTERS)
+    return _CONVERTERS.names()

@@ -7,8 +7,8 @@ for real perturbation metadata describe the sites in a table instead (`folder_si
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import polars as pl
 

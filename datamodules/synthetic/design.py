@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from datamodules.synthetic.render import AXES, CHANNELS, K, REFERENCE_RADIUS, Optics
+from datamodules.synthetic.render import AXES, CHANNELS, REFERENCE_RADIUS, K, Optics
 
 GENE = "gene"
 CONTROL = "control"

@@ -6,7 +6,7 @@ compares a synthetic site and a real Cell Painting field on the same terms.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

@@ -12,17 +12,17 @@ import json
 import os
 import time
 from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 from tqdm import tqdm
 
+from datamodules.atomic import write_text_atomic
 from datamodules.shards import ShardWriter
 from datamodules.synthetic.design import ScreenConfig, ScreenDesign, design_screen
 from datamodules.synthetic.render import AXES, CHANNELS, Optics, render_site
-from datamodules.atomic import write_text_atomic
 from datamodules.synthetic.truth import write_truth
 
 SCREEN_JSON = "screen.json"

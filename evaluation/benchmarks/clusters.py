@@ -6,7 +6,7 @@ within-complex cosines (upper triangle) against complex-vs-rest cosines, two-sam
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING
 
 import numpy as np
 import polars as pl
@@ -45,7 +45,7 @@ def cluster_benchmark(
     return pl.DataFrame(rows, schema=CLUSTER_SCHEMA, orient="row")
 
 
-def _load(cfg: "EvalConfig") -> Optional[dict[str, list[str]]]:
+def _load(cfg: EvalConfig) -> dict[str, list[str]] | None:
     """The complexes of `eval.clusters`: a path, or a file name in the annotations directory; None: skip."""
     if not cfg.clusters:
         return None
@@ -53,7 +53,7 @@ def _load(cfg: "EvalConfig") -> Optional[dict[str, list[str]]]:
     return load_clusters(path if path.exists() else annotations_dir() / cfg.clusters)
 
 
-def _run(given: BenchmarkInput) -> Optional[pl.DataFrame]:
+def _run(given: BenchmarkInput) -> pl.DataFrame | None:
     if given.prepared is None:
         return None
     cl = cluster_benchmark(given.genes, given.profiles, given.prepared, given.cfg.cluster_min_genes)

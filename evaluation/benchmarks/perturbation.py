@@ -10,7 +10,8 @@ searchsorted_left(null, x)/len), and 2 x geomloss' energy loss = the V-statistic
 """
 from __future__ import annotations
 
-from typing import Optional
+from collections.abc import Callable
+from typing import Literal
 
 import numpy as np
 import polars as pl
@@ -46,6 +47,41 @@ def _control_sets(n_controls: int, size: int, n_null: int, rng: np.random.Genera
     return [rng.choice(n_controls, size, replace=False) for _ in range(n_null)]
 
 
+def _against_control_null(
+    perturbations: np.ndarray,
+    treated: np.ndarray,
+    min_replicates: int,
+    statistic: Callable[[np.ndarray], float],
+    null_of: Callable[[int], np.ndarray | None],
+    column: str,
+    side: Literal["left", "right"],
+) -> pl.DataFrame:
+    """Per treated perturbation: its replicate count, `statistic(its rows)` and a p-value.
+
+    `null_of(n)` is the sorted statistic on random control sets of size n (None when there are
+    too few controls); it is drawn once per replicate count, in order of first use, so every
+    perturbation with n replicates is compared with the same null. p = 1 - searchsorted_side(null, x)/len,
+    `side` as in each statistic's efaar original (module docstring).
+    """
+    uniq, order, bounds = group_rows(perturbations)
+    treated = treated[order]
+    nulls: dict[int, np.ndarray | None] = {}
+    rows = []
+    for name, a, b in zip(uniq, bounds[:-1], bounds[1:]):
+        n = int(b - a)
+        if n < min_replicates:
+            rows.append((str(name), n, None, None))
+            continue
+        if n not in nulls:
+            nulls[n] = null_of(n)
+        stat = statistic(treated[a:b])
+        null = nulls[n]
+        p = None if null is None else float(1 - np.searchsorted(null, stat, side=side) / len(null))
+        rows.append((str(name), n, stat, p))
+    return pl.DataFrame(rows, schema={"perturbation": pl.String, "n_wells": pl.Int64,
+                                      column: pl.Float64, "p_value": pl.Float64}, orient="row")
+
+
 def consistency(
     perturbations: np.ndarray, features: np.ndarray, is_control: np.ndarray, n_null: int = 1000, seed: int = 0
 ) -> pl.DataFrame:
@@ -53,24 +89,14 @@ def consistency(
     unit = l2_normalised(features)
     controls = unit[is_control]
     rng = np.random.default_rng(seed)
-    uniq, order, bounds = group_rows(np.asarray(perturbations)[~is_control])
-    treated = unit[~is_control][order]
-    nulls: dict[int, np.ndarray] = {}
-    rows = []
-    for name, a, b in zip(uniq, bounds[:-1], bounds[1:]):
-        n = int(b - a)
-        if n < MIN_CONSISTENCY_REPLICATES:
-            rows.append((str(name), n, None, None))
-            continue
-        if n not in nulls and n <= len(controls):
-            control_sets = _control_sets(len(controls), n, n_null, rng)
-            nulls[n] = np.sort([mean_pairwise_cosine(controls[s]) for s in control_sets])
-        stat = mean_pairwise_cosine(treated[a:b])
-        null = nulls.get(n)
-        p = None if null is None else float(1 - np.searchsorted(null, stat) / len(null))
-        rows.append((str(name), n, stat, p))
-    return pl.DataFrame(rows, schema={"perturbation": pl.String, "n_wells": pl.Int64,
-                                      "consistency": pl.Float64, "p_value": pl.Float64}, orient="row")
+
+    def null_of(n: int) -> np.ndarray | None:
+        if n > len(controls):
+            return None
+        return np.sort([mean_pairwise_cosine(controls[s]) for s in _control_sets(len(controls), n, n_null, rng)])
+
+    return _against_control_null(np.asarray(perturbations)[~is_control], unit[~is_control],
+                                 MIN_CONSISTENCY_REPLICATES, mean_pairwise_cosine, null_of, "consistency", "left")
 
 
 def magnitude(
@@ -91,26 +117,20 @@ def magnitude(
     pick = rng.permutation(len(controls))
     reference = controls[pick[:max_controls]]
     pool = controls[pick[max_controls:]] if len(controls) - max_controls >= 2 * MIN_MAGNITUDE_REPLICATES else controls
-    uniq, order, bounds = group_rows(np.asarray(perturbations)[~is_control])
-    treated = np.asarray(features, np.float64)[~is_control][order]
-    nulls: dict[int, np.ndarray] = {}
-    rows = []
-    for name, a, b in zip(uniq, bounds[:-1], bounds[1:]):
-        n = int(b - a)
-        if n < MIN_MAGNITUDE_REPLICATES:
-            rows.append((str(name), n, None, None))
-            continue
-        if n not in nulls and n <= len(pool):
-            nulls[n] = np.sort([energy_distance(pool[s], reference) for s in _control_sets(len(pool), n, n_null, rng)])
-        stat = energy_distance(treated[a:b], reference)
-        null = nulls.get(n)
-        p = None if null is None else float(1 - np.searchsorted(null, stat, side="right") / len(null))
-        rows.append((str(name), n, stat, p))
-    return pl.DataFrame(rows, schema={"perturbation": pl.String, "n_wells": pl.Int64,
-                                      "energy_distance": pl.Float64, "p_value": pl.Float64}, orient="row")
+
+    def to_reference(rows: np.ndarray) -> float:
+        return energy_distance(rows, reference)
+
+    def null_of(n: int) -> np.ndarray | None:
+        if n > len(pool):
+            return None
+        return np.sort([to_reference(pool[s]) for s in _control_sets(len(pool), n, n_null, rng)])
+
+    return _against_control_null(np.asarray(perturbations)[~is_control], np.asarray(features, np.float64)[~is_control],
+                                 MIN_MAGNITUDE_REPLICATES, to_reference, null_of, "energy_distance", "right")
 
 
-def share_significant(p_values: pl.Series) -> tuple[Optional[float], Optional[str]]:
+def share_significant(p_values: pl.Series) -> tuple[float | None, str | None]:
     """Fraction of perturbations with p <= SIGNIFICANCE, or None and why."""
     valid = p_values.drop_nulls()
     if len(valid) == 0:

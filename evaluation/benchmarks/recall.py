@@ -17,7 +17,7 @@ Memory is O(N*D + one block + window contents); nulls up to 2**24 pairs are simp
 from __future__ import annotations
 
 import logging
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import numpy as np
 import polars as pl
@@ -58,12 +58,12 @@ def rank_cutoffs(n_null: int, low: float, high: float) -> tuple[int, int]:
         k += 1
     while k > 0 and k / n_null > low:
         k -= 1
-    l = int(np.ceil(high * n_null))
-    while l - 1 >= 0 and (l - 1) / n_null >= high:
-        l -= 1
-    while l < n_null and l / n_null < high:
-        l += 1
-    return k + 1, max(l, 1)
+    upper = int(np.ceil(high * n_null))
+    while upper - 1 >= 0 and (upper - 1) / n_null >= high:
+        upper -= 1
+    while upper < n_null and upper / n_null < high:
+        upper += 1
+    return k + 1, max(upper, 1)
 
 
 def _histogram(values: np.ndarray) -> np.ndarray:
@@ -250,7 +250,7 @@ def report_recall(metric: Callable[..., None], recall: pl.DataFrame, prefix: str
            None if len(valid) else "no annotation source could be scored")
 
 
-def _run(given: BenchmarkInput) -> Optional[pl.DataFrame]:
+def _run(given: BenchmarkInput) -> pl.DataFrame | None:
     if not given.prepared:
         return None
     pairs = {name: pairs_in_map(rels, given.genes) for name, rels in given.prepared.items()}

@@ -8,11 +8,14 @@ frame, which lands in the `EvalResult` table it names. A new benchmark is one fu
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import polars as pl
+
+from registry import Registry
 
 if TYPE_CHECKING:
     from evaluation.config import EvalConfig
@@ -20,7 +23,7 @@ if TYPE_CHECKING:
 #: p-value at or below which a perturbation or complex counts as significant, in every benchmark
 SIGNIFICANCE = 0.05
 #: (alignment, benchmark, metric, value, reason): one row of EvalResult.metrics
-MetricRow = tuple[Optional[str], str, str, Optional[float], Optional[str]]
+MetricRow = tuple[str | None, str, str, float | None, str | None]
 
 
 @dataclass
@@ -28,20 +31,20 @@ class BenchmarkInput:
     """What one benchmark sees: per alignment (or once, on the unaligned features)."""
 
     benchmark: str
-    cfg: "EvalConfig"
-    alignment: Optional[str]  # None for benchmarks that run once
+    cfg: EvalConfig
+    alignment: str | None  # None for benchmarks that run once
     labels: np.ndarray  # perturbation of every row
     features: np.ndarray  # rows x D: aligned with `alignment`, or unaligned for run-once benchmarks
     is_control: np.ndarray
-    batches: Optional[np.ndarray]
+    batches: np.ndarray | None
     metadata: pl.DataFrame  # every row's metadata columns
-    genes: Optional[np.ndarray] = None  # the aggregated map (per alignment): one profile per perturbation
-    profiles: Optional[np.ndarray] = None
+    genes: np.ndarray | None = None  # the aggregated map (per alignment): one profile per perturbation
+    profiles: np.ndarray | None = None
     prepared: Any = None  # what the benchmark's `prepare(cfg)` returned (annotations, clusters, ...)
     rows: list[MetricRow] = field(default_factory=list)
 
-    def metric(self, name: str, value: Optional[float], reason: Optional[str] = None,
-               alignment: Optional[str] = "") -> None:
+    def metric(self, name: str, value: float | None, reason: str | None = None,
+               alignment: str | None = "") -> None:
         """Report one scalar; `alignment` defaults to this input's own."""
         where = self.alignment if alignment == "" else alignment
         if value is None and reason is None:
@@ -54,32 +57,26 @@ class Benchmark:
     """One biological benchmark and where its output goes."""
 
     name: str
-    run: Callable[[BenchmarkInput], Optional[pl.DataFrame]]
+    run: Callable[[BenchmarkInput], pl.DataFrame | None]
     table: str  # EvalResult table its frames join (benchmarks may share one, e.g. "perturbations")
-    schema: Optional[dict[str, Any]] = None  # of that table when nothing was computed
+    schema: dict[str, Any] | None = None  # of that table when nothing was computed
     per_alignment: bool = True  # False: run once, on the unaligned features (it aligns itself)
-    prepare: Optional[Callable[["EvalConfig"], Any]] = None  # once per evaluation: load annotations etc.
+    prepare: Callable[[EvalConfig], Any] | None = None  # once per evaluation: load annotations etc.
     default: bool = True  # part of EvalConfig's default benchmarks
 
 
-_BENCHMARKS: dict[str, Benchmark] = {}
+_BENCHMARKS: Registry[Benchmark] = Registry("benchmark", origin=lambda b: b.run.__module__)
 
 
 def register_benchmark(benchmark: Benchmark) -> Benchmark:
     """Add `benchmark`; a different one under a taken name is an error, the same one again a no-op."""
-    known = _BENCHMARKS.get(benchmark.name)
-    if known is not None and known != benchmark:
-        raise ValueError(f"benchmark {benchmark.name!r} is already registered ({known.run.__module__})")
-    _BENCHMARKS[benchmark.name] = benchmark
-    return benchmark
+    return _BENCHMARKS.register(benchmark.name, benchmark)
 
 
 def get_benchmark(name: str) -> Benchmark:
-    if name not in _BENCHMARKS:
-        raise ValueError(f"unknown benchmark {name!r}; registered: {', '.join(benchmark_names())}")
-    return _BENCHMARKS[name]
+    return _BENCHMARKS.get(name)
 
 
 def benchmark_names(default_only: bool = False) -> tuple[str, ...]:
     """Registered benchmarks in registration order (`default_only`: those run when none are named)."""
-    return tuple(name for name, b in _BENCHMARKS.items() if b.default or not default_only)
+    return tuple(b.name for b in _BENCHMARKS.values() if b.default or not default_only)

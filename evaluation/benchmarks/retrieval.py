@@ -12,7 +12,6 @@ with the same (n_pos, n_total), averaged over the label's profiles, p = (#null >
 from __future__ import annotations
 
 import logging
-from typing import Optional
 
 import numpy as np
 import polars as pl
@@ -111,7 +110,7 @@ def mean_average_precision(ap: pl.DataFrame, null_size: int = 10000, seed: int =
                         orient="row").sort("label")
 
 
-def _run(given: BenchmarkInput) -> Optional[pl.DataFrame]:
+def _run(given: BenchmarkInput) -> pl.DataFrame | None:
     try:
         ap = average_precision(given.labels, given.features, reference=given.is_control)
     except ValueError as err:  # the data cannot support it: a None metric with the reason, not a crash

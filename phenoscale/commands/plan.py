@@ -39,15 +39,23 @@ def run(args: argparse.Namespace) -> int:
 
     from phenoscale.config import ConfigError, load_config
     from phenoscale.grid import cell_layers, cells, load_grid
-    from phenoscale.plan import (Hardware, SiteFormat, assumptions, crops_of, markdown_table,
-                                 measured_loader_rate, model_size, plan_row)
+    from phenoscale.plan import (
+        Hardware,
+        SiteFormat,
+        assumptions,
+        crops_of,
+        markdown_table,
+        measured_loader_rate,
+        model_size,
+        plan_row,
+    )
 
     grid = load_grid(args.grid) if args.grid else None
     if grid is None and args.config is None:
         raise ConfigError("give an experiment CONFIG or --grid GRID")
-    base_hw = grid.plan_hardware() if grid else Hardware()
+    base_hw = grid.hardware if grid else Hardware()
     hw = Hardware(args.gpu or base_hw.gpu, args.gpus or base_hw.gpus, args.mfu or base_hw.mfu)
-    base_site = grid.plan_site() if grid else SiteFormat()
+    base_site = grid.site if grid else SiteFormat()
     site = SiteFormat(args.in_chans if not grid else base_site.channels, args.site_side or base_site.side,
                       args.site_bytes or base_site.bytes_per_pixel, base_site.crops_per_site)
     rate, rate_source = measured_loader_rate()

@@ -5,7 +5,7 @@ training budgets in crops seen. Each cell writes OUT/cells/<cell>/result.json wh
 rerun continues where it stopped. On a cluster, run one cell per array task and collect after.
 
 examples:
-  phenoscale scaling configs/scaling/cpu.yaml --out runs/scaling          # the CPU grid (README.md: its time on 2 cores)
+  phenoscale scaling configs/scaling/cpu.yaml --out runs/scaling          # the CPU grid (README.md: its time)
   phenoscale scaling configs/scaling/paper.yaml --list                    # the cells and their numbers
   srun ... phenoscale scaling configs/scaling/paper.yaml --out /scratch/scaling --cell $SLURM_ARRAY_TASK_ID
   phenoscale scaling configs/scaling/paper.yaml --out /scratch/scaling --collect
