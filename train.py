@@ -6,6 +6,7 @@ fabric run, torchrun and srun start a Python file, not a console script, so this
   srun python train.py configs/experiments/demo_mae.yaml
 `phenoscale`'s global flags (-q/--quiet, -v/--verbose) may come first: train.py -q CONFIG ...
 """
+
 import sys
 
 from phenoscale.cli import main

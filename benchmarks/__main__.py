@@ -1,4 +1,5 @@
 """`python -m benchmarks [name ...]`: run bench_*.py modules and write the results table."""
+
 from __future__ import annotations
 
 import importlib

@@ -14,6 +14,7 @@ Sizes scale with PHENOSCALE_BENCH_EVAL_SCALE (default 1; e.g. 0.25 on a busy mac
 large map with PHENOSCALE_BENCH_EVAL_LARGE (genes, default 100000). Inputs come from
 evaluation.toy (seeded), gene names from the real annotation files (padded with synthetic names).
 """
+
 from __future__ import annotations
 
 import json
@@ -65,10 +66,20 @@ def _map_file(tmp: Path, n_genes: int, name: str) -> Path:
     return path
 
 
-def _compare(ours_value: float, base_value: float, name: str, unit: str, base_name: str, target: str,
-             met: bool, extra: dict) -> Measurement:
-    return Measurement(name=name, value=ours_value, unit=unit, baseline_name=base_name, baseline_value=base_value,
-                       ratio=base_value / ours_value if ours_value else None, target=target, met=met, extra=extra)
+def _compare(
+    ours_value: float, base_value: float, name: str, unit: str, base_name: str, target: str, met: bool, extra: dict
+) -> Measurement:
+    return Measurement(
+        name=name,
+        value=ours_value,
+        unit=unit,
+        baseline_name=base_name,
+        baseline_value=base_value,
+        ratio=base_value / ours_value if ours_value else None,
+        target=target,
+        met=met,
+        extra=extra,
+    )
 
 
 def bench_tvn(tmp: Path) -> list[Measurement]:
@@ -81,32 +92,53 @@ def bench_tvn(tmp: Path) -> list[Measurement]:
     screen.drop("embedding").write_parquet(tmp / "tvn_meta.parquet")
     load = f"""
 import polars as pl
-x = np.load({str(tmp / 'tvn_x.npy')!r}); meta = pl.read_parquet({str(tmp / 'tvn_meta.parquet')!r})
+x = np.load({str(tmp / "tvn_x.npy")!r}); meta = pl.read_parquet({str(tmp / "tvn_meta.parquet")!r})
 """
-    ours = _child(load + f"""
+    ours = _child(
+        load
+        + f"""
 from evaluation.align import tvn
 ctrl, batches = meta['is_control'].to_numpy(), meta['experiment'].to_numpy()
 t = time.perf_counter(); out = tvn(x, ctrl, batches); seconds = time.perf_counter() - t
-np.save({str(tmp / 'tvn_ours.npy')!r}, out); print(json.dumps({{'seconds': seconds}}))
-""")
-    peer = _child(load + f"""
+np.save({str(tmp / "tvn_ours.npy")!r}, out); print(json.dumps({{'seconds': seconds}}))
+"""
+    )
+    peer = _child(
+        load
+        + f"""
 from efaar_benchmarking.efaar import tvn_on_controls
 from evaluation.toy import CONTROL
 md = meta.to_pandas()
 t = time.perf_counter()
 out = tvn_on_controls(x, md, 'perturbation', CONTROL, 'experiment')
 seconds = time.perf_counter() - t
-np.save({str(tmp / 'tvn_peer.npy')!r}, out); print(json.dumps({{'seconds': seconds}}))
-""")
+np.save({str(tmp / "tvn_peer.npy")!r}, out); print(json.dumps({{'seconds': seconds}}))
+"""
+    )
     diff = float(np.abs(np.load(tmp / "tvn_ours.npy").astype(np.float64) - np.load(tmp / "tvn_peer.npy")).max())
-    extra = {"wells": len(screen), "dims": DIM, "batches": 50, "max_abs_diff_vs_efaar": diff,
-             "peak_gb": ours["peak_gb"], "peer_peak_gb": peer["peak_gb"]}
+    extra = {
+        "wells": len(screen),
+        "dims": DIM,
+        "batches": 50,
+        "max_abs_diff_vs_efaar": diff,
+        "peak_gb": ours["peak_gb"],
+        "peer_peak_gb": peer["peak_gb"],
+    }
     speed = peer["seconds"] / ours["seconds"]
     return [
-        _compare(ours["seconds"], peer["seconds"], "tvn time", "s", "efaar tvn_on_controls", ">= 10x faster",
-                 speed >= 10, extra),
-        _compare(ours["peak_gb"], peer["peak_gb"], "tvn peak memory", "GB", "efaar tvn_on_controls",
-                 "report", None, extra),
+        _compare(
+            ours["seconds"],
+            peer["seconds"],
+            "tvn time",
+            "s",
+            "efaar tvn_on_controls",
+            ">= 10x faster",
+            speed >= 10,
+            extra,
+        ),
+        _compare(
+            ours["peak_gb"], peer["peak_gb"], "tvn peak memory", "GB", "efaar tvn_on_controls", "report", None, extra
+        ),
     ]
 
 
@@ -139,7 +171,7 @@ t = time.perf_counter()
 res = known_relationship_benchmark(Bunch(features=pd.DataFrame(x), metadata=pd.DataFrame({{'g': genes}})), 'g',
                                    benchmark_data_dir=str(annotations_dir()))
 seconds = time.perf_counter() - t
-res.to_csv({str(tmp / 'recall_peer.csv')!r}, index=False); print(json.dumps({{'seconds': seconds}}))
+res.to_csv({str(tmp / "recall_peer.csv")!r}, index=False); print(json.dumps({{'seconds': seconds}}))
 """)
     mine = pl.read_parquet(tmp / "recall_ours.parquet")
     theirs = pl.read_csv(tmp / "recall_peer.csv")
@@ -148,17 +180,42 @@ res.to_csv({str(tmp / 'recall_peer.csv')!r}, index=False); print(json.dumps({{'s
         for low, high in [(0.05, 0.95), (0.1, 0.9)]:
             value = mine.filter((pl.col("source") == row["source"]) & (pl.col("threshold_low") == low))["recall"][0]
             diffs.append(abs(value - row[f"recall_{low}_{high}"]))
-    extra = {"genes": n_genes, "dims": DIM, "max_abs_recall_diff_vs_efaar": max(diffs),
-             "recall": dict(zip(mine.filter(pl.col("threshold_low") == 0.05)["source"],
-                                mine.filter(pl.col("threshold_low") == 0.05)["recall"])),
-             "peak_gb": ours["peak_gb"], "peer_peak_gb": peer["peak_gb"]}
+    extra = {
+        "genes": n_genes,
+        "dims": DIM,
+        "max_abs_recall_diff_vs_efaar": max(diffs),
+        "recall": dict(
+            zip(
+                mine.filter(pl.col("threshold_low") == 0.05)["source"],
+                mine.filter(pl.col("threshold_low") == 0.05)["recall"],
+            )
+        ),
+        "peak_gb": ours["peak_gb"],
+        "peer_peak_gb": peer["peak_gb"],
+    }
     speed, memory = peer["seconds"] / ours["seconds"], peer["peak_gb"] / ours["peak_gb"]
     return [
-        _compare(ours["seconds"], peer["seconds"], "recall 5 sources time", "s", "efaar known_relationship_benchmark",
-                 ">= 5x faster", speed >= 5, extra),
-        Measurement(name="recall 5 sources peak memory", value=ours["peak_gb"], unit="GB",
-                    baseline_name="efaar known_relationship_benchmark", baseline_value=peer["peak_gb"],
-                    ratio=memory, target=">= 5x less memory", met=memory >= 5, extra=extra),
+        _compare(
+            ours["seconds"],
+            peer["seconds"],
+            "recall 5 sources time",
+            "s",
+            "efaar known_relationship_benchmark",
+            ">= 5x faster",
+            speed >= 5,
+            extra,
+        ),
+        Measurement(
+            name="recall 5 sources peak memory",
+            value=ours["peak_gb"],
+            unit="GB",
+            baseline_name="efaar known_relationship_benchmark",
+            baseline_value=peer["peak_gb"],
+            ratio=memory,
+            target=">= 5x less memory",
+            met=memory >= 5,
+            extra=extra,
+        ),
     ]
 
 
@@ -167,8 +224,16 @@ def bench_large_recall(tmp: Path) -> list[Measurement]:
     ours = _child(_recall_child(map_path, tmp / "recall_large.parquet"))
     extra = {"genes": LARGE, "dims": DIM, "null_pairs": LARGE * (LARGE - 1) // 2, "peak_gb": ours["peak_gb"]}
     met = ours["seconds"] < 300 and ours["peak_gb"] < 24
-    return [Measurement(name=f"exact recall {LARGE} genes time", value=ours["seconds"], unit="s",
-                        target="< 300 s within 24 GB", met=met, extra=extra)]
+    return [
+        Measurement(
+            name=f"exact recall {LARGE} genes time",
+            value=ours["seconds"],
+            unit="s",
+            target="< 300 s within 24 GB",
+            met=met,
+            extra=extra,
+        )
+    ]
 
 
 def bench_map(tmp: Path) -> list[Measurement]:
@@ -177,20 +242,31 @@ def bench_map(tmp: Path) -> list[Measurement]:
 
     n_profiles = int(20000 * SCALE)
     controls_per_batch = n_profiles // 80  # 5% controls over 4 batches, the rest 4 replicates per perturbation
-    screen = toy_screen((n_profiles - 4 * controls_per_batch) // 4, dim=DIM, wells_per_gene=4,
-                        controls_per_batch=controls_per_batch, n_batches=4, seed=3)
+    screen = toy_screen(
+        (n_profiles - 4 * controls_per_batch) // 4,
+        dim=DIM,
+        wells_per_gene=4,
+        controls_per_batch=controls_per_batch,
+        n_batches=4,
+        seed=3,
+    )
     np.save(tmp / "map_x.npy", embedding_matrix(screen))
     np.save(tmp / "map_labels.npy", screen["perturbation"].to_numpy().astype(str))
     load = f"x = np.load({str(tmp / 'map_x.npy')!r}); labels = np.load({str(tmp / 'map_labels.npy')!r})\n"
-    ours = _child(load + f"""
+    ours = _child(
+        load
+        + f"""
 from evaluation.benchmarks.retrieval import average_precision, mean_average_precision
 from evaluation.toy import CONTROL
 t = time.perf_counter(); ap = average_precision(labels, x, reference=labels == CONTROL)
 scores = mean_average_precision(ap, 1000)
 seconds = time.perf_counter() - t
-scores.write_parquet({str(tmp / 'map_ours.parquet')!r}); print(json.dumps({{'seconds': seconds}}))
-""")
-    peer = _child(load + f"""
+scores.write_parquet({str(tmp / "map_ours.parquet")!r}); print(json.dumps({{'seconds': seconds}}))
+"""
+    )
+    peer = _child(
+        load
+        + f"""
 import pandas as pd
 from copairs.map import average_precision, mean_average_precision
 from evaluation.toy import CONTROL
@@ -198,17 +274,24 @@ meta = pd.DataFrame({{'label': labels, 'is_ref': (labels == CONTROL).astype(int)
 t = time.perf_counter()
 ap = average_precision(meta, x, ['label'], [], [], ['label', 'is_ref'], progress_bar=False)
 scores = mean_average_precision(ap, ['label'], null_size=1000, threshold=0.05, seed=0, progress_bar=False,
-                                cache_dir={str(tmp / 'copairs_cache')!r})
+                                cache_dir={str(tmp / "copairs_cache")!r})
 seconds = time.perf_counter() - t
-scores[['label', 'mean_average_precision', 'p_value']].to_csv({str(tmp / 'map_peer.csv')!r}, index=False)
+scores[['label', 'mean_average_precision', 'p_value']].to_csv({str(tmp / "map_peer.csv")!r}, index=False)
 print(json.dumps({{'seconds': seconds}}))
-""")
+"""
+    )
     import polars as pl
 
     merged = pl.read_parquet(tmp / "map_ours.parquet").join(pl.read_csv(tmp / "map_peer.csv"), on="label")
     diff = float((merged["mean_average_precision"] - merged["mean_average_precision_right"]).abs().max())
-    extra = {"profiles": len(screen), "dims": DIM, "labels": len(merged), "max_abs_map_diff_vs_copairs": diff,
-             "peak_gb": ours["peak_gb"], "peer_peak_gb": peer["peak_gb"]}
+    extra = {
+        "profiles": len(screen),
+        "dims": DIM,
+        "labels": len(merged),
+        "max_abs_map_diff_vs_copairs": diff,
+        "peak_gb": ours["peak_gb"],
+        "peer_peak_gb": peer["peak_gb"],
+    }
     speed = peer["seconds"] / ours["seconds"]
     return [
         _compare(ours["seconds"], peer["seconds"], "mAP time", "s", "copairs", ">= 5x faster", speed >= 5, extra),
@@ -228,7 +311,10 @@ def run() -> list[Measurement]:
                 continue
             results = case(Path(tmp))
             for m in results:
-                print(f"   {m.name}: {m.value:.4g} {m.unit} vs {m.baseline_value} ({m.baseline_name}) "
-                      f"{json.dumps(m.extra)[:300]}", flush=True)
+                print(
+                    f"   {m.name}: {m.value:.4g} {m.unit} vs {m.baseline_value} ({m.baseline_name}) "
+                    f"{json.dumps(m.extra)[:300]}",
+                    flush=True,
+                )
             measurements += results
     return measurements

@@ -9,6 +9,7 @@ assembles the same batches; only the way a site reaches memory differs. Sites ar
 of the real Phenix field (../shared), scaled to 8 bit, so PNG compression sees real images.
 Files are read once before timing, so every path reads from the page cache.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -40,8 +41,9 @@ PHENIX = "data/images/pediatric_cancer_atlas_BR00143976_C03_f03"
 def real_sites() -> list[np.ndarray]:
     """SITES distinct 6x512x512 uint8 sites: the 4 windows of the real field x 8 orientations, +1 offsets."""
     shared = Path(os.environ.get("PHENOSCALE_SHARED", Path(__file__).resolve().parents[2] / "shared"))
-    planes = [tifffile.imread(shared / PHENIX / f"r03c03f03p01-ch{c}sk1fk1fl1.tiff").astype(np.float32)
-              for c in range(1, 7)]
+    planes = [
+        tifffile.imread(shared / PHENIX / f"r03c03f03p01-ch{c}sk1fk1fl1.tiff").astype(np.float32) for c in range(1, 7)
+    ]
     field = np.stack([np.clip(p / np.percentile(p, 99.9) * 255, 0, 255).astype(np.uint8) for p in planes])
     windows = [field[:, top : top + 512, left : left + 512] for top in (0, 512) for left in (0, 512)]
     return [np.ascontiguousarray(dihedral(windows[i % 4], (i // 4) % 8)) for i in range(SITES)]
@@ -98,8 +100,11 @@ def http_server(root: Path) -> Iterator[str]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "http.server", "--bind", "127.0.0.1", "--directory", str(root),
-                               str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "http.server", "--bind", "127.0.0.1", "--directory", str(root), str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 30
         while True:
@@ -123,17 +128,36 @@ def run() -> list[Measurement]:
         root = Path(tmp)
         with ShardWriter(root / "shards", max_bytes=16 * 2**20) as writer:
             for i, site in enumerate(sites):
-                writer.write(site, dict(key=f"site{i:03d}", experiment="bench", plate="1", well=f"B{i:02d}", site=1,
-                                        perturbation=f"g{i % 8}", perturbation_type="gene", is_control=False,
-                                        cell_type="DAOY", channels=["Brightfield", "ER", "AGP", "Mito", "DNA", "RNA"]))
+                writer.write(
+                    site,
+                    dict(
+                        key=f"site{i:03d}",
+                        experiment="bench",
+                        plate="1",
+                        well=f"B{i:02d}",
+                        site=1,
+                        perturbation=f"g{i % 8}",
+                        perturbation_type="gene",
+                        is_control=False,
+                        cell_type="DAOY",
+                        channels=["Brightfield", "ER", "AGP", "Mito", "DNA", "RNA"],
+                    ),
+                )
         files = write_rxrx1_layout(sites, root / "rxrx1")
         png_bytes = sum(p.stat().st_size for site in files for p in site) / SITES
         names = sorted(p.name for p in (root / "shards").glob("*.tar"))
         braces = f"shard-{{000000..{len(names) - 1:06d}}}.tar"
 
         def loader_seconds(shards: str) -> float:
-            cfg = DataConfig(train_shards=shards, crop_size=CROP, crops_per_site=CROPS_PER_SITE,
-                             batch_size=BATCH, num_workers=0, steps_per_epoch=STEPS, shuffle_buffer=16)
+            cfg = DataConfig(
+                train_shards=shards,
+                crop_size=CROP,
+                crops_per_site=CROPS_PER_SITE,
+                batch_size=BATCH,
+                num_workers=0,
+                steps_per_epoch=STEPS,
+                shuffle_buffer=16,
+            )
             loader = build_datamodule(cfg, seed=0).train_dataloader()
             return best_time(lambda: sum(batch["image"].shape[0] for batch in loader), repeats=3, warmup=1)
 
@@ -148,28 +172,48 @@ def run() -> list[Measurement]:
     wds_rate, http_rate = STEPS * BATCH / wds_seconds, STEPS * BATCH / http_seconds
     png_rate = png_steps * BATCH / png_seconds
     ratio = shard_rate / png_rate
-    extra = {"sites": SITES, "crops_per_site": CROPS_PER_SITE, "batch_size": BATCH, "crop": CROP,
-             "site": "6x512x512 uint8 (real Phenix field, 8-bit)", "npy_mb_per_site": round(sites[0].nbytes / 2**20, 2),
-             "png_mb_per_site": round(png_bytes / 2**20, 2),
-             "workers": "num_workers=0 (the timing process is the worker)"}
+    extra = {
+        "sites": SITES,
+        "crops_per_site": CROPS_PER_SITE,
+        "batch_size": BATCH,
+        "crop": CROP,
+        "site": "6x512x512 uint8 (real Phenix field, 8-bit)",
+        "npy_mb_per_site": round(sites[0].nbytes / 2**20, 2),
+        "png_mb_per_site": round(png_bytes / 2**20, 2),
+        "workers": "num_workers=0 (the timing process is the worker)",
+    }
     return [
         Measurement(
             name="train crops/s per worker core (shards, 256px from 6x512x512 uint8, 4 crops/site)",
-            value=shard_rate, unit="crops/s",
-            baseline_name="RxRx1 PNG-per-channel decode, same crops", baseline_value=png_rate, ratio=ratio,
+            value=shard_rate,
+            unit="crops/s",
+            baseline_name="RxRx1 PNG-per-channel decode, same crops",
+            baseline_value=png_rate,
+            ratio=ratio,
             target=">= 1000 crops/s per worker core and >= 10x the PNG baseline",
-            met=bool(shard_rate >= 1000 and ratio >= 10), extra=extra,
+            met=bool(shard_rate >= 1000 and ratio >= 10),
+            extra=extra,
         ),
         Measurement(
             name="train crops/s per worker core: phenoscale (mmap) vs webdataset.WebDataset, same shards and crops",
-            value=shard_rate, unit="crops/s", baseline_name="webdataset.WebDataset (resampled, shuffle 16) + same crops",
-            baseline_value=wds_rate, ratio=shard_rate / wds_rate, target=">= 1.5x webdataset's reader",
-            met=bool(shard_rate / wds_rate >= 1.5), extra=extra,
+            value=shard_rate,
+            unit="crops/s",
+            baseline_name="webdataset.WebDataset (resampled, shuffle 16) + same crops",
+            baseline_value=wds_rate,
+            ratio=shard_rate / wds_rate,
+            target=">= 1.5x webdataset's reader",
+            met=bool(shard_rate / wds_rate >= 1.5),
+            extra=extra,
         ),
         Measurement(
             name="train crops/s per worker core over HTTP from 127.0.0.1 (http.server process) vs local",
-            value=http_rate, unit="crops/s", baseline_name="phenoscale, the same shards from local disk",
-            baseline_value=shard_rate, ratio=http_rate / shard_rate, target=">= 0.7x local",
-            met=bool(http_rate / shard_rate >= 0.7), extra=extra,
+            value=http_rate,
+            unit="crops/s",
+            baseline_name="phenoscale, the same shards from local disk",
+            baseline_value=shard_rate,
+            ratio=http_rate / shard_rate,
+            target=">= 0.7x local",
+            met=bool(http_rate / shard_rate >= 0.7),
+            extra=extra,
         ),
     ]

@@ -14,6 +14,7 @@ steps at batch 8 in the lowest precision that ran (fp32 in another child is the 
 Reference (issue 3, the public implementation on this machine at batch 8): bf16 training MFU
 0.48 (1.14 crops/s), fp32 0.41 crops/s (MFU 0.77), bf16 embedding MFU 0.27, 5.9 GB peak.
 """
+
 from __future__ import annotations
 
 import os
@@ -31,8 +32,14 @@ BATCH = 8
 GEMM_SIDE = 4096
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "paper" / "camae_vit_s16_openphenom.yaml"
 TARGETS = {"train_bf16_mfu": 0.60, "embed_bf16_mfu": 0.55, "peak_memory_gb": 5.9}
-REFERENCE = {"train_bf16_mfu": 0.48, "train_bf16_crops_per_s": 1.14, "train_fp32_crops_per_s": 0.41,
-             "train_fp32_mfu": 0.77, "embed_bf16_mfu": 0.27, "peak_memory_gb": 5.9}
+REFERENCE = {
+    "train_bf16_mfu": 0.48,
+    "train_bf16_crops_per_s": 1.14,
+    "train_fp32_crops_per_s": 0.41,
+    "train_fp32_mfu": 0.77,
+    "embed_bf16_mfu": 0.27,
+    "peak_memory_gb": 5.9,
+}
 
 
 def paper_module(config: Path, in_chans: int = 6) -> torch.nn.Module:
@@ -63,6 +70,7 @@ def train_step_fn(module, optimizer, images: torch.Tensor, bf16: bool):
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+
     return step
 
 
@@ -117,35 +125,64 @@ def run() -> list[Measurement]:
     results["embed_mfu"] = embed_flops * BATCH / seconds / results[f"peak_{embed_name}"]
     memory = {name: child_peak_memory_gb(threads, name == "bf16") for name in names}
 
-    common = {"batch": BATCH, "threads": threads, "train_gflops_per_crop": train_flops / 1e9,
-              "embed_gflops_per_crop": embed_flops / 1e9, "numerics": choice.describe(),
-              **{f"gemm_peak_{name}_tflops": results[f"peak_{name}"] / 1e12 for name in names},
-              "note": "GEMM peak measured in the same run under the same (shared, contended) CPU load"}
+    common = {
+        "batch": BATCH,
+        "threads": threads,
+        "train_gflops_per_crop": train_flops / 1e9,
+        "embed_gflops_per_crop": embed_flops / 1e9,
+        "numerics": choice.describe(),
+        **{f"gemm_peak_{name}_tflops": results[f"peak_{name}"] / 1e12 for name in names},
+        "note": "GEMM peak measured in the same run under the same (shared, contended) CPU load",
+    }
     out = []
     for name in names:
         mfu = results[f"train_{name}_mfu"]
         target = TARGETS.get(f"train_{name}_mfu")
-        out.append(Measurement(
-            name=f"train_step_{name}", value=results[f"train_{name}_crops_per_s"], unit="crops/s",
-            baseline_name=f"GEMM-bound crops/s ({name} matmul peak / model FLOPs per crop)",
-            baseline_value=results[f"peak_{name}"] / train_flops, ratio=mfu,
-            target=f"MFU >= {target}" if target else None, met=(mfu >= target) if target else None,
-            extra={**common, "mfu": mfu, "reference_mfu": REFERENCE[f"train_{name}_mfu"],
-                   "reference_crops_per_s": REFERENCE[f"train_{name}_crops_per_s"]}))
+        out.append(
+            Measurement(
+                name=f"train_step_{name}",
+                value=results[f"train_{name}_crops_per_s"],
+                unit="crops/s",
+                baseline_name=f"GEMM-bound crops/s ({name} matmul peak / model FLOPs per crop)",
+                baseline_value=results[f"peak_{name}"] / train_flops,
+                ratio=mfu,
+                target=f"MFU >= {target}" if target else None,
+                met=(mfu >= target) if target else None,
+                extra={
+                    **common,
+                    "mfu": mfu,
+                    "reference_mfu": REFERENCE[f"train_{name}_mfu"],
+                    "reference_crops_per_s": REFERENCE[f"train_{name}_crops_per_s"],
+                },
+            )
+        )
     mfu = results["embed_mfu"]
     target = TARGETS.get(f"embed_{embed_name}_mfu")
-    out.append(Measurement(
-        name=f"embed_{embed_name}", value=results["embed_per_s"], unit="embeddings/s",
-        baseline_name=f"GEMM-bound embeddings/s ({embed_name} matmul peak / model FLOPs per crop)",
-        baseline_value=results[f"peak_{embed_name}"] / embed_flops, ratio=mfu,
-        target=f"MFU >= {target}" if target else None, met=(mfu >= target) if target else None,
-        extra={**common, "mfu": mfu, "reference_mfu": REFERENCE.get(f"embed_{embed_name}_mfu")}))
+    out.append(
+        Measurement(
+            name=f"embed_{embed_name}",
+            value=results["embed_per_s"],
+            unit="embeddings/s",
+            baseline_name=f"GEMM-bound embeddings/s ({embed_name} matmul peak / model FLOPs per crop)",
+            baseline_value=results[f"peak_{embed_name}"] / embed_flops,
+            ratio=mfu,
+            target=f"MFU >= {target}" if target else None,
+            met=(mfu >= target) if target else None,
+            extra={**common, "mfu": mfu, "reference_mfu": REFERENCE.get(f"embed_{embed_name}_mfu")},
+        )
+    )
     low = names[-1]
-    out.append(Measurement(
-        name=f"train_peak_memory_{low}", value=memory[low], unit="GB",
-        baseline_name="fp32 training, same batch, child process" if bf16_too else None,
-        baseline_value=memory["fp32"] if bf16_too else None,
-        ratio=memory["fp32"] / memory[low] if bf16_too else None,
-        target=f"<= {TARGETS['peak_memory_gb']} GB (reference, bf16)" if bf16_too else None,
-        met=memory[low] <= TARGETS["peak_memory_gb"] if bf16_too else None, extra=common))
+    out.append(
+        Measurement(
+            name=f"train_peak_memory_{low}",
+            value=memory[low],
+            unit="GB",
+            baseline_name="fp32 training, same batch, child process" if bf16_too else None,
+            baseline_value=memory["fp32"] if bf16_too else None,
+            ratio=memory["fp32"] / memory[low] if bf16_too else None,
+            target=f"<= {TARGETS['peak_memory_gb']} GB (reference, bf16)" if bf16_too else None,
+            met=memory[low] <= TARGETS["peak_memory_gb"] if bf16_too else None,
+            extra=common,
+        )
+    )
     return out

@@ -9,6 +9,7 @@
    (temp file, fsync, rename) against Lightning's TorchCheckpointIO (in place, no fsync).
    Target: atomicity costs at most 2x.
 """
+
 from __future__ import annotations
 
 import os
@@ -60,8 +61,9 @@ class _StepClock(pl.Callback):
 
 
 def _steps_per_second(trainer: pl.Trainer, cfg, datamodule) -> float:
-    module = lightning_modules.build_module(cfg.model, cfg.optim, in_chans=datamodule.in_chans,
-                                            num_classes=datamodule.num_classes, total_steps=STEPS)
+    module = lightning_modules.build_module(
+        cfg.model, cfg.optim, in_chans=datamodule.in_chans, num_classes=datamodule.num_classes, total_steps=STEPS
+    )
     clock = _StepClock()
     trainer.callbacks.append(clock)
     trainer.fit(module, datamodule=datamodule)
@@ -70,14 +72,29 @@ def _steps_per_second(trainer: pl.Trainer, cfg, datamodule) -> float:
 
 def bench_steps(tmp: Path) -> Measurement:
     shards = _real_shards(tmp)
-    cfg = load_config(REPO / "configs" / "experiments" / "tiny.yaml",
-                      [f"data.train_shards={shards}", "data.num_workers=0", f"trainer.max_steps={STEPS}",
-                       "trainer.log_every_n_steps=5", f"trainer.checkpoint_every_n_steps={10 * STEPS}"])
+    cfg = load_config(
+        REPO / "configs" / "experiments" / "tiny.yaml",
+        [
+            f"data.train_shards={shards}",
+            "data.num_workers=0",
+            f"trainer.max_steps={STEPS}",
+            "trainer.log_every_n_steps=5",
+            f"trainer.checkpoint_every_n_steps={10 * STEPS}",
+        ],
+    )
     rates = {"bare": [], "phenoscale": []}
     for repeat in range(3):  # interleaved, best of 3: the machine is shared
         datamodule = datamodules.build_datamodule(OmegaConf.to_object(cfg.data), seed=0)
-        bare = pl.Trainer(accelerator="cpu", devices=1, max_steps=STEPS, logger=False, callbacks=[],
-                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+        bare = pl.Trainer(
+            accelerator="cpu",
+            devices=1,
+            max_steps=STEPS,
+            logger=False,
+            callbacks=[],
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
         rates["bare"].append(_steps_per_second(bare, cfg, datamodule))
         run_dir = RunDir(tmp / f"run{repeat}").create()
         datamodule = datamodules.build_datamodule(OmegaConf.to_object(cfg.data), seed=0)
@@ -85,24 +102,45 @@ def bench_steps(tmp: Path) -> Measurement:
         rates["phenoscale"].append(_steps_per_second(ours, cfg, datamodule))
     bare_rate, our_rate = max(rates["bare"]), max(rates["phenoscale"])
     ratio = our_rate / bare_rate
-    return Measurement("train_steps_per_cpu_s_phenoscale_trainer", our_rate, "steps/CPU-s",
-                       baseline_name="bare lightning.Trainer", baseline_value=bare_rate, ratio=ratio,
-                       target=">= 0.95x bare", met=ratio >= 0.95,
-                       extra={"model": "tiny.yaml CA-MAE (width 32, 2 blocks, 32px crops)", "steps": STEPS,
-                              "batch": cfg.data.batch_size, "all_rates": rates})
+    return Measurement(
+        "train_steps_per_cpu_s_phenoscale_trainer",
+        our_rate,
+        "steps/CPU-s",
+        baseline_name="bare lightning.Trainer",
+        baseline_value=bare_rate,
+        ratio=ratio,
+        target=">= 0.95x bare",
+        met=ratio >= 0.95,
+        extra={
+            "model": "tiny.yaml CA-MAE (width 32, 2 blocks, 32px crops)",
+            "steps": STEPS,
+            "batch": cfg.data.batch_size,
+            "all_rates": rates,
+        },
+    )
 
 
 def bench_checkpoint(tmp: Path) -> Measurement:
     generator = torch.Generator().manual_seed(0)
-    state = {"state_dict": {f"block{i}.weight": torch.randn(1_000_000, generator=generator)
-                            for i in range(22)}, "global_step": 1}
+    state = {
+        "state_dict": {f"block{i}.weight": torch.randn(1_000_000, generator=generator) for i in range(22)},
+        "global_step": 1,
+    }
     atomic, plain = AtomicCheckpointIO(), TorchCheckpointIO()
     t_atomic = best_time(lambda: atomic.save_checkpoint(state, tmp / "atomic.ckpt"), repeats=3)
     t_plain = best_time(lambda: plain.save_checkpoint(state, tmp / "plain.ckpt"), repeats=3)
     ratio = t_plain / t_atomic
-    return Measurement("checkpoint_write_s_atomic", t_atomic, "s", baseline_name="TorchCheckpointIO (in place)",
-                       baseline_value=t_plain, ratio=ratio, target=">= 0.5x (atomicity at most 2x)",
-                       met=ratio >= 0.5, extra={"megabytes": round((tmp / "atomic.ckpt").stat().st_size / 2**20, 1)})
+    return Measurement(
+        "checkpoint_write_s_atomic",
+        t_atomic,
+        "s",
+        baseline_name="TorchCheckpointIO (in place)",
+        baseline_value=t_plain,
+        ratio=ratio,
+        target=">= 0.5x (atomicity at most 2x)",
+        met=ratio >= 0.5,
+        extra={"megabytes": round((tmp / "atomic.ckpt").stat().st_size / 2**20, 1)},
+    )
 
 
 def run() -> list[Measurement]:

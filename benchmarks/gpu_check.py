@@ -11,6 +11,7 @@
 Prints a table and writes benchmarks/results/gpu.json. Exits 2 without a CUDA GPU, 1 when a test
 or a target fails. `python -m benchmarks.gpu_check --compile` times torch.compile'd modules too.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,8 +29,10 @@ from lightning_modules import embedding_flops_per_crop, training_flops_per_crop
 from lightning_modules.hardware import configure_device
 
 REPO = Path(__file__).resolve().parents[1]
-MODELS = {"CA-MAE ViT-S/16 (OpenPhenom)": REPO / "configs/paper/camae_vit_s16_openphenom.yaml",
-          "MAE ViT-L/8": REPO / "configs/paper/mae_vit_l8.yaml"}
+MODELS = {
+    "CA-MAE ViT-S/16 (OpenPhenom)": REPO / "configs/paper/camae_vit_s16_openphenom.yaml",
+    "MAE ViT-L/8": REPO / "configs/paper/mae_vit_l8.yaml",
+}
 BATCH = 64
 CHANNELS = 6
 GEMM_SIDE = 8192
@@ -92,17 +95,27 @@ def measure(name: str, config: Path, peak: float, compile_module: bool) -> dict[
     torch.cuda.reset_peak_memory_stats()
     embed_s = cuda_seconds(embed_pass, repeats=10)
     embed_memory = torch.cuda.max_memory_allocated() / 2**30
-    return {"model": name, "config": str(config.relative_to(REPO)), "batch": BATCH, "compiled": compile_module,
-            "train_crops_per_s": BATCH / train_s, "train_peak_memory_gb": train_memory,
-            "train_mfu": train_flops * BATCH / train_s / peak, "train_gflops_per_crop": train_flops / 1e9,
-            "embed_crops_per_s": BATCH / embed_s, "embed_peak_memory_gb": embed_memory,
-            "embed_mfu": embed_flops * BATCH / embed_s / peak, "embed_gflops_per_crop": embed_flops / 1e9}
+    return {
+        "model": name,
+        "config": str(config.relative_to(REPO)),
+        "batch": BATCH,
+        "compiled": compile_module,
+        "train_crops_per_s": BATCH / train_s,
+        "train_peak_memory_gb": train_memory,
+        "train_mfu": train_flops * BATCH / train_s / peak,
+        "train_gflops_per_crop": train_flops / 1e9,
+        "embed_crops_per_s": BATCH / embed_s,
+        "embed_peak_memory_gb": embed_memory,
+        "embed_mfu": embed_flops * BATCH / embed_s / peak,
+        "embed_gflops_per_crop": embed_flops / 1e9,
+    }
 
 
 def run_gpu_tests() -> int:
     """pytest -m gpu in a child process; its exit code."""
-    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "tests/test_gpu.py"],
-                          cwd=REPO, check=False).returncode
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "tests/test_gpu.py"], cwd=REPO, check=False
+    ).returncode
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,21 +124,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-tests", action="store_true", help="timings only")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
-        print("make gpu-check needs a CUDA GPU; none is visible here (torch.cuda.is_available() is False)",
-              file=sys.stderr)
+        print(
+            "make gpu-check needs a CUDA GPU; none is visible here (torch.cuda.is_available() is False)",
+            file=sys.stderr,
+        )
         return 2
     tests = None if args.skip_tests else run_gpu_tests()
     configure_device("cuda")
     peak = bf16_gemm_peak()
     print(f"{torch.cuda.get_device_name()}: dense bf16 GEMM peak {peak / 1e12:.0f} TFLOP/s ({GEMM_SIDE}³)")
-    rows = [measure(name, config, peak, compiled) for name, config in MODELS.items()
-            for compiled in ([False, True] if args.compile else [False])]
-    print("| model | compiled | train crops/s | train MFU | train peak GB | embed crops/s | embed MFU "
-          "| embed peak GB |\n|---|---|---|---|---|---|---|---|")
+    rows = [
+        measure(name, config, peak, compiled)
+        for name, config in MODELS.items()
+        for compiled in ([False, True] if args.compile else [False])
+    ]
+    print(
+        "| model | compiled | train crops/s | train MFU | train peak GB | embed crops/s | embed MFU "
+        "| embed peak GB |\n|---|---|---|---|---|---|---|---|"
+    )
     for r in rows:
-        print(f"| {r['model']} | {r['compiled']} | {r['train_crops_per_s']:.0f} | {r['train_mfu']:.2f} "
-              f"| {r['train_peak_memory_gb']:.1f} | {r['embed_crops_per_s']:.0f} | {r['embed_mfu']:.2f} "
-              f"| {r['embed_peak_memory_gb']:.1f} |")
+        print(
+            f"| {r['model']} | {r['compiled']} | {r['train_crops_per_s']:.0f} | {r['train_mfu']:.2f} "
+            f"| {r['train_peak_memory_gb']:.1f} | {r['embed_crops_per_s']:.0f} | {r['embed_mfu']:.2f} "
+            f"| {r['embed_peak_memory_gb']:.1f} |"
+        )
     measurements = [measurement for r in rows for measurement in as_measurements(r, peak)]
     path = write_results("gpu", measurements)
     for m in measurements:
@@ -140,12 +162,19 @@ def as_measurements(row: dict[str, Any], peak: float) -> list[Measurement]:
     out = []
     for kind, what in (("train", "bf16-mixed training step"), ("embed", "bf16 embedding")):
         flops = row[f"{kind}_gflops_per_crop"] * 1e9
-        out.append(Measurement(
-            name=f"{label}: {what}", value=row[f"{kind}_crops_per_s"], unit="crops/s",
-            baseline_name="GEMM-bound crops/s (measured dense bf16 GEMM peak / model FLOPs per crop)",
-            baseline_value=peak / flops, ratio=row[f"{kind}_mfu"], target=f"MFU >= {TARGETS[kind + '_mfu']}",
-            met=row[f"{kind}_mfu"] >= TARGETS[kind + "_mfu"],
-            extra={**row, "gemm_peak_bf16_tflops": peak / 1e12}))
+        out.append(
+            Measurement(
+                name=f"{label}: {what}",
+                value=row[f"{kind}_crops_per_s"],
+                unit="crops/s",
+                baseline_name="GEMM-bound crops/s (measured dense bf16 GEMM peak / model FLOPs per crop)",
+                baseline_value=peak / flops,
+                ratio=row[f"{kind}_mfu"],
+                target=f"MFU >= {TARGETS[kind + '_mfu']}",
+                met=row[f"{kind}_mfu"] >= TARGETS[kind + "_mfu"],
+                extra={**row, "gemm_peak_bf16_tflops": peak / 1e12},
+            )
+        )
     return out
 
 

@@ -1,4 +1,5 @@
 """Shared measuring tools for the benchmarks: timing, peak memory, machine facts, result files."""
+
 from __future__ import annotations
 
 import contextlib
@@ -90,9 +91,7 @@ def run_isolated(code: str, timeout: float = 1800) -> dict[str, Any]:
         + "_hwm = next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM:'))\n"
         + "print(_j.dumps({'peak_gb': _hwm / 2**20}))\n"
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", wrapper], capture_output=True, text=True, timeout=timeout, check=False
-    )
+    proc = subprocess.run([sys.executable, "-c", wrapper], capture_output=True, text=True, timeout=timeout, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"isolated benchmark failed:\n{proc.stderr[-4000:]}")
     lines = [ln for ln in proc.stdout.strip().splitlines() if ln.startswith("{")]
@@ -125,11 +124,7 @@ def write_table() -> Path:
         machines.append(f"- {data['benchmark']}: " + ", ".join(f"{k}={v}" for k, v in data["machine"].items()))
         for m in data["measurements"]:
             ratio = f"{m['ratio']:.2f}x" if m.get("ratio") is not None else ""
-            base = (
-                f"{m['baseline_value']:.4g} ({m['baseline_name']})"
-                if m.get("baseline_value") is not None
-                else ""
-            )
+            base = f"{m['baseline_value']:.4g} ({m['baseline_name']})" if m.get("baseline_value") is not None else ""
             met = {True: "yes", False: "**no**", None: ""}[m.get("met")]
             rows.append(
                 f"| {data['benchmark']} | {m['name']} | {m['value']:.4g} {m['unit']} | {base} | {ratio} "

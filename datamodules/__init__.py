@@ -1,4 +1,5 @@
 """datamodules: microscope files -> WebDataset shards -> training and evaluation batches."""
+
 from importlib import import_module
 from typing import Any
 

@@ -4,6 +4,7 @@ Every file phenoscale writes (shards, manifests, truth, configs, checkpoints, em
 reports) goes through here, so a crash or `kill -9` leaves either the old file or the new one
 under the final name, never half of one. It lives in the lowest package so all others can use it.
 """
+
 from __future__ import annotations
 
 import os

@@ -1,4 +1,5 @@
 """DataConfig: every knob of the data pipeline, OmegaConf-friendly (see docs/data.md)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -1,4 +1,5 @@
 """Rank and world size, wherever the data code runs (trainer process, plain script, launcher env)."""
+
 from __future__ import annotations
 
 import os

@@ -6,6 +6,7 @@ commands. The manifest is `data.manifest` when set, else `manifest.parquet` besi
 the first shard's location with its file name replaced, which for a pipe runs the same command
 on the manifest (`pipe:aws s3 cp s3://b/shard-000000.tar -` -> `... s3://b/manifest.parquet -`).
 """
+
 from __future__ import annotations
 
 import glob
@@ -54,7 +55,7 @@ def manifest_location(shards: list[str]) -> str:
         return str(Path(first).parent / MANIFEST)
     name = shard_name(first)
     cut = first.rindex(name)
-    return first[:cut] + MANIFEST + first[cut + len(name):]
+    return first[:cut] + MANIFEST + first[cut + len(name) :]
 
 
 def load_manifest(shards: list[str], explicit: str | None, transport: Transport) -> tuple[pl.DataFrame, str]:

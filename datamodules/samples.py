@@ -5,6 +5,7 @@ the shuffle buffer: the check costs microseconds, and a sample that passes it ca
 decode later. That keeps the batch stream a pure function of the seed, which exact resume
 (fast-forwarding without decoding) relies on.
 """
+
 from __future__ import annotations
 
 import io
@@ -66,8 +67,9 @@ def parse_sample(
     except (ValueError, OSError, SyntaxError) as err:
         raise BadSampleError(f"unreadable .npy header ({err})") from None
     if fortran or len(shape) != 3 or dtype not in ALLOWED_DTYPES:
-        raise BadSampleError(f".npy is {dtype} {shape}{' fortran' if fortran else ''}, "
-                             "expected C-order C x H x W uint8/uint16")
+        raise BadSampleError(
+            f".npy is {dtype} {shape}{' fortran' if fortran else ''}, expected C-order C x H x W uint8/uint16"
+        )
     offset = stream.tell()
     expected = int(np.prod(shape)) * dtype.itemsize
     if len(npy) - offset != expected:
@@ -80,8 +82,9 @@ def parse_sample(
     return RawSample(key, shard, meta, npy, offset, tuple(int(s) for s in shape), dtype)
 
 
-def iter_shard(path: str, min_size: int, on_bad: Callable[[str, str, str], None],
-               transport: Transport | None = None) -> Iterator[RawSample]:
+def iter_shard(
+    path: str, min_size: int, on_bad: Callable[[str, str, str], None], transport: Transport | None = None
+) -> Iterator[RawSample]:
     """Checked samples of one tar, in stored order; bad samples and a broken tail go to `on_bad`.
 
     A local shard is memory-mapped and samples are views into it: no copy of the pixels is made

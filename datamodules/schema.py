@@ -4,6 +4,7 @@ Every writer (converters, the synthetic screen) and every reader (manifest check
 `validate_metadata`, so a sample that reaches a shard is known to carry the keys the models and
 the evaluation rely on, with the types they expect.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -66,8 +67,9 @@ def validate_metadata(meta: dict[str, Any], n_channels: int | None = None) -> di
                 f"sample {key!r}: metadata key {name!r} must be {kind.__name__}, got {type(value).__name__} ({value!r})"
             )
     if not out["key"] or any(c in out["key"] for c in "./\\ ") or len(out["key"]) > MAX_KEY_LENGTH:
-        raise ValueError(f"sample {key!r}: metadata key 'key' must be 1-{MAX_KEY_LENGTH} characters "
-                         "without '.', '/', '\\' or spaces")
+        raise ValueError(
+            f"sample {key!r}: metadata key 'key' must be 1-{MAX_KEY_LENGTH} characters without '.', '/', '\\' or spaces"
+        )
     channels = out["channels"]
     if not channels or not all(isinstance(c, str) and c for c in channels):
         raise ValueError(f"sample {key!r}: metadata key 'channels' must be a non-empty list of stain names")

@@ -5,6 +5,7 @@ the loader, not the disk, is the bottleneck on GPU nodes. Writes are atomic at t
 shard is written under a hidden temp name and renamed when complete, and the manifest is written
 last, so a crash never leaves a half-written file under a final name.
 """
+
 from __future__ import annotations
 
 import io
@@ -167,10 +168,20 @@ class ShardWriter:
 def manifest_frame(rows: list[dict[str, Any]]) -> pl.DataFrame:
     """Rows (metadata + shard columns) as a manifest frame with stable column types and order."""
     fixed = {
-        "key": pl.Utf8, "experiment": pl.Utf8, "plate": pl.Utf8, "well": pl.Utf8, "site": pl.Int64,
-        "perturbation": pl.Utf8, "perturbation_type": pl.Utf8, "is_control": pl.Boolean,
-        "cell_type": pl.Utf8, "channels": pl.List(pl.Utf8),
-        "shard": pl.Utf8, "height": pl.Int64, "width": pl.Int64, "dtype": pl.Utf8,
+        "key": pl.Utf8,
+        "experiment": pl.Utf8,
+        "plate": pl.Utf8,
+        "well": pl.Utf8,
+        "site": pl.Int64,
+        "perturbation": pl.Utf8,
+        "perturbation_type": pl.Utf8,
+        "is_control": pl.Boolean,
+        "cell_type": pl.Utf8,
+        "channels": pl.List(pl.Utf8),
+        "shard": pl.Utf8,
+        "height": pl.Int64,
+        "width": pl.Int64,
+        "dtype": pl.Utf8,
     }
     if not rows:
         return pl.DataFrame(schema=fixed)

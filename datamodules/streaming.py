@@ -12,6 +12,7 @@ batches, so all ranks take the same number of steps and the loader has a length;
 and the resume position travel to the workers through shared memory, read when each worker
 starts an iteration, so they reach persistent and re-created workers alike.
 """
+
 from __future__ import annotations
 
 import logging
@@ -35,8 +36,9 @@ from datamodules.transport import Transport, is_remote
 log = logging.getLogger("datamodules")
 
 
-def resolve_shards(pattern: str, verify: bool = True, manifest_at: str | None = None,
-                   transport: Transport | None = None) -> tuple[list[str], pl.DataFrame]:
+def resolve_shards(
+    pattern: str, verify: bool = True, manifest_at: str | None = None, transport: Transport | None = None
+) -> tuple[list[str], pl.DataFrame]:
     """Shard locations of `pattern` (datamodules.locations) and the manifest rows they hold.
 
     Raises ValueError if nothing matches, local tars span several directories, or the manifest
@@ -51,8 +53,10 @@ def resolve_shards(pattern: str, verify: bool = True, manifest_at: str | None = 
     if not remote:
         roots = {str(Path(f).parent) for f in files}
         if len(roots) > 1:
-            raise ValueError(f"shard pattern {pattern!r} spans several directories {sorted(roots)}; "
-                             "each shard directory has its own manifest")
+            raise ValueError(
+                f"shard pattern {pattern!r} spans several directories {sorted(roots)}; "
+                "each shard directory has its own manifest"
+            )
     manifest, source = load_manifest(files, manifest_at, transport or Transport())
     names = [shard_name(f) for f in files]
     if len(set(names)) < len(names):
@@ -91,8 +95,9 @@ def check_shard_keys(shard: Path, expected: set[str]) -> None:
     keys = {m.name.rsplit("/", 1)[-1].partition(".")[0] for m in members if m.isfile()}
     if keys != expected:
         extra, missing = sorted(keys - expected), sorted(expected - keys)
-        raise ValueError(f"manifest disagrees with {shard}: keys only in the shard {extra[:3]}, "
-                         f"only in the manifest {missing[:3]}")
+        raise ValueError(
+            f"manifest disagrees with {shard}: keys only in the shard {extra[:3]}, only in the manifest {missing[:3]}"
+        )
 
 
 def channel_layout(manifest: pl.DataFrame, channels: list[str] | None, source: str) -> list[str]:
@@ -100,15 +105,18 @@ def channel_layout(manifest: pl.DataFrame, channels: list[str] | None, source: s
     layouts = manifest["channels"].unique().to_list()
     if channels is None:
         if len(layouts) > 1:
-            raise ValueError(f"{source}: sites have different channel lists {layouts[:3]}; "
-                             "choose a common subset with DataConfig.channels")
+            raise ValueError(
+                f"{source}: sites have different channel lists {layouts[:3]}; "
+                "choose a common subset with DataConfig.channels"
+            )
         return list(layouts[0])
     for layout in layouts:
         missing = [c for c in channels if c not in layout]
         if missing:
             key = manifest.filter(pl.col("channels") == pl.lit(layout, dtype=pl.List(pl.Utf8)))["key"][0]
-            raise ValueError(f"{source}: site {key!r} has channels {layout}, "
-                             f"lacking {missing} requested by DataConfig.channels")
+            raise ValueError(
+                f"{source}: site {key!r} has channels {layout}, lacking {missing} requested by DataConfig.channels"
+            )
     return list(channels)
 
 
@@ -153,40 +161,52 @@ class ShardDataModule(L.LightningDataModule):
         if not cfg.train_shards or cfg.train_shards == "???":
             raise ValueError("DataConfig.train_shards is required: a shard directory or a glob of its .tar files")
         if cfg.crops_per_site < 1 or cfg.batch_size % cfg.crops_per_site:
-            raise ValueError(f"DataConfig.batch_size ({cfg.batch_size}) must be a multiple of "
-                             f"crops_per_site ({cfg.crops_per_site})")
+            raise ValueError(
+                f"DataConfig.batch_size ({cfg.batch_size}) must be a multiple of crops_per_site ({cfg.crops_per_site})"
+            )
         self.cfg, self.seed = cfg, seed
         self.transport = Transport(timeout=cfg.io_timeout, retries=cfg.io_retries)
-        self.train_files, self.train_manifest = resolve_shards(cfg.train_shards, cfg.verify_shards, cfg.manifest,
-                                                               self.transport)
+        self.train_files, self.train_manifest = resolve_shards(
+            cfg.train_shards, cfg.verify_shards, cfg.manifest, self.transport
+        )
         if cfg.eval_shards is None or cfg.eval_shards == cfg.train_shards:
             self.eval_files, self.manifest = self.train_files, self.train_manifest
         else:
-            self.eval_files, self.manifest = resolve_shards(cfg.eval_shards, cfg.verify_shards, cfg.manifest,
-                                                            self.transport)
+            self.eval_files, self.manifest = resolve_shards(
+                cfg.eval_shards, cfg.verify_shards, cfg.manifest, self.transport
+            )
         self.channel_names = channel_layout(self.train_manifest, cfg.channels, cfg.train_shards)
         if self.manifest is not self.train_manifest:
             channel_layout(self.manifest, self.channel_names, cfg.eval_shards)
         if cfg.in_chans is not None and cfg.in_chans != self.in_chans:
-            raise ValueError(f"the model expects {cfg.in_chans} channels but {cfg.train_shards} gives "
-                             f"{self.in_chans} ({self.channel_names}); set DataConfig.channels or the model's in_chans")
-        both = pl.concat([self.train_manifest.select("key", "dtype", "height", "width"),
-                          self.manifest.select("key", "dtype", "height", "width")])
+            raise ValueError(
+                f"the model expects {cfg.in_chans} channels but {cfg.train_shards} gives "
+                f"{self.in_chans} ({self.channel_names}); set DataConfig.channels or the model's in_chans"
+            )
+        both = pl.concat(
+            [
+                self.train_manifest.select("key", "dtype", "height", "width"),
+                self.manifest.select("key", "dtype", "height", "width"),
+            ]
+        )
         dtypes = both["dtype"].unique().to_list()
         if len(dtypes) != 1:
             raise ValueError(f"shards mix pixel types {dtypes}; convert them to one bit depth")
         self.dtype = dtypes[0]
         small = both.filter((pl.col("height") < cfg.crop_size) | (pl.col("width") < cfg.crop_size))
         if small.height:
-            raise ValueError(f"{small.height} sites are smaller than crop_size {cfg.crop_size} "
-                             f"(e.g. {small['key'][0]!r})")
+            raise ValueError(
+                f"{small.height} sites are smaller than crop_size {cfg.crop_size} (e.g. {small['key'][0]!r})"
+            )
         if cfg.label_key not in self.train_manifest.columns:
-            raise ValueError(f"label_key {cfg.label_key!r} is not a manifest column; "
-                             f"available: {self.train_manifest.columns}")
+            raise ValueError(
+                f"label_key {cfg.label_key!r} is not a manifest column; available: {self.train_manifest.columns}"
+            )
         labels = self.train_manifest[cfg.label_key].drop_nulls().cast(pl.Utf8).unique().sort()
         # perturbation -> class index (sorted, so the same manifest always gives the same labels)
-        self.vocab = pl.DataFrame({cfg.label_key: labels, "label": range(len(labels))},
-                                  schema={cfg.label_key: pl.Utf8, "label": pl.Int64})
+        self.vocab = pl.DataFrame(
+            {cfg.label_key: labels, "label": range(len(labels))}, schema={cfg.label_key: pl.Utf8, "label": pl.Int64}
+        )
         self.position = StreamPosition()
         self._bad = BadSampleCounter(cfg.num_workers)
         self._stream: TrainStream | None = None
@@ -223,16 +243,30 @@ class ShardDataModule(L.LightningDataModule):
         if self._stream is None:
             rank, _ = rank_and_world()
             self._stream = TrainStream(
-                self.train_files, seed=self.seed, rank=rank, transport=self.transport,
-                steps_per_epoch=self.steps_per_epoch, batch_size=cfg.batch_size,
-                crops_per_site=cfg.crops_per_site, crop_size=cfg.crop_size, shuffle_buffer=cfg.shuffle_buffer,
-                sample_filter=self._sample_filter(), augment=cfg.augment, channel_permute=cfg.channel_permute,
-                label_key=cfg.label_key, vocab=dict(self.vocab.iter_rows()), bad=self._bad,
+                self.train_files,
+                seed=self.seed,
+                rank=rank,
+                transport=self.transport,
+                steps_per_epoch=self.steps_per_epoch,
+                batch_size=cfg.batch_size,
+                crops_per_site=cfg.crops_per_site,
+                crop_size=cfg.crop_size,
+                shuffle_buffer=cfg.shuffle_buffer,
+                sample_filter=self._sample_filter(),
+                augment=cfg.augment,
+                channel_permute=cfg.channel_permute,
+                label_key=cfg.label_key,
+                vocab=dict(self.vocab.iter_rows()),
+                bad=self._bad,
             )
         workers = cfg.num_workers
         return TrainLoader(
-            self._stream, self.position, num_workers=workers, persistent_workers=workers > 0,
-            prefetch_factor=cfg.prefetch_factor if workers > 0 else None, pin_memory=self.pin_memory,
+            self._stream,
+            self.position,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            prefetch_factor=cfg.prefetch_factor if workers > 0 else None,
+            pin_memory=self.pin_memory,
         )
 
     def set_epoch(self, epoch: int) -> None:
@@ -263,8 +297,11 @@ class ShardDataModule(L.LightningDataModule):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         changed = {k: (state[k], v) for k, v in self._stream_identity().items() if k in state and state[k] != v}
         if changed:
-            log.warning("resuming with a different %s (saved, now): the data stream continues differently from the "
-                        "interrupted run's", changed)
+            log.warning(
+                "resuming with a different %s (saved, now): the data stream continues differently from the "
+                "interrupted run's",
+                changed,
+            )
         epoch, batches = int(state["epoch"]), int(state["batches"])
         if batches >= self.steps_per_epoch:  # the epoch is shorter now (e.g. more ranks): start the next one
             epoch, batches = epoch + 1, 0
@@ -281,13 +318,22 @@ class ShardDataModule(L.LightningDataModule):
         sites = [(lo + i, location[shard], key) for i, (shard, key) in enumerate(rows)]
         crop = self.cfg.crop_size
         tiles_per_site = (self.manifest["height"].min() // crop) * (self.manifest["width"].min() // crop)
-        stream = EvalStream(sites, sites_per_batch=max(1, self.cfg.batch_size // tiles_per_site),
-                            crop_size=self.cfg.crop_size, sample_filter=self._sample_filter(), bad=self._bad,
-                            transport=self.transport if is_remote(self.eval_files[0]) else None)
+        stream = EvalStream(
+            sites,
+            sites_per_batch=max(1, self.cfg.batch_size // tiles_per_site),
+            crop_size=self.cfg.crop_size,
+            sample_filter=self._sample_filter(),
+            bad=self._bad,
+            transport=self.transport if is_remote(self.eval_files[0]) else None,
+        )
         workers = min(self.cfg.num_workers, stream.parallelism)
-        return DataLoader(stream, batch_size=None, num_workers=workers,
-                          prefetch_factor=self.cfg.prefetch_factor if workers > 0 else None,
-                          pin_memory=self.pin_memory)
+        return DataLoader(
+            stream,
+            batch_size=None,
+            num_workers=workers,
+            prefetch_factor=self.cfg.prefetch_factor if workers > 0 else None,
+            pin_memory=self.pin_memory,
+        )
 
     @property
     def pin_memory(self) -> bool:

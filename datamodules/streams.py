@@ -9,6 +9,7 @@ rank runs the same number of steps and the loader has a length. Batch t of a wor
 is a pure function of (seed, epoch, rank, worker, t) and the shards' bytes, so a run resumed at
 batch n can fast-forward by reading, not decoding, the batches before n.
 """
+
 from __future__ import annotations
 
 import math
@@ -164,15 +165,22 @@ class TrainStream(IterableDataset):
                 if len(empty) == len(self.shards):
                     raise RuntimeError(f"no readable sample in any of the {len(self.shards)} training shards")
 
-    def _batch(self, group: list[tuple[RawSample, np.ndarray | None]],
-               rng: np.random.Generator) -> dict[str, torch.Tensor]:
+    def _batch(
+        self, group: list[tuple[RawSample, np.ndarray | None]], rng: np.random.Generator
+    ) -> dict[str, torch.Tensor]:
         n_channels = len(self.filter.channels) if self.filter.channels else self.filter.n_channels
         image = np.empty((self.batch_size, n_channels, self.crop_size, self.crop_size), dtype=self.filter.dtype)
         labels = np.empty(self.batch_size, dtype=np.int64)
         k = self.crops_per_site
         for i, (sample, indices) in enumerate(group):
-            fill_random_crops(sample.image(), image[i * k : (i + 1) * k], rng, augment=self.augment,
-                              channels=indices, permute=self.channel_permute)
+            fill_random_crops(
+                sample.image(),
+                image[i * k : (i + 1) * k],
+                rng,
+                augment=self.augment,
+                channels=indices,
+                permute=self.channel_permute,
+            )
             labels[i * k : (i + 1) * k] = self.vocab.get(str(sample.meta.get(self.label_key)), -1)
         return {"image": torch.from_numpy(image), "label": torch.from_numpy(labels)}
 

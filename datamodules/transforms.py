@@ -4,6 +4,7 @@ Working on uint8/uint16 keeps host memory traffic 4x (2x) below float32, and eve
 here is a view or one copy into a preallocated batch, so a worker core produces thousands of
 256x256 crops per second. Several crops per decoded site amortise the decode.
 """
+
 from __future__ import annotations
 
 import numpy as np

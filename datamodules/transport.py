@@ -9,6 +9,7 @@ the URL. A source that ends early without an error (a truncated object) is not r
 reader sees the short stream, and the sample reader counts it as a skip, like a truncated local
 file.
 """
+
 from __future__ import annotations
 
 import http.client
@@ -76,11 +77,20 @@ class RetryingStream:
             if error is not None:
                 self._failures += 1
                 if self._failures > self.transport.retries:
-                    raise ShardUnavailableError(f"{self.url}: unreachable after {self.transport.retries} retries "
-                                                f"at byte {self.position} ({error})") from None
+                    raise ShardUnavailableError(
+                        f"{self.url}: unreachable after {self.transport.retries} retries "
+                        f"at byte {self.position} ({error})"
+                    ) from None
                 delay = min(30.0, self.transport.backoff * 2 ** (self._failures - 1))
-                log.warning("retrying %s at byte %d in %.1fs (%d of %d): %s", self.url, self.position, delay,
-                            self._failures, self.transport.retries, error)
+                log.warning(
+                    "retrying %s at byte %d in %.1fs (%d of %d): %s",
+                    self.url,
+                    self.position,
+                    delay,
+                    self._failures,
+                    self.transport.retries,
+                    error,
+                )
                 time.sleep(delay)
             try:
                 self._raw = _open_at(self.url, self.position, self.transport.timeout)
@@ -139,8 +149,9 @@ def _open_at(url: str, offset: int, timeout: float) -> BinaryIO:
         try:
             import fsspec
         except ImportError:
-            raise ShardUnavailableError(f"{url}: reading object stores needs fsspec and its backend "
-                                        "(pip install 'phenoscale[remote]')") from None
+            raise ShardUnavailableError(
+                f"{url}: reading object stores needs fsspec and its backend (pip install 'phenoscale[remote]')"
+            ) from None
         stream = fsspec.open(url, "rb").open()
         stream.seek(offset)
         return stream

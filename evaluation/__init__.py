@@ -2,6 +2,7 @@
 
 Knows nothing of lightning_modules beyond a model's `embed(images, pooling=..., block=...)`.
 """
+
 from __future__ import annotations
 
 from typing import Any

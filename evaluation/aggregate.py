@@ -1,4 +1,5 @@
 """Aggregate: one profile per perturbation (mean or median of its wells), controls removed."""
+
 from __future__ import annotations
 
 import numpy as np

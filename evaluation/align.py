@@ -8,6 +8,7 @@ StandardScaler (population std, zero std -> 1), PCA via eigen-decomposition of t
 covariance with sklearn's `svd_flip` sign rule (largest |loading| of each component positive),
 CORAL with the sample covariance (ddof=1) + 0.5 I raised to the power -1/2.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -1,4 +1,5 @@
 """Known biology: gene-gene relationship files (`entity1,entity2`) and CORUM-style clusters."""
+
 from __future__ import annotations
 
 import os
@@ -49,8 +50,7 @@ def load_relationships(path: str | Path) -> pl.DataFrame:
     missing = {"entity1", "entity2"} - set(raw.columns)
     if missing:
         raise ValueError(
-            f"annotation file {path} needs columns entity1,entity2; missing {sorted(missing)} "
-            f"(found {raw.columns})"
+            f"annotation file {path} needs columns entity1,entity2; missing {sorted(missing)} (found {raw.columns})"
         )
     a, b = pl.col("entity1"), pl.col("entity2")
     return (

@@ -8,6 +8,7 @@ embeds its own share of the sites with the pass `phenoscale embed` uses
 evaluates, and the metrics are broadcast so every rank logs identical values. Rank 0 failing is
 broadcast too, so no rank waits forever.
 """
+
 from __future__ import annotations
 
 import logging
@@ -75,8 +76,14 @@ class EFAARCallback(L.Callback):
         was_training = pl_module.training
         pl_module.eval()
         try:
-            return rank_site_sums(pl_module, self.datamodule.eval_dataloader(), pl_module.device,
-                                  self.cfg.pooling, blocks, progress=progress)
+            return rank_site_sums(
+                pl_module,
+                self.datamodule.eval_dataloader(),
+                pl_module.device,
+                self.cfg.pooling,
+                blocks,
+                progress=progress,
+            )
         finally:
             pl_module.train(was_training)
 

@@ -2,6 +2,7 @@
 
 OmegaConf-friendly (plain types, lists, Optional) so phenoscale/config.py can compose it.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -4,6 +4,7 @@ Layout (docs/ARCHITECTURE.md): metadata columns (`experiment, plate, well, pertu
 is_control, ...`) plus one column `embedding` of dtype `pl.Array(pl.Float32, D)`. A fixed-width
 array column (not a list) lets polars hand the values to numpy as one contiguous (N, D) buffer.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -20,9 +21,7 @@ def embeddings_frame(metadata: pl.DataFrame, features: np.ndarray) -> pl.DataFra
     """Attach an (N, D) matrix to N metadata rows as the `embedding` Array(Float32, D) column."""
     features = np.ascontiguousarray(features, dtype=np.float32)
     if features.ndim != 2 or features.shape[0] != metadata.height:
-        raise ValueError(
-            f"features must be (N, D) with N = {metadata.height} metadata rows, got {features.shape}"
-        )
+        raise ValueError(f"features must be (N, D) with N = {metadata.height} metadata rows, got {features.shape}")
     column = pl.Series(EMBEDDING_COLUMN, features, dtype=pl.Array(pl.Float32, features.shape[1]))
     return metadata.drop(EMBEDDING_COLUMN, strict=False).with_columns(column)
 

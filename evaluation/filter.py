@@ -1,4 +1,5 @@
 """Filter: the rows EFAAR can use. Non-finite embeddings are dropped and counted, never imputed."""
+
 from __future__ import annotations
 
 import logging
@@ -41,8 +42,7 @@ def control_mask(
         if not mask.any():
             some = metadata.get_column(perturbation_column).unique().head(10).to_list()
             raise ValueError(
-                f"control label '{control_label}' not found in column '{perturbation_column}' "
-                f"(values include {some})"
+                f"control label '{control_label}' not found in column '{perturbation_column}' (values include {some})"
             )
         return mask
     if control_column not in metadata.columns:

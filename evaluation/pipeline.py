@@ -4,6 +4,7 @@ Every benchmark that cannot be computed on the given data (too few genes, no ann
 the map, no replicates, a single experiment) is reported with value None and a reason, never
 as 0, so a broken evaluation cannot pass for a bad model.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -20,8 +21,13 @@ from evaluation.config import EvalConfig
 from evaluation.embeddings_io import EMBEDDING_COLUMN, embedding_matrix
 from evaluation.filter import control_mask, drop_nonfinite
 
-METRIC_SCHEMA = {"alignment": pl.String, "benchmark": pl.String, "metric": pl.String,
-                 "value": pl.Float64, "reason": pl.String}
+METRIC_SCHEMA = {
+    "alignment": pl.String,
+    "benchmark": pl.String,
+    "metric": pl.String,
+    "value": pl.Float64,
+    "reason": pl.String,
+}
 
 
 @dataclass
@@ -87,8 +93,20 @@ def run_efaar(embeddings: pl.DataFrame | pl.LazyFrame, cfg: EvalConfig) -> EvalR
     maps = {}
 
     def run(benchmark, alignment: str | None, aligned: np.ndarray, genes=None, profiles=None) -> None:
-        given = BenchmarkInput(benchmark.name, cfg, alignment, labels, aligned, is_control, batches, metadata,
-                               genes, profiles, prepared[benchmark.name], rows)
+        given = BenchmarkInput(
+            benchmark.name,
+            cfg,
+            alignment,
+            labels,
+            aligned,
+            is_control,
+            batches,
+            metadata,
+            genes,
+            profiles,
+            prepared[benchmark.name],
+            rows,
+        )
         out = benchmark.run(given)
         if out is not None:
             if alignment is not None and "alignment" not in out.columns:
@@ -108,11 +126,20 @@ def run_efaar(embeddings: pl.DataFrame | pl.LazyFrame, cfg: EvalConfig) -> EvalR
     if cfg.truth_dir:
         truth = {"truth": truth_relationships(cfg.truth_dir), **(prepared.get("recall") or {})}
         oracle = oracle_recall(cfg.truth_dir, truth, [tuple(t) for t in cfg.thresholds], cfg.min_genes)
-        report_recall(lambda name, value, reason=None: rows.append((None, "recall", name, value, reason)), oracle,
-                      prefix="oracle_")
+        report_recall(
+            lambda name, value, reason=None: rows.append((None, "recall", name, value, reason)),
+            oracle,
+            prefix="oracle_",
+        )
     tables = {name: _concat(parts) for name, parts in frames.items()}
-    return EvalResult(metrics=pl.DataFrame(rows, schema=METRIC_SCHEMA, orient="row"), tables=tables, oracle=oracle,
-                      n_dropped=n_dropped, primary_alignment=cfg.alignment[0], maps=maps)
+    return EvalResult(
+        metrics=pl.DataFrame(rows, schema=METRIC_SCHEMA, orient="row"),
+        tables=tables,
+        oracle=oracle,
+        n_dropped=n_dropped,
+        primary_alignment=cfg.alignment[0],
+        maps=maps,
+    )
 
 
 def _concat(frames: list[pl.DataFrame]) -> pl.DataFrame:

@@ -1,4 +1,5 @@
 """Figures of an evaluation (matplotlib, Agg backend: no display needed on cluster nodes)."""
+
 from __future__ import annotations
 
 import io
@@ -80,8 +81,12 @@ def plot_model_vs_oracle(recall: pl.DataFrame, oracle: pl.DataFrame, alignment: 
     model_values = dict(zip(model["source"], model["recall"])) if len(model) else {}
     x = np.arange(len(sources))
     fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(sources), 3.5))
-    ax.bar(x - 0.2, [model_values.get(s) if model_values.get(s) is not None else np.nan for s in sources], 0.4,
-           label=f"model ({alignment})")
+    ax.bar(
+        x - 0.2,
+        [model_values.get(s) if model_values.get(s) is not None else np.nan for s in sources],
+        0.4,
+        label=f"model ({alignment})",
+    )
     ax.bar(x + 0.2, [v if v is not None else np.nan for v in ceiling["recall"]], 0.4, label="oracle (planted truth)")
     ax.axhline(ceiling["random_baseline"][0], color="k", ls="--", lw=1, label="random")
     ax.set_xticks(x, sources, rotation=30, ha="right")

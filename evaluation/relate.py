@@ -3,6 +3,7 @@
 A genome-wide map has N ~ 20,000-100,000 perturbations: the N x N matrix (40 GB at 100k) never
 exists; consumers stream `upper_triangle_blocks` and keep only what they need.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator

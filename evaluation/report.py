@@ -1,5 +1,6 @@
 """report.md and metrics.json of an evaluation: what was measured, under which alignment, and why
 something could not be."""
+
 from __future__ import annotations
 
 import json
@@ -48,10 +49,16 @@ def write_metrics_json(result: EvalResult, path: Path) -> Path:
 def write_report(result: EvalResult, path: Path, source: str, figures: dict[str, Path | None]) -> Path:
     """report.md beside the figures (relative links)."""
     wide = result.metrics.filter(pl.col("alignment").is_not_null()).pivot(
-        on="alignment", index=["benchmark", "metric"], values="value", aggregate_function="first")
+        on="alignment", index=["benchmark", "metric"], values="value", aggregate_function="first"
+    )
     missing = result.metrics.filter(pl.col("value").is_null()).select("alignment", "metric", "reason")
-    recall = result.recall.select("alignment", "source", "threshold_low", "threshold_high", "recall",
-                                  "random_baseline", "n_pairs", "n_null") if result.recall.height else result.recall
+    recall = (
+        result.recall.select(
+            "alignment", "source", "threshold_low", "threshold_high", "recall", "random_baseline", "n_pairs", "n_null"
+        )
+        if result.recall.height
+        else result.recall
+    )
     parts = [
         f"# EFAAR evaluation of `{source}`",
         "",
@@ -66,11 +73,15 @@ def write_report(result: EvalResult, path: Path, source: str, figures: dict[str,
         markdown_table(recall),
     ]
     if result.oracle is not None:
-        parts += ["", "## Oracle recall (planted truth, the ceiling)",
-                  markdown_table(result.oracle.select("source", "threshold_low", "recall", "n_pairs", "reason"))]
+        parts += [
+            "",
+            "## Oracle recall (planted truth, the ceiling)",
+            markdown_table(result.oracle.select("source", "threshold_low", "recall", "n_pairs", "reason")),
+        ]
     if result.clusters.height:
         summary = result.clusters.group_by("alignment", maintain_order=True).agg(
-            complexes=pl.len(), significant=(pl.col("ks_pvalue") <= 0.05).mean(), median_ks=pl.col("ks_stat").median())
+            complexes=pl.len(), significant=(pl.col("ks_pvalue") <= 0.05).mean(), median_ks=pl.col("ks_stat").median()
+        )
         parts += ["", "## CORUM complexes (KS within vs between)", markdown_table(summary)]
     if missing.height:
         parts += ["", "## Not computable", markdown_table(missing)]
@@ -86,7 +97,8 @@ def write_outputs(result: EvalResult, out: Path, source: str) -> Path:
     genes, profiles = result.maps[result.primary_alignment]
     figures["most related genes"] = plot_similarity_heatmap(genes, profiles, out / "similarity_heatmap.png")
     if result.oracle is not None:
-        figures["model vs oracle"] = plot_model_vs_oracle(result.recall, result.oracle, result.primary_alignment,
-                                                          out / "model_vs_oracle.png")
+        figures["model vs oracle"] = plot_model_vs_oracle(
+            result.recall, result.oracle, result.primary_alignment, out / "model_vs_oracle.png"
+        )
     write_metrics_json(result, out / "metrics.json")
     return write_report(result, out / "report.md", source, figures)

@@ -7,6 +7,7 @@ O(all sites x D); the ranks' results are then combined by whoever needs them: `p
 writes one parquet part per rank and concatenates the parts in manifest order
 (phenoscale/embedding.py), the callback gathers the parts to rank 0 in one collective.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -21,8 +22,14 @@ from tqdm.auto import tqdm
 from evaluation.embeddings_io import embeddings_frame
 
 
-def embed_batch(model: Any, images: torch.Tensor, device: torch.device, bf16: bool,
-                pooling: str | None = None, block: int | None = None) -> torch.Tensor:
+def embed_batch(
+    model: Any,
+    images: torch.Tensor,
+    device: torch.device,
+    bf16: bool,
+    pooling: str | None = None,
+    block: int | None = None,
+) -> torch.Tensor:
     """model.embed() of one batch of raw images on `device`, under bfloat16 autocast when `bf16`."""
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
         return model.embed(images.to(device, non_blocking=True), pooling=pooling, block=block)
@@ -50,8 +57,9 @@ class SiteSums:
             stacked = torch.cat(values)
             return torch.zeros((len(rows), *stacked.shape[1:]), dtype=torch.float64).index_add_(0, inverse, stacked)
 
-        return SiteSums(rows, {b: add([p.sums[b] for p in parts]) for b in parts[0].sums},
-                        add([p.counts for p in parts]))
+        return SiteSums(
+            rows, {b: add([p.sums[b] for p in parts]) for b in parts[0].sums}, add([p.counts for p in parts])
+        )
 
     def means(self, block: int | None = None) -> np.ndarray:
         """(len(rows), D) float32 mean crop embedding of each site."""
@@ -59,9 +67,15 @@ class SiteSums:
 
 
 @torch.no_grad()
-def rank_site_sums(model: Any, loader: Iterable[dict[str, torch.Tensor]], device: torch.device,
-                   pooling: str | None = None, blocks: list[int | None] | None = None, bf16: bool = False,
-                   progress: bool = True) -> SiteSums:
+def rank_site_sums(
+    model: Any,
+    loader: Iterable[dict[str, torch.Tensor]],
+    device: torch.device,
+    pooling: str | None = None,
+    blocks: list[int | None] | None = None,
+    bf16: bool = False,
+    progress: bool = True,
+) -> SiteSums:
     """SiteSums of the sites `loader` gives this rank, for each of `blocks` (default: [None]).
 
     Memory follows the sites this rank sees (per-batch sums, combined at the end), not the manifest.
@@ -81,8 +95,9 @@ def rank_site_sums(model: Any, loader: Iterable[dict[str, torch.Tensor]], device
     return SiteSums.combine(batches)
 
 
-def part_frame(manifest: pl.DataFrame, sites: SiteSums, block: int | None = None,
-               drop: tuple[str, ...] = ()) -> pl.DataFrame:
+def part_frame(
+    manifest: pl.DataFrame, sites: SiteSums, block: int | None = None, drop: tuple[str, ...] = ()
+) -> pl.DataFrame:
     """The embeddings parquet rows of `sites`: manifest metadata (less `drop`) + `embedding`."""
     metadata = manifest[sites.rows.numpy()].drop([c for c in drop if c in manifest.columns])
     return embeddings_frame(metadata, sites.means(block))

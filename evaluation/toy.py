@@ -4,6 +4,7 @@ Genes fall into modules sharing a phenotype direction; every batch adds its own 
 per-feature scale (the batch effect alignment must remove); controls carry only the batch
 effect. Small enough for unit tests, and scales to genome-wide sizes for the benchmarks.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -41,7 +42,7 @@ def toy_screen(
     if truth_dir is not None:
         _write_truth(Path(truth_dir), names, np.arange(n_genes) // module_size, phenotype, module_size)
     well_gene = np.repeat(np.arange(n_genes), wells_per_gene)
-    gene_batch = (np.arange(len(well_gene)) % n_batches)
+    gene_batch = np.arange(len(well_gene)) % n_batches
     ctrl_batch = np.repeat(np.arange(n_batches), controls_per_batch)
     batch = np.concatenate([gene_batch, ctrl_batch])
     signal = np.concatenate([phenotype[well_gene], np.zeros((len(ctrl_batch), dim), np.float32)])
@@ -51,13 +52,15 @@ def toy_screen(
     features = (signal + noise) * scale[batch] + offset[batch]
     perturbation = np.concatenate([names[well_gene], np.full(len(ctrl_batch), CONTROL)])
     n = len(batch)
-    metadata = pl.DataFrame({
-        "experiment": [f"exp{b}" for b in batch],
-        "plate": [f"exp{b}_p1" for b in batch],
-        "well": [f"w{i:06d}" for i in range(n)],
-        "perturbation": perturbation,
-        "is_control": perturbation == CONTROL,
-    })
+    metadata = pl.DataFrame(
+        {
+            "experiment": [f"exp{b}" for b in batch],
+            "plate": [f"exp{b}_p1" for b in batch],
+            "well": [f"w{i:06d}" for i in range(n)],
+            "perturbation": perturbation,
+            "is_control": perturbation == CONTROL,
+        }
+    )
     return embeddings_frame(metadata, features)
 
 
@@ -70,8 +73,9 @@ def toy_relationships(genes: np.ndarray | int, module_size: int = 4) -> pl.DataF
     return pl.DataFrame({"entity1": names[i[same]], "entity2": names[j[same]]})
 
 
-def _write_truth(truth_dir: Path, names: np.ndarray, module: np.ndarray, phenotype: np.ndarray,
-                 module_size: int) -> None:
+def _write_truth(
+    truth_dir: Path, names: np.ndarray, module: np.ndarray, phenotype: np.ndarray, module_size: int
+) -> None:
     truth_dir.mkdir(parents=True, exist_ok=True)
     pl.DataFrame({"perturbation": names, "module": module}).with_columns(
         pl.Series("latent", phenotype, dtype=pl.Array(pl.Float32, phenotype.shape[1]))

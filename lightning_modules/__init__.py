@@ -3,6 +3,7 @@
 Importing the package registers the papers' ViTs in timm (`vit_{small,base,large}_patch{16,8}_256`
 and their channel-agnostic twins `ca_vit_*`).
 """
+
 from lightning_modules import backbones  # noqa: F401  (registers the backbones in timm)
 from lightning_modules.base import PhenoModule
 from lightning_modules.build import build_module
@@ -15,7 +16,22 @@ from lightning_modules.standardize import self_standardize
 from lightning_modules.wsl import WSLModule
 
 __all__ = [
-    "PhenoModule", "MAEModule", "CAMAEModule", "WSLModule", "ModelConfig", "OptimConfig", "build_module",
-    "MAEConfig", "CAMAEConfig", "WSLConfig", "Family", "register_family", "get_family", "family_names",
-    "load_pretrained", "training_flops_per_crop", "embedding_flops_per_crop", "self_standardize",
+    "PhenoModule",
+    "MAEModule",
+    "CAMAEModule",
+    "WSLModule",
+    "ModelConfig",
+    "OptimConfig",
+    "build_module",
+    "MAEConfig",
+    "CAMAEConfig",
+    "WSLConfig",
+    "Family",
+    "register_family",
+    "get_family",
+    "family_names",
+    "load_pretrained",
+    "training_flops_per_crop",
+    "embedding_flops_per_crop",
+    "self_standardize",
 ]

@@ -7,6 +7,7 @@ timm's `VisionTransformer`, only specialised where the Recursion models differ: 
 sin-cos position embedding, and for the channel-agnostic twin a single-channel patch projection
 shared by every channel.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -94,10 +95,10 @@ class ChannelAgnosticPatchEmbed(PatchEmbed):
     convolution call instead of a Python loop over channels.
     """
 
-    def __init__(self, img_size: int = 256, patch_size: int = 16, embed_dim: int = 384,
-                 bias: bool = True, **_: Any) -> None:
-        super().__init__(img_size=img_size, patch_size=patch_size, in_chans=1,
-                         embed_dim=embed_dim, bias=bias)
+    def __init__(
+        self, img_size: int = 256, patch_size: int = 16, embed_dim: int = 384, bias: bool = True, **_: Any
+    ) -> None:
+        super().__init__(img_size=img_size, patch_size=patch_size, in_chans=1, embed_dim=embed_dim, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
         batch, chans, height, width = x.shape
@@ -121,10 +122,14 @@ class ChannelAgnosticViT(VisionTransformer):
         super().__init__(embed_layer=ChannelAgnosticPatchEmbed, in_chans=1, **kwargs)
         self.max_in_chans = max_in_chans
         self.tokens_per_channel = self.patch_embed.num_patches
-        self.pos_embed = _fixed_parameter(sincos_2d_embedding(
-            self.embed_dim, self.patch_embed.grid_size[0], repeats=max_in_chans,
-            class_token=self.cls_token is not None,
-        ))
+        self.pos_embed = _fixed_parameter(
+            sincos_2d_embedding(
+                self.embed_dim,
+                self.patch_embed.grid_size[0],
+                repeats=max_in_chans,
+                class_token=self.cls_token is not None,
+            )
+        )
 
     def _pos_embed(self, x: Tensor) -> Tensor:
         chans = x.shape[1] // self.tokens_per_channel
@@ -135,11 +140,13 @@ class ChannelAgnosticViT(VisionTransformer):
         return self.pos_drop(x + self.pos_embed[:, : x.shape[1]])
 
 
-def _build(variant: str, model_cls: type[VisionTransformer], size: str, patch: int,
-           pretrained: bool, **kwargs: Any) -> VisionTransformer:
+def _build(
+    variant: str, model_cls: type[VisionTransformer], size: str, patch: int, pretrained: bool, **kwargs: Any
+) -> VisionTransformer:
     if pretrained:
-        raise ValueError(f"{variant} has no downloadable weights; "
-                         "load a checkpoint with lightning_modules.load_pretrained")
+        raise ValueError(
+            f"{variant} has no downloadable weights; load a checkpoint with lightning_modules.load_pretrained"
+        )
     args = {**RECURSION_VIT_DEFAULTS, **VIT_SIZES[size], "patch_size": patch, **kwargs}
     return build_model_with_cfg(model_cls, variant, pretrained=False, **args)
 
@@ -150,8 +157,11 @@ def _register(variant: str, model_cls: type[VisionTransformer], size: str, patch
 
     factory.__name__ = factory.__qualname__ = variant
     default_cfgs[variant] = {  # read by register_model; no weights to download
-        "architecture": variant, "input_size": (6, 256, 256), "num_classes": 0,
-        "mean": (0.0,), "std": (1.0,),  # self-standardisation happens in the model
+        "architecture": variant,
+        "input_size": (6, 256, 256),
+        "num_classes": 0,
+        "mean": (0.0,),
+        "std": (1.0,),  # self-standardisation happens in the model
     }
     factory.__doc__ = f"Recursion-flavour {model_cls.__name__} {size} / patch {patch} on 256² crops."
     globals()[variant] = register_model(factory)

@@ -1,4 +1,5 @@
 """What every phenoscale LightningModule shares: configs as hyperparameters, optimisation, embed()."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -27,12 +28,25 @@ class PhenoModule(L.LightningModule):
 
     family: str = ""  # set by register_family
 
-    def __init__(self, model_cfg: dict[str, Any], optim_cfg: dict[str, Any], in_chans: int,
-                 num_classes: int = 0, total_steps: int = 1) -> None:
+    def __init__(
+        self,
+        model_cfg: dict[str, Any],
+        optim_cfg: dict[str, Any],
+        in_chans: int,
+        num_classes: int = 0,
+        total_steps: int = 1,
+    ) -> None:
         super().__init__()
         model_cfg = model_config_dict(model_cfg)  # checkpoints from before the per-family sections, too
-        self.save_hyperparameters({"model_cfg": model_cfg, "optim_cfg": optim_cfg, "in_chans": in_chans,
-                                   "num_classes": num_classes, "total_steps": total_steps})
+        self.save_hyperparameters(
+            {
+                "model_cfg": model_cfg,
+                "optim_cfg": optim_cfg,
+                "in_chans": in_chans,
+                "num_classes": num_classes,
+                "total_steps": total_steps,
+            }
+        )
         family = model_cfg["family"]
         if family != self.family:
             raise ValueError(f"{type(self).__name__} is family {self.family!r}, got model.family={family!r}")
@@ -55,15 +69,20 @@ class PhenoModule(L.LightningModule):
         """
         cfg = self.model_cfg
         if not timm.is_model(cfg.backbone):
-            raise ValueError(f"model.backbone {cfg.backbone!r} is not a registered timm model "
-                             "(import lightning_modules registers the papers' ViTs)")
+            raise ValueError(
+                f"model.backbone {cfg.backbone!r} is not a registered timm model "
+                "(import lightning_modules registers the papers' ViTs)"
+            )
         kwargs: dict[str, Any] = {"num_classes": 0, "in_chans": self.in_chans, **cfg.backbone_kwargs, **overrides}
         if cfg.patch_size is not None:
             kwargs.setdefault("patch_size", cfg.patch_size)
         with torch.device("meta"):
             accepted = constructor_keywords(type(timm.create_model(cfg.backbone, **kwargs)))
-        optional = {name: value for name, value in {"img_size": cfg.img_size, "drop_path_rate": cfg.drop_path}.items()
-                    if accepted is None or name in accepted}
+        optional = {
+            name: value
+            for name, value in {"img_size": cfg.img_size, "drop_path_rate": cfg.drop_path}.items()
+            if accepted is None or name in accepted
+        }
         return set_mlp_bias_layout(timm.create_model(cfg.backbone, **optional, **kwargs), cfg.mlp_bias_layout)
 
     def setup(self, stage: str) -> None:
@@ -118,11 +137,15 @@ class PhenoModule(L.LightningModule):
         scheduler = build_scheduler(optimizer, self.optim_cfg, self.total_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer,
-                                    gradient_clip_val: float | None = None,
-                                    gradient_clip_algorithm: str | None = None) -> None:
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
         """Clip by the Trainer's gradient_clip_val if it sets one, else by optim.gradient_clip_val."""
         value = gradient_clip_val if gradient_clip_val is not None else self.optim_cfg.gradient_clip_val
         if value:
-            self.clip_gradients(optimizer, gradient_clip_val=value,
-                                gradient_clip_algorithm=gradient_clip_algorithm or "norm")
+            self.clip_gradients(
+                optimizer, gradient_clip_val=value, gradient_clip_algorithm=gradient_clip_algorithm or "norm"
+            )

@@ -19,6 +19,7 @@ float rounding); only where bf16 autocast puts its casts changes:
   (CUDA, float32, CPUs without native bf16) attention is `F.scaled_dot_product_attention`, which
   picks the flash / memory-efficient kernels on GPUs. Measured speeds: docs/models.md.
 """
+
 from __future__ import annotations
 
 import torch
@@ -56,12 +57,12 @@ def blocked_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """
     batch, _, tokens, head_dim = q.shape
     out = q.new_empty(batch, tokens, q.shape[1], head_dim)
-    scale = head_dim ** -0.5
+    scale = head_dim**-0.5
     for b in range(batch):
         keys_t = k[b].transpose(-2, -1).contiguous()
         for start in range(0, tokens, QUERY_BLOCK):
-            scores = torch.matmul(q[b, :, start:start + QUERY_BLOCK] * scale, keys_t)
-            out[b, start:start + QUERY_BLOCK] = (torch.softmax(scores, dim=-1) @ v[b]).transpose(0, 1)
+            scores = torch.matmul(q[b, :, start : start + QUERY_BLOCK] * scale, keys_t)
+            out[b, start : start + QUERY_BLOCK] = (torch.softmax(scores, dim=-1) @ v[b]).transpose(0, 1)
     return out.transpose(1, 2)
 
 
@@ -113,9 +114,14 @@ def attention(q: Tensor, k: Tensor, v: Tensor, dropout_p: float) -> Tensor:
         if images_per_call >= q.shape[0]:
             return MatmulAttention.apply(q, k, v)
         if images_per_call > 0:
-            return torch.cat([MatmulAttention.apply(q[i:i + images_per_call], k[i:i + images_per_call],
-                                                    v[i:i + images_per_call])
-                              for i in range(0, q.shape[0], images_per_call)])
+            return torch.cat(
+                [
+                    MatmulAttention.apply(
+                        q[i : i + images_per_call], k[i : i + images_per_call], v[i : i + images_per_call]
+                    )
+                    for i in range(0, q.shape[0], images_per_call)
+                ]
+            )
     return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
 
 
@@ -150,7 +156,8 @@ class RecursionParallelBlock(ParallelScalingBlock):
             if self.mlp_bias_layout != "fixed" and self.mlp_bias is not None:
                 raise NotImplementedError(  # timm's own forward knows only the fixed layout
                     f"mlp_bias_layout={self.mlp_bias_layout!r} needs the fused path (no attn_mask, not causal, "
-                    "no fused out_proj, TIMM_FUSED_ATTN not 0)")
+                    "no fused out_proj, TIMM_FUSED_ATTN not 0)"
+                )
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
         batch, tokens, dim = x.shape
         y = F.linear(self.in_norm(x), self.in_proj.weight, self._in_proj_bias())
@@ -185,8 +192,9 @@ def set_mlp_bias_layout(model: nn.Module, layout: str) -> nn.Module:
     check_one_of("mlp_bias_layout", layout, MLP_BIAS_LAYOUTS)
     blocks = [m for m in model.modules() if isinstance(m, RecursionParallelBlock)]
     if layout != "fixed" and not blocks:
-        raise ValueError(f"mlp_bias_layout={layout!r} applies to Recursion parallel blocks; "
-                         f"{type(model).__name__} has none")
+        raise ValueError(
+            f"mlp_bias_layout={layout!r} applies to Recursion parallel blocks; {type(model).__name__} has none"
+        )
     for block in blocks:
         block.mlp_bias_layout = layout
     return model

@@ -1,4 +1,5 @@
 """build_module: typed configs -> the LightningModule of the configured family."""
+
 from __future__ import annotations
 
 from dataclasses import asdict
@@ -16,13 +17,20 @@ def as_plain_dict(cfg: Any, schema: type) -> dict[str, Any]:
     cfg = plain_dict(cfg)
     unknown = set(cfg) - set(schema.__dataclass_fields__)
     if unknown:
-        raise ValueError(f"unknown {schema.__name__} keys {sorted(unknown)}; "
-                         f"allowed: {sorted(schema.__dataclass_fields__)}")
+        raise ValueError(
+            f"unknown {schema.__name__} keys {sorted(unknown)}; allowed: {sorted(schema.__dataclass_fields__)}"
+        )
     return asdict(schema(**cfg))
 
 
-def build_module(model_cfg: ModelConfig | DictConfig | dict, optim_cfg: OptimConfig | DictConfig | dict, *,
-                 in_chans: int, num_classes: int = 0, total_steps: int = 1) -> PhenoModule:
+def build_module(
+    model_cfg: ModelConfig | DictConfig | dict,
+    optim_cfg: OptimConfig | DictConfig | dict,
+    *,
+    in_chans: int,
+    num_classes: int = 0,
+    total_steps: int = 1,
+) -> PhenoModule:
     """The LightningModule of the registered family `model_cfg.family`, ready for a Trainer.
 
     Only the family name is read here: the module validates the model config itself
@@ -32,4 +40,5 @@ def build_module(model_cfg: ModelConfig | DictConfig | dict, optim_cfg: OptimCon
     model = plain_dict(model_cfg)
     optim = as_plain_dict(optim_cfg, OptimConfig)
     return get_family(model.get("family", ModelConfig.family)).module(
-        model, optim, in_chans=in_chans, num_classes=num_classes, total_steps=total_steps)
+        model, optim, in_chans=in_chans, num_classes=num_classes, total_steps=total_steps
+    )

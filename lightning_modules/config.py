@@ -2,6 +2,7 @@
 
 `phenoscale/config.py` composes these; YAML under configs/ overrides them field by field.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -143,11 +144,15 @@ def migrate_legacy_keys(cfg: dict[str, Any], family: str | None = None, source: 
         if key in family.legacy_keys:
             new = family.legacy_keys[key]
             section.setdefault(new, cfg[key])
-            warnings.warn(f"{source}: model.{key} is deprecated, use model.{family.name}.{new}",
-                          FutureWarning, stacklevel=3)
+            warnings.warn(
+                f"{source}: model.{key} is deprecated, use model.{family.name}.{new}", FutureWarning, stacklevel=3
+            )
         else:
-            warnings.warn(f"{source}: model.{key} is not a setting of family {family.name!r}; ignored",
-                          FutureWarning, stacklevel=3)
+            warnings.warn(
+                f"{source}: model.{key} is not a setting of family {family.name!r}; ignored",
+                FutureWarning,
+                stacklevel=3,
+            )
     out[family.name] = section
     return out
 
@@ -170,11 +175,15 @@ def model_config_dict(cfg: Any) -> dict[str, Any]:
     shared = {f.name for f in fields(ModelConfig)}
     unknown = sorted(set(raw) - shared - {family.name})
     if unknown:
-        raise ValueError(f"unknown ModelConfig keys {unknown}; allowed: {sorted(shared)} and the section {family.name!r}")
+        raise ValueError(
+            f"unknown ModelConfig keys {unknown}; allowed: {sorted(shared)} and the section {family.name!r}"
+        )
     section = dict(raw.get(family.name) or {})
     allowed = {f.name for f in fields(family.config)}
     if set(section) - allowed:
-        raise ValueError(f"unknown model.{family.name} keys {sorted(set(section) - allowed)}; allowed: {sorted(allowed)}")
+        raise ValueError(
+            f"unknown model.{family.name} keys {sorted(set(section) - allowed)}; allowed: {sorted(allowed)}"
+        )
     common = asdict(ModelConfig(**{k: v for k, v in raw.items() if k in shared}))
     return {**common, family.name: asdict(family.config(**section))}
 

@@ -7,6 +7,7 @@ training step's CPU time. Raising the mmap threshold to glibc's maximum and neve
 the freed memory in the process for the next step (the effect jemalloc/tcmalloc give when
 preloaded). Memory is not leaked: it is reused by the next step's identical allocations.
 """
+
 from __future__ import annotations
 
 import ctypes

@@ -5,6 +5,7 @@ Attribute names follow the reference `mae_modules` so public checkpoints load 1:
 Both take encoder tokens already projected to the decoder width, with the class token first,
 and return decoder tokens for every position (class token first).
 """
+
 from __future__ import annotations
 
 from functools import partial
@@ -30,15 +31,27 @@ def unshuffle_with_mask_tokens(visible: Tensor, mask_token: Tensor, restore: Ten
 
 
 def _block_stack(dim: int, depth: int, num_heads: int, mlp_ratio: float, qkv_bias: bool) -> nn.Sequential:
-    return nn.Sequential(*[Block(dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, norm_layer=DecoderNorm,
-                                 attn_layer=DecoderAttention) for _ in range(depth)])
+    return nn.Sequential(
+        *[
+            Block(dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, norm_layer=DecoderNorm, attn_layer=DecoderAttention)
+            for _ in range(depth)
+        ]
+    )
 
 
 class MAEDecoder(nn.Module):
     """ViT decoder of the (non channel-agnostic) MAE: pos embed, `depth` blocks, final norm."""
 
-    def __init__(self, num_tokens: int, grid: int, embed_dim: int = 512, depth: int = 8,
-                 num_heads: int = 16, mlp_ratio: float = 4.0, qkv_bias: bool = True) -> None:
+    def __init__(
+        self,
+        num_tokens: int,
+        grid: int,
+        embed_dim: int = 512,
+        depth: int = 8,
+        num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+    ) -> None:
         super().__init__()
         if num_tokens != grid * grid:
             raise ValueError(f"MAEDecoder expects grid² tokens, got {num_tokens} for grid {grid}")
@@ -87,9 +100,18 @@ class CAMAEDecoder(nn.Module):
     context keys/values per channel); only the per-channel block stacks run per channel.
     """
 
-    def __init__(self, num_modalities: int, tokens_per_modality: int, grid: int, embed_dim: int = 512,
-                 depth: int = 8, num_heads: int = 16, mlp_ratio: float = 4.0, qkv_bias: bool = True,
-                 cross_attention_heads: int = 8) -> None:
+    def __init__(
+        self,
+        num_modalities: int,
+        tokens_per_modality: int,
+        grid: int,
+        embed_dim: int = 512,
+        depth: int = 8,
+        num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        cross_attention_heads: int = 8,
+    ) -> None:
         super().__init__()
         if tokens_per_modality != grid * grid:
             raise ValueError(f"tokens_per_modality {tokens_per_modality} != grid² ({grid}²)")
@@ -100,13 +122,16 @@ class CAMAEDecoder(nn.Module):
         # kept for checkpoint compatibility: the class token's (zero) entry of the modality table
         self.placeholder = nn.Parameter(torch.zeros(1, 1, embed_dim), requires_grad=False)
         self.pos_embeddings = nn.Parameter(
-            sincos_2d_embedding(embed_dim, grid, repeats=num_modalities), requires_grad=False)
+            sincos_2d_embedding(embed_dim, grid, repeats=num_modalities), requires_grad=False
+        )
         self.modality_tokens = nn.ParameterList(
-            [nn.Parameter(torch.zeros(1, 1, embed_dim)) for _ in range(num_modalities)])
+            [nn.Parameter(torch.zeros(1, 1, embed_dim)) for _ in range(num_modalities)]
+        )
         self.cross_attention = CrossAttention(embed_dim, cross_attention_heads)
         self.mlp = Mlp(embed_dim, hidden_features=int(embed_dim * mlp_ratio))
         self.decoders = nn.ModuleList(
-            [_block_stack(embed_dim, depth, num_heads, mlp_ratio, qkv_bias) for _ in range(num_modalities)])
+            [_block_stack(embed_dim, depth, num_heads, mlp_ratio, qkv_bias) for _ in range(num_modalities)]
+        )
         self.context_norm = DecoderNorm(embed_dim)
         self.query_norm = DecoderNorm(embed_dim)
         self.out_norm = DecoderNorm(embed_dim)
@@ -117,7 +142,8 @@ class CAMAEDecoder(nn.Module):
         if chans != self.num_modalities:
             raise ValueError(f"CAMAEDecoder was built for {self.num_modalities} channels, got {chans}")
         channel_table = torch.cat(
-            [self.placeholder] + [t.expand(-1, self.tokens_per_modality, -1) for t in self.modality_tokens], dim=1)
+            [self.placeholder] + [t.expand(-1, self.tokens_per_modality, -1) for t in self.modality_tokens], dim=1
+        )
         x = x + self.pos_embeddings + channel_table
         patches = x[:, 1:]
         mixed = self.cross_attention(self.query_norm(patches), self.context_norm(patches))

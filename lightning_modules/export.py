@@ -7,6 +7,7 @@ without running code. `config.json` carries what rebuilding and embedding need: 
 how pixels are standardised and the default embedding. The same folder goes to the Hugging Face
 Hub unchanged (`lightning_modules.hub`).
 """
+
 from __future__ import annotations
 
 import json
@@ -36,8 +37,9 @@ class DroppedSubmodule(nn.Module):
         self.name = name
 
     def forward(self, *args: Any, **kwargs: Any) -> None:
-        raise RuntimeError(f"this model was exported with --encoder-only: {self.name!r} is not part of it; "
-                           "only embed() works")
+        raise RuntimeError(
+            f"this model was exported with --encoder-only: {self.name!r} is not part of it; only embed() works"
+        )
 
 
 def export_config(module: PhenoModule, *, channels: list[str] | None, encoder_only: bool) -> dict[str, Any]:
@@ -45,13 +47,22 @@ def export_config(module: PhenoModule, *, channels: list[str] | None, encoder_on
     hparams = dict(module.hparams)
     cfg = module.model_cfg
     return {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "family": cfg.family,
-        "model_cfg": hparams["model_cfg"], "optim_cfg": hparams["optim_cfg"],
-        "in_chans": module.in_chans, "num_classes": module.num_classes, "encoder_only": encoder_only,
-        "channels": channels, "crop_size": cfg.img_size,
-        "standardisation": {"input": sorted(str(d).removeprefix("torch.") for d in DTYPE_MAX),
-                            "divide_by": "the dtype's maximum",
-                            "then": "per-image, per-channel instance norm", "eps": INSTANCE_NORM_EPS},
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "family": cfg.family,
+        "model_cfg": hparams["model_cfg"],
+        "optim_cfg": hparams["optim_cfg"],
+        "in_chans": module.in_chans,
+        "num_classes": module.num_classes,
+        "encoder_only": encoder_only,
+        "channels": channels,
+        "crop_size": cfg.img_size,
+        "standardisation": {
+            "input": sorted(str(d).removeprefix("torch.") for d in DTYPE_MAX),
+            "divide_by": "the dtype's maximum",
+            "then": "per-image, per-channel instance norm",
+            "eps": INSTANCE_NORM_EPS,
+        },
         "mlp_bias_layout": cfg.mlp_bias_layout,
         "embedding": {"pooling": cfg.embed_pooling, "block": cfg.embed_block},
     }
@@ -66,8 +77,9 @@ def export_state_dict(module: PhenoModule, encoder_only: bool) -> dict[str, Tens
     return {k: v.detach().contiguous() for k, v in state.items()}
 
 
-def write_export(module: PhenoModule, out_dir: str | Path, *, channels: list[str] | None = None,
-                 encoder_only: bool = False) -> Path:
+def write_export(
+    module: PhenoModule, out_dir: str | Path, *, channels: list[str] | None = None, encoder_only: bool = False
+) -> Path:
     """OUT_DIR/model.safetensors and OUT_DIR/config.json; returns OUT_DIR."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -89,16 +101,21 @@ def read_export_config(folder: str | Path) -> dict[str, Any] | None:
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         return None
     if config.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: phenoscale export format_version {config.get('format_version')!r}; "
-                         f"this phenoscale reads version {FORMAT_VERSION}")
+        raise ValueError(
+            f"{path}: phenoscale export format_version {config.get('format_version')!r}; "
+            f"this phenoscale reads version {FORMAT_VERSION}"
+        )
     return config
 
 
 def _check_consistent(config: dict[str, Any], module: PhenoModule, path: Path) -> None:
     """The human-readable fields of config.json must say what model_cfg says (no silent edits)."""
     cfg = module.model_cfg
-    stated = {"crop_size": cfg.img_size, "mlp_bias_layout": cfg.mlp_bias_layout,
-              "embedding": {"pooling": cfg.embed_pooling, "block": cfg.embed_block}}
+    stated = {
+        "crop_size": cfg.img_size,
+        "mlp_bias_layout": cfg.mlp_bias_layout,
+        "embedding": {"pooling": cfg.embed_pooling, "block": cfg.embed_block},
+    }
     wrong = [f"{k}={config.get(k)!r} (model_cfg: {v!r})" for k, v in stated.items() if config.get(k) != v]
     if wrong:
         raise ValueError(f"{path}: config.json contradicts its model_cfg: {', '.join(wrong)}")
@@ -113,8 +130,12 @@ def module_from_export(folder: str | Path, config: dict[str, Any]) -> tuple[Phen
         raise FileNotFoundError(f"{folder}: phenoscale export without its {WEIGHTS}")
     try:
         family = get_family(config["family"])
-        module = family.module(config["model_cfg"], config["optim_cfg"], in_chans=int(config["in_chans"]),
-                               num_classes=int(config["num_classes"]))
+        module = family.module(
+            config["model_cfg"],
+            config["optim_cfg"],
+            in_chans=int(config["in_chans"]),
+            num_classes=int(config["num_classes"]),
+        )
     except KeyError as err:
         raise ValueError(f"{folder / CONFIG}: missing or unknown {err}") from None
     _check_consistent(config, module, folder / CONFIG)

@@ -9,6 +9,7 @@ the package or from a user's own code (docs/ARCHITECTURE.md, "Add a model family
 This module imports nothing of the package (only the shared, pure-Python `registry`), so configs
 and modules can both depend on it.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
@@ -43,9 +44,15 @@ _FAMILIES: Registry[Family] = Registry(
 )
 
 
-def register_family(name: str, *, config: type, label: str, colour: str = "#555555",
-                    self_supervised: bool = False, legacy_keys: Mapping[str, str] | None = None,
-                    ) -> Callable[[T], T]:
+def register_family(
+    name: str,
+    *,
+    config: type,
+    label: str,
+    colour: str = "#555555",
+    self_supervised: bool = False,
+    legacy_keys: Mapping[str, str] | None = None,
+) -> Callable[[T], T]:
     """Class decorator: register the decorated LightningModule as model family `name`.
 
     Registering a second class under a taken name is an error (two plugins that collide must

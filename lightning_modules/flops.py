@@ -3,6 +3,7 @@
 Works on real or meta-device modules (`with torch.device("meta"): build_module(...)`), so a
 ViT-L/8 plan costs no memory. These are the "model FLOPs" of MFU: recomputation is not counted.
 """
+
 from __future__ import annotations
 
 import torch
@@ -27,8 +28,10 @@ if torch.ops.aten._scaled_dot_product_flash_attention_for_cpu not in flop_regist
 def _example_batch(module: PhenoModule, batch_size: int) -> dict[str, torch.Tensor]:
     device = next(module.parameters()).device
     side = module.model_cfg.img_size
-    return {"image": torch.zeros(batch_size, module.in_chans, side, side, dtype=torch.uint8, device=device),
-            "label": torch.zeros(batch_size, dtype=torch.long, device=device)}
+    return {
+        "image": torch.zeros(batch_size, module.in_chans, side, side, dtype=torch.uint8, device=device),
+        "label": torch.zeros(batch_size, dtype=torch.long, device=device),
+    }
 
 
 def training_flops_per_crop(module: PhenoModule, batch_size: int = 2) -> float:

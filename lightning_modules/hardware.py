@@ -10,6 +10,7 @@ of `lightning_modules.blocks` run only on CPUs that multiply bf16 natively.
 The CPU's answer follows `torch.backends.cpu.get_cpu_capability()`, so `ATEN_CPU_CAPABILITY=avx2`
 (torch's own switch) also turns phenoscale's bf16 choices off on an AVX-512 machine.
 """
+
 from __future__ import annotations
 
 import functools
@@ -23,8 +24,21 @@ AUTO = "auto"
 EMBED_PRECISIONS = (AUTO, "32", "bf16")
 #: training numerics: the hardware's choice, or what Lightning accepts for `precision`
 #: (lightning.fabric.connector._PRECISION_INPUT_STR and its aliases)
-TRAIN_PRECISIONS = (AUTO, "64-true", "32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true",
-                    "transformer-engine", "transformer-engine-float16", "64", "32", "16", "bf16")
+TRAIN_PRECISIONS = (
+    AUTO,
+    "64-true",
+    "32-true",
+    "16-mixed",
+    "bf16-mixed",
+    "16-true",
+    "bf16-true",
+    "transformer-engine",
+    "transformer-engine-float16",
+    "64",
+    "32",
+    "16",
+    "bf16",
+)
 _ALIASES = {"64": "64-true", "32": "32-true", "16": "16-mixed", "bf16": "bf16-mixed"}
 
 
@@ -83,8 +97,10 @@ class Numerics:
     def describe(self) -> str:
         capability = f"{cpu_capability()}, " if self.device_type == "cpu" else ""
         bf16 = "native" if self.native_bf16 else "no native"
-        return (f"{self.device_type} ({capability}{bf16} bf16): training {self.train_precision}, "
-                f"embedding {self.embed_precision}")
+        return (
+            f"{self.device_type} ({capability}{bf16} bf16): training {self.train_precision}, "
+            f"embedding {self.embed_precision}"
+        )
 
 
 def numerics(device_type: str) -> Numerics:
@@ -97,9 +113,12 @@ def numerics(device_type: str) -> Numerics:
 def _warn_emulated(device_type: str) -> None:
     """Once per process and device type: the first explicit bf16 request says what it will cost."""
     where = f"this CPU ({cpu_capability()})" if device_type == "cpu" else device_type
-    warnings.warn(f"bf16 precision on {where}, which has no native bf16: bf16 products are emulated and much "
-                  "slower than float32. Use precision 'auto' (float32 here) unless you need bf16 numerics.",
-                  RuntimeWarning, stacklevel=3)
+    warnings.warn(
+        f"bf16 precision on {where}, which has no native bf16: bf16 products are emulated and much "
+        "slower than float32. Use precision 'auto' (float32 here) unless you need bf16 numerics.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 def canonical_train_precision(precision: str) -> str:
@@ -115,8 +134,10 @@ def resolve_train_precision(requested: str, device_type: str) -> str:
     if precision.startswith("bf16") and not has_native_bf16(device_type):
         _warn_emulated(device_type)
     if precision == "16-mixed" and device_type != "cuda":
-        raise ValueError(f"precision {requested!r} needs a CUDA GPU (fp16 autocast with a grad scaler); on "
-                         f"{device_type} use 'auto', '32-true' or 'bf16-mixed'")
+        raise ValueError(
+            f"precision {requested!r} needs a CUDA GPU (fp16 autocast with a grad scaler); on "
+            f"{device_type} use 'auto', '32-true' or 'bf16-mixed'"
+        )
     return precision
 
 

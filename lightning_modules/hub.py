@@ -5,6 +5,7 @@ HF_HUB_OFFLINE=1 serves a cached repo without a network. Both kinds of repo shar
 names: a phenoscale export (lightning_modules.export) and OpenPhenom's (config.json + a
 model.safetensors that is a torch pickle); load_pretrained tells them apart by config.json.
 """
+
 from __future__ import annotations
 
 import re
@@ -48,16 +49,22 @@ def _download(repo_id: str, filename: str, revision: str | None, required: bool 
         if not required:
             return None
         offline = " (HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE else ""
-        raise HubError(f"{where}: {filename} is not in the Hub cache {constants.HF_HUB_CACHE} and cannot be "
-                       f"downloaded{offline}; download it once online, or set HF_HOME to the cache that has it") from None
+        raise HubError(
+            f"{where}: {filename} is not in the Hub cache {constants.HF_HUB_CACHE} and cannot be "
+            f"downloaded{offline}; download it once online, or set HF_HOME to the cache that has it"
+        ) from None
     except RepositoryNotFoundError:
-        raise HubError(f"{where}: no such repository on the Hub (a private or gated one needs `hf auth login`)") from None
+        raise HubError(
+            f"{where}: no such repository on the Hub (a private or gated one needs `hf auth login`)"
+        ) from None
     except RevisionNotFoundError:
         raise HubError(f"{where}: the repository has no revision {revision!r}") from None
     except EntryNotFoundError:
         if not required:
             return None
-        raise HubError(f"{where}: the repository has no file {filename} (a model repo holds {', '.join(FILES)})") from None
+        raise HubError(
+            f"{where}: the repository has no file {filename} (a model repo holds {', '.join(FILES)})"
+        ) from None
 
 
 def download(uri: str) -> Path:

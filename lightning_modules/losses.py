@@ -1,4 +1,5 @@
 """MAE reconstruction losses and the ArcFace margin head of the WSL models."""
+
 from __future__ import annotations
 
 import math
@@ -42,8 +43,9 @@ def per_token_fourier_l1(pred: Tensor, target: Tensor, patch: int) -> Tensor:
     return (magnitude(pred) - magnitude(target)).abs().flatten(2).mean(dim=-1)
 
 
-def mae_loss(pred: Tensor, target: Tensor, mask: Tensor, patch: int,
-             fourier_alpha: float) -> tuple[Tensor, Tensor, Tensor]:
+def mae_loss(
+    pred: Tensor, target: Tensor, mask: Tensor, patch: int, fourier_alpha: float
+) -> tuple[Tensor, Tensor, Tensor]:
     """(1-α)·masked MSE + α·masked Fourier L1; returns (loss, mse, fourier)."""
     mse = masked_token_mean(per_token_mse(pred.float(), target), mask)
     if fourier_alpha == 0:

@@ -4,6 +4,7 @@ The encoder runs the timm backbone through its public forward_features / forward
 nothing of the ViT is re-implemented. Submodule names (`encoder.vit_backbone`, `decoder`,
 `encoder_decoder_proj`, `decoder_pred`) are those of the public OpenPhenom checkpoint.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -44,7 +45,7 @@ class VisibleTokens(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.keep is None:
             return x
-        prefix, patches = x[:, : self.num_prefix_tokens], x[:, self.num_prefix_tokens:]
+        prefix, patches = x[:, : self.num_prefix_tokens], x[:, self.num_prefix_tokens :]
         return torch.cat([prefix, gather_tokens(patches, self.keep)], dim=1)
 
 
@@ -66,15 +67,28 @@ class MaskedEncoder(nn.Module):
     def num_prefix_tokens(self) -> int:
         return int(self.vit_backbone.num_prefix_tokens)
 
-    def forward_masked(self, images: Tensor, mask_ratio: float, generator: torch.Generator | None = None,
-                       channels: int = 1, mask_mode: str = "joint") -> tuple[Tensor, TokenMask]:
+    def forward_masked(
+        self,
+        images: Tensor,
+        mask_ratio: float,
+        generator: torch.Generator | None = None,
+        channels: int = 1,
+        mask_mode: str = "joint",
+    ) -> tuple[Tensor, TokenMask]:
         """Encode the visible tokens: (B, prefix + K, D) after the final norm, and the mask used.
 
         `channels` is 1 for MAE tokens and C for the channel-by-channel tokens of a CA ViT.
         """
         vit = self.vit_backbone
-        mask = random_token_mask(images.shape[0], channels * vit.patch_embed.num_patches, mask_ratio,
-                                 images.device, generator, channels, mask_mode)
+        mask = random_token_mask(
+            images.shape[0],
+            channels * vit.patch_embed.num_patches,
+            mask_ratio,
+            images.device,
+            generator,
+            channels,
+            mask_mode,
+        )
         vit.patch_drop.keep = mask.keep
         try:
             return vit.forward_features(images), mask
@@ -86,8 +100,14 @@ class MaskedEncoder(nn.Module):
         (the OpenPhenom embedding layer)."""
         has_prefix = self.num_prefix_tokens > 0  # without prefix tokens timm returns the patch tokens alone
         [taken] = self.vit_backbone.forward_intermediates(
-            images, indices=[last_block], return_prefix_tokens=has_prefix, norm=False, stop_early=True,
-            output_fmt="NLC", intermediates_only=True)
+            images,
+            indices=[last_block],
+            return_prefix_tokens=has_prefix,
+            norm=False,
+            stop_early=True,
+            output_fmt="NLC",
+            intermediates_only=True,
+        )
         patches, prefix = taken if has_prefix else (taken, taken[:, :0])
         return prefix, patches
 
@@ -98,15 +118,23 @@ class MaskedAutoencoderModule(PhenoModule):
     channel_agnostic: bool = False
     embedding_submodules = ("encoder",)
 
-    def __init__(self, model_cfg: dict[str, Any], optim_cfg: dict[str, Any], in_chans: int,
-                 num_classes: int = 0, total_steps: int = 1) -> None:
+    def __init__(
+        self,
+        model_cfg: dict[str, Any],
+        optim_cfg: dict[str, Any],
+        in_chans: int,
+        num_classes: int = 0,
+        total_steps: int = 1,
+    ) -> None:
         super().__init__(model_cfg, optim_cfg, in_chans, num_classes, total_steps)
         cfg = self.family_cfg
         extra = {"max_in_chans": cfg.max_in_chans} if self.channel_agnostic else {}
         backbone = self.create_backbone(**extra)
         if is_channel_agnostic(backbone) != self.channel_agnostic:
             kind = "a channel-agnostic (ca_vit_*)" if self.channel_agnostic else "a per-image (not ca_*)"
-            raise ValueError(f"{type(self).__name__} needs {kind} backbone, got model.backbone={self.model_cfg.backbone!r}")
+            raise ValueError(
+                f"{type(self).__name__} needs {kind} backbone, got model.backbone={self.model_cfg.backbone!r}"
+            )
         # the pooled head (fc_norm/head) is used by neither the MAE loss nor the embedding; frozen,
         # so DDP sees no parameter without a gradient (its keys stay for checkpoint compatibility)
         for head in (backbone.fc_norm, backbone.head):
@@ -116,7 +144,7 @@ class MaskedAutoencoderModule(PhenoModule):
         self.grid = int(backbone.patch_embed.grid_size[0])
         self.decoder = self.build_decoder()
         self.encoder_decoder_proj = nn.Linear(self.encoder.embed_dim, cfg.decoder_dim)
-        pixels_per_token = self.patch_size ** 2 * (1 if self.channel_agnostic else in_chans)
+        pixels_per_token = self.patch_size**2 * (1 if self.channel_agnostic else in_chans)
         self.decoder_pred = nn.Linear(cfg.decoder_dim, pixels_per_token)
 
     def build_decoder(self) -> nn.Module:
@@ -130,7 +158,7 @@ class MaskedAutoencoderModule(PhenoModule):
         mask_mode = cfg.mask_mode if self.channel_agnostic else "joint"  # an MAE token holds every channel
         latent, mask = self.encoder.forward_masked(x, cfg.mask_ratio, generator, channels, mask_mode)
         decoded = self.decoder(self.encoder_decoder_proj(latent), mask.restore)
-        pred = self.decoder_pred(decoded[:, self.encoder.num_prefix_tokens:])
+        pred = self.decoder_pred(decoded[:, self.encoder.num_prefix_tokens :])
         target = patchify(x, self.patch_size, self.channel_agnostic)
         if cfg.norm_pix:
             target = norm_pix(target, cfg.norm_pix_eps)
@@ -170,8 +198,9 @@ class MaskedAutoencoderModule(PhenoModule):
         return out.float()
 
 
-@register_family("mae", config=MAEConfig, label="MAE", colour="#3b75af", self_supervised=True,
-                 legacy_keys=_legacy(MAEConfig))
+@register_family(
+    "mae", config=MAEConfig, label="MAE", colour="#3b75af", self_supervised=True, legacy_keys=_legacy(MAEConfig)
+)
 class MAEModule(MaskedAutoencoderModule):
     """MAE: every token holds all channels of a patch; ViT decoder (reference MAEDecoder)."""
 
@@ -180,8 +209,14 @@ class MAEModule(MaskedAutoencoderModule):
         return MAEDecoder(self.grid * self.grid, self.grid, cfg.decoder_dim, cfg.decoder_depth, cfg.decoder_heads)
 
 
-@register_family("camae", config=CAMAEConfig, label="CA-MAE", colour="#2e8b57", self_supervised=True,
-                 legacy_keys=_legacy(CAMAEConfig))
+@register_family(
+    "camae",
+    config=CAMAEConfig,
+    label="CA-MAE",
+    colour="#2e8b57",
+    self_supervised=True,
+    legacy_keys=_legacy(CAMAEConfig),
+)
 class CAMAEModule(MaskedAutoencoderModule):
     """Channel-agnostic MAE: one token per channel-patch; CAMAEDecoder with one stack per channel.
 
@@ -193,5 +228,12 @@ class CAMAEModule(MaskedAutoencoderModule):
 
     def build_decoder(self) -> nn.Module:
         cfg = self.family_cfg
-        return CAMAEDecoder(self.in_chans, self.grid * self.grid, self.grid, cfg.decoder_dim,
-                            cfg.decoder_depth, cfg.decoder_heads, cross_attention_heads=cfg.cross_attention_heads)
+        return CAMAEDecoder(
+            self.in_chans,
+            self.grid * self.grid,
+            self.grid,
+            cfg.decoder_dim,
+            cfg.decoder_depth,
+            cfg.decoder_heads,
+            cross_attention_heads=cfg.cross_attention_heads,
+        )

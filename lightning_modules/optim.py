@@ -1,4 +1,5 @@
 """Optimiser and schedule from an OptimConfig: Lion or AdamW, OneCycle or warmup + cosine."""
+
 from __future__ import annotations
 
 import math
@@ -43,7 +44,8 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_st
         raise ValueError(f"total_steps must be >= 1 to build the {cfg.schedule} schedule, got {total_steps}")
     if cfg.schedule == "onecycle":
         # as the reference: OneCycleLR, cosine annealing (it also cycles beta1 0.85 <-> 0.95)
-        return OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=total_steps,
-                          pct_start=cfg.warmup_fraction, anneal_strategy="cos")
+        return OneCycleLR(
+            optimizer, max_lr=cfg.lr, total_steps=total_steps, pct_start=cfg.warmup_fraction, anneal_strategy="cos"
+        )
     warmup = int(cfg.warmup_fraction * total_steps)
     return LambdaLR(optimizer, lambda step: warmup_cosine_factor(step, total_steps, warmup, cfg.min_lr_ratio))

@@ -4,6 +4,7 @@ OpenPhenom ('MAEModel') ships `config.json` and a `model.safetensors` that is re
 `torch.save({"state_dict": sd})` pickle. Its 765 keys map 1:1 onto CAMAEModule, so loading is
 strict: every key used, every shape checked, and a mismatch names the keys.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,11 +26,22 @@ from lightning_modules.hub import download, is_hub_uri
 
 #: The settings of the public OpenPhenom (CA-MAE ViT-S/16) when no config.json is at hand.
 OPENPHENOM_CONFIG: dict[str, Any] = {
-    "mask_ratio": 0.0, "norm_pix_loss": False, "fourier_loss_weight": 0.0,
-    "encoder": {"channel_agnostic": True, "max_in_chans": 11,
-                "vit_backbone": {"vit_backbone": {"_target_": "vit.vit_small_patch16_256"}}},
-    "decoder": {"_target_": "mae_modules.CAMAEDecoder", "depth": 8, "embed_dim": 512, "num_heads": 16,
-                "num_modalities": 6, "tokens_per_modality": 256},
+    "mask_ratio": 0.0,
+    "norm_pix_loss": False,
+    "fourier_loss_weight": 0.0,
+    "encoder": {
+        "channel_agnostic": True,
+        "max_in_chans": 11,
+        "vit_backbone": {"vit_backbone": {"_target_": "vit.vit_small_patch16_256"}},
+    },
+    "decoder": {
+        "_target_": "mae_modules.CAMAEDecoder",
+        "depth": 8,
+        "embed_dim": 512,
+        "num_heads": 16,
+        "num_modalities": 6,
+        "tokens_per_modality": 256,
+    },
     "optimizer": {"_target_": "timm.optim.lion.Lion", "lr": 1e-4, "weight_decay": 0.05, "betas": [0.9, 0.95]},
     "lr_scheduler": {"pct_start": 0.1},
 }
@@ -49,17 +61,22 @@ def reference_config_to_phenoscale(config: dict[str, Any]) -> tuple[dict[str, An
     in_chans = int(decoder.get("num_modalities", 6)) if channel_agnostic else 6
     optimizer = config.get("optimizer") or {}
     family = "camae" if channel_agnostic else "mae"
-    section = dict(mask_ratio=float(config.get("mask_ratio", 0.75)), decoder_dim=int(decoder["embed_dim"]),
-                   decoder_depth=int(decoder["depth"]), decoder_heads=int(decoder["num_heads"]),
-                   fourier_alpha=float(config.get("fourier_loss_weight", 0.0)),
-                   norm_pix=bool(config.get("norm_pix_loss", False)))
+    section = dict(
+        mask_ratio=float(config.get("mask_ratio", 0.75)),
+        decoder_dim=int(decoder["embed_dim"]),
+        decoder_depth=int(decoder["depth"]),
+        decoder_heads=int(decoder["num_heads"]),
+        fourier_alpha=float(config.get("fourier_loss_weight", 0.0)),
+        norm_pix=bool(config.get("norm_pix_loss", False)),
+    )
     if channel_agnostic:
         section["max_in_chans"] = int(encoder.get("max_in_chans", 11))
     # every maes_microscopy/OpenPhenom model was trained on a timm from before issue #2653
     model = {"family": family, "backbone": backbone, "mlp_bias_layout": "legacy", family: section}
     optim = OptimConfig(
         name="lion" if "lion" in str(optimizer.get("_target_", "lion")).lower() else "adamw",
-        lr=float(optimizer.get("lr", 1e-4)), weight_decay=float(optimizer.get("weight_decay", 0.05)),
+        lr=float(optimizer.get("lr", 1e-4)),
+        weight_decay=float(optimizer.get("weight_decay", 0.05)),
         betas=list(optimizer.get("betas", [0.9, 0.95])),
         warmup_fraction=float((config.get("lr_scheduler") or {}).get("pct_start", 0.1)),
     )
@@ -76,17 +93,27 @@ def load_state_dict_strictly(module: torch.nn.Module, state_dict: dict[str, Tens
     expected = module.state_dict()
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
-    mismatched = [f"{k} {tuple(state_dict[k].shape)} (model {tuple(expected[k].shape)})"
-                  for k in sorted(set(expected) & set(state_dict)) if state_dict[k].shape != expected[k].shape]
-    problems = [f"{title} ({len(keys)}): {_listing(keys)}" for title, keys in
-                (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched)) if keys]
+    mismatched = [
+        f"{k} {tuple(state_dict[k].shape)} (model {tuple(expected[k].shape)})"
+        for k in sorted(set(expected) & set(state_dict))
+        if state_dict[k].shape != expected[k].shape
+    ]
+    problems = [
+        f"{title} ({len(keys)}): {_listing(keys)}"
+        for title, keys in (
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("shape mismatches", mismatched),
+        )
+        if keys
+    ]
     if problems:
         raise ValueError(f"checkpoint {source} does not fit {type(module).__name__}:\n  " + "\n  ".join(problems))
     module.load_state_dict(state_dict, strict=True)
 
 
 def checkpoint_format(path: Path) -> str:
-    """"torch" (a zip or legacy torch.save pickle) or "safetensors", from the file's first bytes.
+    """ "torch" (a zip or legacy torch.save pickle) or "safetensors", from the file's first bytes.
 
     Sniffed rather than tried in turn, so that a damaged checkpoint or a pickle that weights-only
     loading refuses reports its own error instead of a guess at another format.
@@ -149,8 +176,10 @@ def load_pretrained(source: str | Path, config: dict[str, Any] | str | Path | No
             module.channel_names = export.get("channels")
             return module.eval()
         if not (path / WEIGHTS).is_file():
-            raise FileNotFoundError(f"{path} holds neither a phenoscale export nor OpenPhenom's {WEIGHTS} "
-                                    f"(found: {sorted(p.name for p in path.iterdir())[:10]})")
+            raise FileNotFoundError(
+                f"{path} holds neither a phenoscale export nor OpenPhenom's {WEIGHTS} "
+                f"(found: {sorted(p.name for p in path.iterdir())[:10]})"
+            )
         path = path / WEIGHTS
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")

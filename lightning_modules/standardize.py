@@ -3,6 +3,7 @@
 One function serves training (input and reconstruction target) and embedding, so the two can
 never drift apart.
 """
+
 from __future__ import annotations
 
 from contextlib import nullcontext

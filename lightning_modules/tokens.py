@@ -3,6 +3,7 @@
 Token pixel layouts follow the reference `flatten_images` so a public checkpoint's `decoder_pred`
 rows mean the same pixels here.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ def unpatchify(tokens: Tensor, patch: int, chans: int, channel_agnostic: bool) -
     """Inverse of `patchify` for square images: pixel tokens -> (B, C, H, W)."""
     batch = tokens.shape[0]
     per_image = tokens.shape[1] // chans if channel_agnostic else tokens.shape[1]
-    side = int(round(per_image ** 0.5))
+    side = int(round(per_image**0.5))
     if side * side != per_image:
         raise ValueError(f"{per_image} tokens per channel do not form a square grid")
     if channel_agnostic:
@@ -57,9 +58,15 @@ class TokenMask:
     mask: Tensor
 
 
-def random_token_mask(batch: int, length: int, ratio: float, device: torch.device,
-                      generator: torch.Generator | None = None, channels: int = 1,
-                      mode: str = "joint") -> TokenMask:
+def random_token_mask(
+    batch: int,
+    length: int,
+    ratio: float,
+    device: torch.device,
+    generator: torch.Generator | None = None,
+    channels: int = 1,
+    mode: str = "joint",
+) -> TokenMask:
     """Random masking, independent per sample, keeping int(length·(1 - ratio)) tokens.
 
     For channel-by-channel tokens (`channels`=C blocks of length/C; 1 for MAE tokens, where all

@@ -4,6 +4,7 @@ The RxRx1-winning recipe: any timm backbone with the data's channels in its stem
 neck BN1d -> Linear -> ReLU -> BN1d -> Linear -> BN1d, trained with ArcFace mixed with a plain
 softmax cross-entropy.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -23,20 +24,40 @@ UNLABELLED = -1
 
 def embedding_neck(in_features: int, hidden: int, out: int) -> nn.Sequential:
     """BN1d -> Linear -> ReLU -> BN1d -> Linear -> BN1d; its output is the WSL embedding."""
-    return nn.Sequential(nn.BatchNorm1d(in_features), nn.Linear(in_features, hidden), nn.ReLU(inplace=True),
-                         nn.BatchNorm1d(hidden), nn.Linear(hidden, out), nn.BatchNorm1d(out))
+    return nn.Sequential(
+        nn.BatchNorm1d(in_features),
+        nn.Linear(in_features, hidden),
+        nn.ReLU(inplace=True),
+        nn.BatchNorm1d(hidden),
+        nn.Linear(hidden, out),
+        nn.BatchNorm1d(out),
+    )
 
 
-@register_family("wsl", config=WSLConfig, label="WSL", colour="#c0504d",
-                 legacy_keys={"wsl_hidden_dim": "hidden_dim", "wsl_embed_dim": "embed_dim",
-                              **{k: k for k in ("arcface_scale", "arcface_margin", "arcface_weight")}})
+@register_family(
+    "wsl",
+    config=WSLConfig,
+    label="WSL",
+    colour="#c0504d",
+    legacy_keys={
+        "wsl_hidden_dim": "hidden_dim",
+        "wsl_embed_dim": "embed_dim",
+        **{k: k for k in ("arcface_scale", "arcface_margin", "arcface_weight")},
+    },
+)
 class WSLModule(PhenoModule):
     """Perturbation classifier on any timm backbone; `embed()` returns the neck output."""
 
     embedding_submodules = ("backbone", "neck")
 
-    def __init__(self, model_cfg: dict[str, Any], optim_cfg: dict[str, Any], in_chans: int,
-                 num_classes: int = 0, total_steps: int = 1) -> None:
+    def __init__(
+        self,
+        model_cfg: dict[str, Any],
+        optim_cfg: dict[str, Any],
+        in_chans: int,
+        num_classes: int = 0,
+        total_steps: int = 1,
+    ) -> None:
         super().__init__(model_cfg, optim_cfg, in_chans, num_classes, total_steps)
         if num_classes < 2:
             raise ValueError(f"WSLModule needs num_classes >= 2 perturbation labels, got {num_classes}")

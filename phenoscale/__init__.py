@@ -3,6 +3,7 @@
 `phenoscale.embed_images` (raw images -> embeddings frame) loads on first use, so the CLI starts
 without importing torch.
 """
+
 from typing import Any
 
 

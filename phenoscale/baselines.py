@@ -5,6 +5,7 @@ randomly initialised encoder answers "how much comes from the architecture, not 
 Both expose the same `embed(images, pooling, block)` as the LightningModules, so they go through
 exactly the same embedding, alignment and scoring path.
 """
+
 from __future__ import annotations
 
 import torch

@@ -11,6 +11,7 @@
 - `instantiate_callbacks`: the user's `trainer.callbacks` from config.
 - `BatchAudit`: per-rank lines of step and batch checksum (did every rank train, same data?).
 """
+
 from __future__ import annotations
 
 import importlib
@@ -75,13 +76,14 @@ class StepCheckpoint(pl.Callback):
         if trainer.is_global_zero:
             publish_last(path, self.run_dir.checkpoints / LAST)
             if self.keep:
-                for old in self.run_dir.step_checkpoints()[:-self.keep]:
+                for old in self.run_dir.step_checkpoints()[: -self.keep]:
                     old.unlink(missing_ok=True)
         trainer.strategy.barrier("step_checkpoint")
         self.saved_step = step
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
-                           batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         step = trainer.global_step
         # only right after an optimizer step (global_step moved): with gradient accumulation a
         # save between micro-batches would drop their partial gradients yet count their data
@@ -126,12 +128,12 @@ class StopGuard(pl.Callback):
             signal.signal(sig, handler)
         self._previous = {}
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
-                           batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         loss = _loss_of(outputs)
         bad_loss = loss is not None and not bool(torch.isfinite(loss.detach()).all())
-        stop, bad = _all_reduce_max([float(self.received is not None), float(bad_loss)],
-                                    pl_module.device)
+        stop, bad = _all_reduce_max([float(self.received is not None), float(bad_loss)], pl_module.device)
         if bad:
             last = self.checkpoint.run_dir.last_checkpoint
             raise NonFiniteLossError(
@@ -190,8 +192,9 @@ class ProgressLog(pl.Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._since, self._since_step = time.perf_counter(), trainer.global_step
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
-                           batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         step = trainer.global_step
         if step == self._since_step or step % self.every_n_steps:
             return
@@ -200,8 +203,10 @@ class ProgressLog(pl.Callback):
         loss = trainer.callback_metrics.get("train/loss")
         total = trainer.max_steps if trainer.max_steps > 0 else None
         eta = f", ETA {timedelta(seconds=round((total - step) / rate))}" if total and rate > 0 else ""
-        rank_zero_info(f"[phenoscale] step {step}{f'/{total}' if total else ''} epoch {trainer.current_epoch}"
-                       f"{f' train/loss {float(loss):.4g}' if loss is not None else ''}, {rate:.3g} steps/s{eta}")
+        rank_zero_info(
+            f"[phenoscale] step {step}{f'/{total}' if total else ''} epoch {trainer.current_epoch}"
+            f"{f' train/loss {float(loss):.4g}' if loss is not None else ''}, {rate:.3g} steps/s{eta}"
+        )
         self._since, self._since_step = now, step
 
 
@@ -244,8 +249,9 @@ def instantiate_callbacks(specs: Any) -> list[pl.Callback]:
         except (ImportError, AttributeError) as err:
             raise ConfigError(f"{where}: cannot import it ({err})") from None
         if not (isinstance(cls, type) and issubclass(cls, pl.Callback)):
-            raise ConfigError(f"{where}: not a lightning.pytorch.Callback class; class_path must be "
-                              "'package.module.ClassName'")
+            raise ConfigError(
+                f"{where}: not a lightning.pytorch.Callback class; class_path must be 'package.module.ClassName'"
+            )
         try:
             callbacks.append(cls(**OmegaConf.to_container(spec.init_args, resolve=True)))
         except TypeError as err:
@@ -268,12 +274,12 @@ class BatchAudit(pl.Callback):
         self.directory.mkdir(parents=True, exist_ok=True)
         self._file = open(self.directory / f"rank{trainer.global_rank}.tsv", "a", buffering=1)
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
-                           batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         image = batch["image"]
         checksum = int(image.to(torch.int64).sum()) + 7 * int(batch["label"].sum())
-        self._file.write(f"{trainer.global_step}\t{trainer.current_epoch}\t{batch_idx}\t"
-                         f"{image.shape[0]}\t{checksum}\n")
+        self._file.write(f"{trainer.global_step}\t{trainer.current_epoch}\t{batch_idx}\t{image.shape[0]}\t{checksum}\n")
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._file is not None:

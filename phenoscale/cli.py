@@ -4,6 +4,7 @@ Each command module defines `HELP` (one line), `add_arguments(parser)` and `run(
 Adding a command means adding a module and listing it in COMMANDS; nothing else changes.
 Plugins (phenoscale.plugins) are imported before the parser is built.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,8 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
             if err.name != f"phenoscale.commands.{name}":
                 raise
             continue
-        p = sub.add_parser(name, help=module.HELP, description=module.__doc__,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p = sub.add_parser(
+            name, help=module.HELP, description=module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        )
         module.add_arguments(p)
         p.set_defaults(_run=module.run)
     return parser

@@ -6,6 +6,7 @@ or a wrong type fails in a second, before data or model is built, with a message
 key and lists what that section allows (multi-node jobs that die after 10 minutes of queueing
 because of `trainer.max_step` are the failure this prevents).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -48,10 +49,26 @@ LOGGERS = ("csv", "tensorboard", "wandb", "mlflow")
 #: lightning.Trainer arguments phenoscale sets itself (from the keys of TrainerConfig of the same
 #: name, or because the run directory, checkpoints and output depend on them): not for trainer.extra
 OWNED_TRAINER_ARGS = (
-    "accelerator", "devices", "num_nodes", "strategy", "precision", "max_steps", "max_epochs",
-    "accumulate_grad_batches", "gradient_clip_val", "log_every_n_steps", "deterministic",
-    "num_sanity_val_steps", "enable_checkpointing", "default_root_dir", "logger", "callbacks",
-    "plugins", "enable_progress_bar", "enable_model_summary", "enable_autolog_hparams",
+    "accelerator",
+    "devices",
+    "num_nodes",
+    "strategy",
+    "precision",
+    "max_steps",
+    "max_epochs",
+    "accumulate_grad_batches",
+    "gradient_clip_val",
+    "log_every_n_steps",
+    "deterministic",
+    "num_sanity_val_steps",
+    "enable_checkpointing",
+    "default_root_dir",
+    "logger",
+    "callbacks",
+    "plugins",
+    "enable_progress_bar",
+    "enable_model_summary",
+    "enable_autolog_hparams",
 )
 
 
@@ -206,8 +223,9 @@ def _friendly(err: OmegaConfBaseException, source: str, family: str) -> ConfigEr
     return ConfigError(f"{source}: {what}.\nAllowed keys of {where}:\n{allowed_keys(section, family)}")
 
 
-def load_config(paths: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
-                overrides: Sequence[str] = ()) -> ExperimentConfig:
+def load_config(
+    paths: str | os.PathLike | Sequence[str | os.PathLike] | None = None, overrides: Sequence[str] = ()
+) -> ExperimentConfig:
     """Defaults <- YAML file(s), in order <- dotlist overrides (`trainer.max_steps=10`), validated.
 
     Several files layer like the overrides do (e.g. a paper model file, then a data/site file).
@@ -231,8 +249,10 @@ def load_config(paths: str | os.PathLike | Sequence[str | os.PathLike] | None = 
             raise ConfigError(f"override {item!r}: expected key=value, e.g. trainer.max_steps=100")
         layers.append((f"override {item!r}", OmegaConf.from_dotlist([item])))
     # the family decides which model.<family> section the schema has: the last layer that names it
-    family = next((f for _, layer in reversed(layers) if (f := OmegaConf.select(layer, "model.family")) is not None),
-                  ModelConfig.family)
+    family = next(
+        (f for _, layer in reversed(layers) if (f := OmegaConf.select(layer, "model.family")) is not None),
+        ModelConfig.family,
+    )
     try:
         cfg = schema(family)
     except ValueError as err:
@@ -323,16 +343,20 @@ def check_trainer_extra(extra: Any) -> None:
             hint = f"set trainer.{key} instead" if key in own else "phenoscale sets it itself"
             raise ConfigError(f"trainer.extra.{key}: {hint}.\nAllowed keys of trainer.extra: {', '.join(allowed)}")
         if key not in accepted:
-            raise ConfigError(f"trainer.extra.{key}: not an argument of lightning.Trainer "
-                              f"{pl.__version__}.\nAllowed keys of trainer.extra: {', '.join(allowed)}")
+            raise ConfigError(
+                f"trainer.extra.{key}: not an argument of lightning.Trainer "
+                f"{pl.__version__}.\nAllowed keys of trainer.extra: {', '.join(allowed)}"
+            )
 
 
 def require_complete(cfg: Any) -> None:
     """Mandatory values ('???' in the defaults) must be set before a run starts."""
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
-        raise ConfigError(f"missing mandatory values: {', '.join(missing)} (set them in the "
-                          "experiment YAML or as key=value overrides)")
+        raise ConfigError(
+            f"missing mandatory values: {', '.join(missing)} (set them in the "
+            "experiment YAML or as key=value overrides)"
+        )
 
 
 @dataclass(frozen=True)
@@ -366,15 +390,24 @@ def plan_batch(cfg: Any, per_device: int, devices: int, num_nodes: int) -> Batch
     rule = LRRule(cfg.scaling.lr_rule)
     ratio = effective / cfg.scaling.base_batch_size
     factor = {LRRule.none: 1.0, LRRule.linear: ratio, LRRule.sqrt: math.sqrt(ratio)}[rule]
-    plan = BatchPlan(per_device, devices, num_nodes, accumulate, effective,
-                     cfg.scaling.base_batch_size, rule.value, float(cfg.optim.lr),
-                     float(cfg.optim.lr) * factor)
+    plan = BatchPlan(
+        per_device,
+        devices,
+        num_nodes,
+        accumulate,
+        effective,
+        cfg.scaling.base_batch_size,
+        rule.value,
+        float(cfg.optim.lr),
+        float(cfg.optim.lr) * factor,
+    )
     for name, derived in (("effective_batch_size", plan.effective), ("lr", plan.lr)):
         given = cfg.scaling[name]
         if given is not None and not math.isclose(float(given), float(derived), rel_tol=1e-6):
             # a config.yaml saved by a run on another topology: recompute, but say so
-            warnings.warn(f"scaling.{name}={given} is derived, not an input; using {derived} "
-                          f"({plan.describe()})", stacklevel=2)
+            warnings.warn(
+                f"scaling.{name}={given} is derived, not an input; using {derived} ({plan.describe()})", stacklevel=2
+            )
     cfg.scaling.effective_batch_size = plan.effective
     cfg.scaling.lr = plan.lr
     return plan

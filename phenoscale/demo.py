@@ -8,6 +8,7 @@ scores known-relationship recall with and without TVN alignment. It also runs th
 5-channel subset and a permuted channel order (the channel-agnostic claim) and scores every
 block of the MAE encoder (the intermediate-layer finding). Everything lands in OUT.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -98,9 +99,14 @@ def demo_eval_config(screen: Screen) -> EvalConfig:
     Alignment batches are experiments: each holds ~140 control wells, enough for TVN's per-batch
     control covariance (a plate's ~45 are few for 128 dimensions).
     """
-    return EvalConfig(annotations=[str(screen.relationships)], alignment=["tvn", "none"],
-                      batch_column="experiment", benchmarks=["recall", "consistency"], clusters=None,
-                      truth_dir=str(screen.truth))
+    return EvalConfig(
+        annotations=[str(screen.relationships)],
+        alignment=["tvn", "none"],
+        batch_column="experiment",
+        benchmarks=["recall", "consistency"],
+        clusters=None,
+        truth_dir=str(screen.truth),
+    )
 
 
 def run_demo(settings: DemoSettings) -> pl.DataFrame:
@@ -113,8 +119,12 @@ def run_demo(settings: DemoSettings) -> pl.DataFrame:
     trained: dict[str, torch.nn.Module] = {}
     embedded: dict[str, Path] = {}
     for name in settings.models:
-        overrides = [f"data.train_shards={screen.shards}", f"run.run_dir={out / name}",
-                     f"run.seed={settings.seed}", *settings.overrides]
+        overrides = [
+            f"data.train_shards={screen.shards}",
+            f"run.run_dir={out / name}",
+            f"run.seed={settings.seed}",
+            *settings.overrides,
+        ]
         if settings.max_steps is not None:
             overrides.append(f"trainer.max_steps={settings.max_steps}")
         cfg = load_config(demo_config(name), overrides)
@@ -124,21 +134,35 @@ def run_demo(settings: DemoSettings) -> pl.DataFrame:
         crop = cfg.model.img_size
         trained[name] = model
         precision = embed_precision(name)
-        embeddings = embed_model(model, eval_data_config(screen.shards, crop), out / "embeddings" / f"{name}.parquet",
-                                 precision=precision)
+        embeddings = embed_model(
+            model, eval_data_config(screen.shards, crop), out / "embeddings" / f"{name}.parquet", precision=precision
+        )
         embedded[name] = embeddings
-        rows.append(DemoRow(name, score(embeddings, eval_cfg, out / "eval" / name), fitted.global_step,
-                            fitted.global_step * cfg.scaling.effective_batch_size, seconds, precision))
+        rows.append(
+            DemoRow(
+                name,
+                score(embeddings, eval_cfg, out / "eval" / name),
+                fitted.global_step,
+                fitted.global_step * cfg.scaling.effective_batch_size,
+                seconds,
+                precision,
+            )
+        )
     references = {"image_stats": ImageStatistics()}
     for name in (m for m in settings.models if lightning_modules.get_family(m).self_supervised):
         cfg = load_config(demo_config(name), [f"data.train_shards={screen.shards}", *settings.overrides])
         torch.manual_seed(settings.seed)
-        references[random_init_name(name)] = lightning_modules.build_module(cfg.model, cfg.optim,
-                                                                            in_chans=len(CHANNELS))
+        references[random_init_name(name)] = lightning_modules.build_module(
+            cfg.model, cfg.optim, in_chans=len(CHANNELS)
+        )
     for name, model in references.items():
         precision = embed_precision(name)
-        embeddings = embed_model(model.eval(), eval_data_config(screen.shards, crop or 64),
-                                 out / "embeddings" / f"{name}.parquet", precision=precision)
+        embeddings = embed_model(
+            model.eval(),
+            eval_data_config(screen.shards, crop or 64),
+            out / "embeddings" / f"{name}.parquet",
+            precision=precision,
+        )
         rows.append(DemoRow(name, score(embeddings, eval_cfg, out / "eval" / name), precision=precision))
     channels = channel_generalisation(trained.get("camae"), embedded.get("camae"), screen, crop, eval_cfg, out)
     order = channel_order_check(trained.get("camae"), screen, crop)
@@ -156,24 +180,43 @@ def recall_table(rows: list[DemoRow]) -> pl.DataFrame:
         for source in recall["source"].unique(maintain_order=True):
             part = recall.filter(pl.col("source") == source)
             by_alignment = dict(zip(part["alignment"], part["recall"]))
-            records.append({"embedder": label(row.name), "source": source,
-                            "recall_none": by_alignment.get("none"), "recall_tvn": by_alignment.get("tvn"),
-                            "steps": row.steps, "crops_seen": row.crops_seen,
-                            "train_minutes": round(row.train_seconds / 60, 2), "embed_precision": row.precision})
+            records.append(
+                {
+                    "embedder": label(row.name),
+                    "source": source,
+                    "recall_none": by_alignment.get("none"),
+                    "recall_tvn": by_alignment.get("tvn"),
+                    "steps": row.steps,
+                    "crops_seen": row.crops_seen,
+                    "train_minutes": round(row.train_seconds / 60, 2),
+                    "embed_precision": row.precision,
+                }
+            )
     oracle = rows[0].result.oracle
     if oracle is not None:
         scored = {r["source"] for r in records}
-        first = oracle.filter((pl.col("threshold_low") == oracle["threshold_low"].min())
-                              & pl.col("source").is_in(list(scored)))
+        first = oracle.filter(
+            (pl.col("threshold_low") == oracle["threshold_low"].min()) & pl.col("source").is_in(list(scored))
+        )
         for source, value in zip(first["source"], first["recall"]):
-            records.append({"embedder": label("oracle"), "source": source, "recall_none": value,
-                            "recall_tvn": value, "steps": 0, "crops_seen": 0, "train_minutes": 0.0,
-                            "embed_precision": None})
+            records.append(
+                {
+                    "embedder": label("oracle"),
+                    "source": source,
+                    "recall_none": value,
+                    "recall_tvn": value,
+                    "steps": 0,
+                    "crops_seen": 0,
+                    "train_minutes": 0.0,
+                    "embed_precision": None,
+                }
+            )
     return pl.DataFrame(records)
 
 
-def channel_generalisation(camae: torch.nn.Module | None, as_trained: Path | None, screen: Screen, crop: int,
-                           eval_cfg: EvalConfig, out: Path) -> pl.DataFrame:
+def channel_generalisation(
+    camae: torch.nn.Module | None, as_trained: Path | None, screen: Screen, crop: int, eval_cfg: EvalConfig, out: Path
+) -> pl.DataFrame:
     """CA-MAE recall on all 6 channels and a 5-channel subset (no retraining).
 
     The 6-channel row scores `as_trained`, the CA-MAE's own embeddings, instead of embedding again;
@@ -188,8 +231,12 @@ def channel_generalisation(camae: torch.nn.Module | None, as_trained: Path | Non
             embeddings = as_trained
         else:
             path = out / "embeddings" / f"camae_{len(channels)}ch_{'_'.join(c[:3] for c in channels)}.parquet"
-            embeddings = embed_model(camae, eval_data_config(screen.shards, crop, channels=channels), path,
-                                     precision=embed_precision("camae"))
+            embeddings = embed_model(
+                camae,
+                eval_data_config(screen.shards, crop, channels=channels),
+                path,
+                precision=embed_precision("camae"),
+            )
         for r in recall_rows(score(embeddings, eval_cfg)).iter_rows(named=True):
             records.append({"channels": label, "embeddings": str(embeddings), **r})
     return pl.DataFrame(records)
@@ -211,12 +258,16 @@ def channel_order_check(camae: torch.nn.Module | None, screen: Screen, crop: int
             reversed_order.append(embed_batch(model, batch["image"].flip(1), device, bf16).double().cpu())
     a, b = torch.cat(original), torch.cat(reversed_order)
     per_crop = (b - a).norm(dim=1) / a.norm(dim=1)
-    return {"crops": len(a), "relative_difference": float((b - a).norm() / a.norm()),
-            "worst_crop_relative_difference": float(per_crop.max())}
+    return {
+        "crops": len(a),
+        "relative_difference": float((b - a).norm() / a.norm()),
+        "worst_crop_relative_difference": float(per_crop.max()),
+    }
 
 
-def block_scan(mae: torch.nn.Module | None, as_trained: Path | None, screen: Screen, crop: int,
-               eval_cfg: EvalConfig, out: Path) -> pl.DataFrame:
+def block_scan(
+    mae: torch.nn.Module | None, as_trained: Path | None, screen: Screen, crop: int, eval_cfg: EvalConfig, out: Path
+) -> pl.DataFrame:
     """MAE recall from every encoder block's output (Phenom-2 picks an intermediate block).
 
     The block the MAE embeds with by default scores `as_trained`, its own embeddings.

@@ -1,4 +1,5 @@
 """The demo's report: the recall table, and the figures people read it by (OUT/report.md)."""
+
 from __future__ import annotations
 
 import json
@@ -46,8 +47,14 @@ def plot_blocks(blocks: pl.DataFrame, path: Path) -> Path:
     return save_figure(fig, path)
 
 
-def write_demo_report(out: Path, table: pl.DataFrame, channels: pl.DataFrame, blocks: pl.DataFrame,
-                      settings: Any, order: dict[str, float] | None = None) -> Path:
+def write_demo_report(
+    out: Path,
+    table: pl.DataFrame,
+    channels: pl.DataFrame,
+    blocks: pl.DataFrame,
+    settings: Any,
+    order: dict[str, float] | None = None,
+) -> Path:
     """OUT/report.md, the tables behind it (recall_table, channel_generalisation and
     recall_by_block .parquet, channel_order_check.json) and the figures."""
     table.write_parquet(out / "recall_table.parquet")
@@ -57,27 +64,40 @@ def write_demo_report(out: Path, table: pl.DataFrame, channels: pl.DataFrame, bl
         if frame.height:
             frame.write_parquet(out / f"{name}.parquet")
     figures = {"Recall per embedder": plot_recall_by_embedder(table, out / "recall_by_embedder.png")}
-    lines = ["# phenoscale demo", "",
-             f"Synthetic screen: {settings.genes} genes, seed {settings.seed} (`{out / 'screen'}`). "
-             "Recall of the planted relationships at the (0.05, 0.95) percentiles of all gene pairs; "
-             "random = 0.10. Training budgets are given per model; `embed_precision` is that of each "
-             "embedder's embed() pass (see phenoscale.demo.EMBED_PRECISION).", "",
-             markdown(table), ""]
+    lines = [
+        "# phenoscale demo",
+        "",
+        f"Synthetic screen: {settings.genes} genes, seed {settings.seed} (`{out / 'screen'}`). "
+        "Recall of the planted relationships at the (0.05, 0.95) percentiles of all gene pairs; "
+        "random = 0.10. Training budgets are given per model; `embed_precision` is that of each "
+        "embedder's embed() pass (see phenoscale.demo.EMBED_PRECISION).",
+        "",
+        markdown(table),
+        "",
+    ]
     if channels.height:
         wide = channels.filter(pl.col("alignment") == "tvn").select("channels", "source", "recall")
         lines += ["## Channel generalisation (CA-MAE, no retraining)", "", markdown(wide), ""]
     if order is not None:
-        lines += [f"Stains in reversed order: the CA-MAE's embeddings of {order['crops']} crops differ from the "
-                  f"original order by {order['relative_difference']:.1e} (relative; worst crop "
-                  f"{order['worst_crop_relative_difference']:.1e}): equal up to summation order, as the "
-                  "channel-agnostic encoder is by construction.", ""]
+        lines += [
+            f"Stains in reversed order: the CA-MAE's embeddings of {order['crops']} crops differ from the "
+            f"original order by {order['relative_difference']:.1e} (relative; worst crop "
+            f"{order['worst_crop_relative_difference']:.1e}): equal up to summation order, as the "
+            "channel-agnostic encoder is by construction.",
+            "",
+        ]
     if blocks.height:
         tvn = blocks.filter(pl.col("alignment") == "tvn")
         best = tvn.sort("recall", descending=True, nulls_last=True).row(0, named=True)
         figures["Recall per MAE encoder block"] = plot_blocks(blocks, out / "recall_by_block.png")
-        lines += ["## Intermediate layers (MAE)", "",
-                  f"Best block: {best['block']} (recall {best['recall']:.3f} with TVN).", "",
-                  markdown(tvn.select("block", "source", "recall")), ""]
+        lines += [
+            "## Intermediate layers (MAE)",
+            "",
+            f"Best block: {best['block']} (recall {best['recall']:.3f} with TVN).",
+            "",
+            markdown(tvn.select("block", "source", "recall")),
+            "",
+        ]
     for title, path in figures.items():
         lines += [f"## {title}", "", f"![{title}]({path.name})", ""]
     lines += ["Per-model EFAAR reports: `eval/<name>/report.md`.", ""]

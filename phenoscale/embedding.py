@@ -8,6 +8,7 @@ order, as a polars stream, checks every site is there once, and removes the part
 rank is O(its sites x D), and nothing is all-reduced: at RxRx3 scale the old n_sites x D
 float64 buffer on every rank was tens of GB. The parts must be on a filesystem every rank sees.
 """
+
 from __future__ import annotations
 
 import os
@@ -34,9 +35,16 @@ STORAGE_COLUMNS = ("shard", "height", "width", "dtype")
 _PART = re.compile(r"rank(\d{5})-of-(\d{5})\.parquet")
 
 
-def site_embeddings(model: Any, loader: Any, n_sites: int, device: torch.device,
-                    pooling: str | None, block: int | None, progress: bool = True, bf16: bool = False
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+def site_embeddings(
+    model: Any,
+    loader: Any,
+    n_sites: int,
+    device: torch.device,
+    pooling: str | None,
+    block: int | None,
+    progress: bool = True,
+    bf16: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(n_sites, D) sums of crop embeddings and (n_sites,) crop counts seen by this rank.
 
     The dense form of `rank_site_sums` for callers that want whole-manifest tensors; embed_model
@@ -64,8 +72,16 @@ def parts_directory(out: str | os.PathLike) -> Path:
     return out.with_name(out.name + ".parts")
 
 
-def embed_model(model: Any, data_cfg: Any, out: str | os.PathLike, pooling: str | None = None,
-                block: int | None = None, seed: int = 0, precision: str = "32", merge: bool = True) -> Path | None:
+def embed_model(
+    model: Any,
+    data_cfg: Any,
+    out: str | os.PathLike,
+    pooling: str | None = None,
+    block: int | None = None,
+    seed: int = 0,
+    precision: str = "32",
+    merge: bool = True,
+) -> Path | None:
     """Write OUT (parquet: manifest metadata + `embedding`); returns OUT on rank 0, else None.
 
     `model`: anything with embed() (see lightning_modules.load_pretrained); `precision`: "32", "bf16"
@@ -85,8 +101,9 @@ def embed_model(model: Any, data_cfg: Any, out: str | os.PathLike, pooling: str 
         model = model.to(device).eval()
         datamodule = datamodules.build_datamodule(data_cfg, seed=seed)
         manifest: pl.DataFrame = datamodule.manifest
-        sites = rank_site_sums(model, datamodule.eval_dataloader(), device, pooling, [block], bf16,
-                               progress=env.global_rank == 0)
+        sites = rank_site_sums(
+            model, datamodule.eval_dataloader(), device, pooling, [block], bf16, progress=env.global_rank == 0
+        )
         write_part(out, manifest, sites, block, env.global_rank, env.world_size)
         if dist.is_initialized():
             dist.barrier()  # every part is on disk before rank 0 reads them
@@ -98,8 +115,9 @@ def embed_model(model: Any, data_cfg: Any, out: str | os.PathLike, pooling: str 
     return merge_parts(out, manifest)
 
 
-def write_part(out: str | os.PathLike, manifest: pl.DataFrame, sites: SiteSums, block: int | None,
-               rank: int, world: int) -> Path:
+def write_part(
+    out: str | os.PathLike, manifest: pl.DataFrame, sites: SiteSums, block: int | None, rank: int, world: int
+) -> Path:
     """This rank's rows of OUT as OUT.parts/rank<r>-of-<w>.parquet (none if it saw no site)."""
     path = parts_directory(out) / f"rank{rank:05d}-of-{world:05d}.parquet"
     if not len(sites.rows):
@@ -123,9 +141,11 @@ def merge_parts(out: str | os.PathLike, manifest: pl.DataFrame) -> Path:
     if not keys.equals(manifest["key"]):
         missing = manifest.height - keys.n_unique()
         if missing:
-            raise RuntimeError(f"{missing} of {manifest.height} sites got no crop embedding in {directory}; "
-                               "the evaluation loader must visit every site and every rank must write its part "
-                               "where rank 0 can read it")
+            raise RuntimeError(
+                f"{missing} of {manifest.height} sites got no crop embedding in {directory}; "
+                "the evaluation loader must visit every site and every rank must write its part "
+                "where rank 0 can read it"
+            )
         raise RuntimeError(f"the parts in {directory} are not in manifest order")
     atomic_write(out, lambda tmp: lazy.sink_parquet(tmp))
     shutil.rmtree(directory)

@@ -4,6 +4,7 @@ The model itself is written by `lightning_modules.export`; this module adds what
 knows: the stains in channel order, what the model was trained on and how well it recalls known
 relationships (the newest `phenoscale evaluate` metrics.json of the run, or one given).
 """
+
 from __future__ import annotations
 
 import json
@@ -33,8 +34,12 @@ def training_data(run: RunDir | None) -> tuple[list[str] | None, dict[str, Any]]
     shard_dir = Path(data.train_shards)
     if shard_dir.is_dir() and (shard_dir / "manifest.parquet").is_file():
         manifest = datamodules.read_manifest(shard_dir)
-        facts.update(sites=manifest.height, experiments=manifest["experiment"].n_unique(),
-                     perturbations=manifest["perturbation"].n_unique(), cell_types=sorted(manifest["cell_type"].unique()))
+        facts.update(
+            sites=manifest.height,
+            experiments=manifest["experiment"].n_unique(),
+            perturbations=manifest["perturbation"].n_unique(),
+            cell_types=sorted(manifest["cell_type"].unique()),
+        )
         channels = channels or list(manifest["channels"][0])
     return channels, facts
 
@@ -50,28 +55,46 @@ def recall_metrics(run: RunDir | None, metrics: Path | None) -> tuple[Path | Non
     return metrics, {k: v for k, v in summary.items() if "recall" in k and v is not None}
 
 
-def model_card(module: Any, checkpoint: Path, channels: list[str] | None, facts: dict[str, Any],
-               metrics_path: Path | None, recall: dict[str, float], encoder_only: bool,
-               hub_repo: str | None = None) -> str:
+def model_card(
+    module: Any,
+    checkpoint: Path,
+    channels: list[str] | None,
+    facts: dict[str, Any],
+    metrics_path: Path | None,
+    recall: dict[str, float],
+    encoder_only: bool,
+    hub_repo: str | None = None,
+) -> str:
     """README.md of the export: what the model is, takes, was trained on and scores."""
     cfg = module.model_cfg
     lines = [
-        "---", "library_name: phenoscale", "tags: [microscopy, cell-painting, phenomics]", "---", "",
-        f"# {cfg.family.upper()} {cfg.backbone}", "",
+        "---",
+        "library_name: phenoscale",
+        "tags: [microscopy, cell-painting, phenomics]",
+        "---",
+        "",
+        f"# {cfg.family.upper()} {cfg.backbone}",
+        "",
         f"Exported by `phenoscale export` from `{checkpoint.name}`"
-        + (" (encoder only: embeddings, no reconstruction)." if encoder_only else "."), "",
-        "```python", "from lightning_modules import load_pretrained",
+        + (" (encoder only: embeddings, no reconstruction)." if encoder_only else "."),
+        "",
+        "```python",
+        "from lightning_modules import load_pretrained",
         f'model = load_pretrained("hf://{hub_repo or "ORG/REPO"}")  # or this folder',
         "emb = model.embed(images)  # raw uint8/uint16 (B, C, H, W)",
-        "```", "",
-        "## Inputs", "",
+        "```",
+        "",
+        "## Inputs",
+        "",
         f"- channels, in order: {', '.join(channels) if channels else 'not recorded'} ({module.in_chans} at training)",
         f"- crops of {cfg.img_size} x {cfg.img_size} px, raw integer pixels; the model self-standardises "
         "(divide by the dtype maximum, per-image per-channel instance norm)",
         f"- embedding: pooling `{cfg.embed_pooling}`, "
         f"block {cfg.embed_block if cfg.embed_block is not None else 'last'}; "
-        f"MLP-bias layout `{cfg.mlp_bias_layout}`", "",
-        "## Training data", "",
+        f"MLP-bias layout `{cfg.mlp_bias_layout}`",
+        "",
+        "## Training data",
+        "",
     ]
     if facts:
         lines += [f"- {key.replace('_', ' ')}: {value}" for key, value in facts.items()]
@@ -86,9 +109,15 @@ def model_card(module: Any, checkpoint: Path, channels: list[str] | None, facts:
     return "\n".join(lines) + "\n"
 
 
-def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, encoder_only: bool = False,
-                      channels: list[str] | None = None, metrics: str | Path | None = None,
-                      hub_repo: str | None = None) -> Path:
+def export_checkpoint(
+    checkpoint: str | Path,
+    out_dir: str | Path,
+    *,
+    encoder_only: bool = False,
+    channels: list[str] | None = None,
+    metrics: str | Path | None = None,
+    hub_repo: str | None = None,
+) -> Path:
     """Write OUT_DIR/{model.safetensors, config.json, README.md} for `checkpoint`; returns OUT_DIR."""
     checkpoint = Path(checkpoint)
     module = lightning_modules.load_pretrained(checkpoint)
@@ -99,6 +128,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, encoder_on
         raise ValueError(f"{len(channels)} channels {channels} given for a model trained on {module.in_chans}")
     metrics_path, recall = recall_metrics(run, Path(metrics) if metrics else None)
     out = write_export(module, out_dir, channels=channels, encoder_only=encoder_only)
-    (out / CARD).write_text(model_card(module, checkpoint, channels, facts, metrics_path, recall, encoder_only,
-                                               hub_repo))
+    (out / CARD).write_text(
+        model_card(module, checkpoint, channels, facts, metrics_path, recall, encoder_only, hub_repo)
+    )
     return out

@@ -4,6 +4,7 @@ The order matters: everything that can be wrong with the request (config keys an
 launcher topology, an existing run that would be overwritten) is checked before shards are
 opened or a model is built, so a 64-GPU job fails in seconds, not after queueing and warm-up.
 """
+
 from __future__ import annotations
 
 import os
@@ -67,8 +68,10 @@ def agree_with_launcher(name: str, configured: str, launched: str | None) -> str
         return configured
     if configured == "auto":
         return launched
-    raise LaunchMismatchError(f"trainer.{name}={configured!r} but fabric run was given --{name} {launched}; "
-                              "set one of them to match (or the config's to auto)")
+    raise LaunchMismatchError(
+        f"trainer.{name}={configured!r} but fabric run was given --{name} {launched}; "
+        "set one of them to match (or the config's to auto)"
+    )
 
 
 @dataclass(frozen=True)
@@ -94,15 +97,20 @@ def choose_device(t: Any, env: LaunchEnv) -> DeviceChoice:
         raise ConfigError(f"trainer.precision: {err}") from None
     strategy = agree_with_launcher("strategy", t.strategy, env.strategy)
     if env.launcher != NO_LAUNCHER and strategy in SPAWNING_STRATEGIES:
-        raise LaunchMismatchError(f"trainer.strategy={strategy!r} starts its own processes, but {env.launcher} "
-                                  "already started them: use ddp (or auto)")
+        raise LaunchMismatchError(
+            f"trainer.strategy={strategy!r} starts its own processes, but {env.launcher} "
+            "already started them: use ddp (or auto)"
+        )
     return DeviceChoice(accelerator, device_type, precision, strategy)
 
 
 def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
     if isinstance(old, dict) and isinstance(new, dict):
-        return [k for key in sorted(set(old) | set(new))
-                for k in _changed_keys(old.get(key), new.get(key), f"{prefix}{key}.")]
+        return [
+            k
+            for key in sorted(set(old) | set(new))
+            for k in _changed_keys(old.get(key), new.get(key), f"{prefix}{key}.")
+        ]
     return [prefix.rstrip(".")] if old != new else []
 
 
@@ -113,8 +121,10 @@ def _record_config(cfg: Any, run_dir: RunDir, resuming: bool) -> None:
         new = OmegaConf.to_container(OmegaConf.create(to_yaml(cfg)))
         changed = [k for k in _changed_keys(old, new) if not k.startswith("scaling.")]
         if changed:
-            rank_zero_warn(f"resuming {run_dir.root} with a changed config: {', '.join(changed)} "
-                           "(previous config kept as config.previous.yaml)")
+            rank_zero_warn(
+                f"resuming {run_dir.root} with a changed config: {', '.join(changed)} "
+                "(previous config kept as config.previous.yaml)"
+            )
             os.replace(run_dir.config, run_dir.root / "config.previous.yaml")
     save_config(cfg, run_dir.config)
 
@@ -129,9 +139,16 @@ def progress_bar_refresh_rate(t: Any) -> int:
     return max(1, t.log_every_n_steps // 10)
 
 
-def build_trainer(cfg: Any, env: LaunchEnv, run_dir: RunDir, devices: int, num_nodes: int,
-                  datamodule: datamodules.ShardDataModule, choice: DeviceChoice,
-                  user_callbacks: list[pl.Callback]) -> tuple[pl.Trainer, StopGuard]:
+def build_trainer(
+    cfg: Any,
+    env: LaunchEnv,
+    run_dir: RunDir,
+    devices: int,
+    num_nodes: int,
+    datamodule: datamodules.ShardDataModule,
+    choice: DeviceChoice,
+    user_callbacks: list[pl.Callback],
+) -> tuple[pl.Trainer, StopGuard]:
     """The Trainer with atomic checkpoints, preemption handling, loggers and progress; the user's
     callbacks run after phenoscale's own, trainer.extra is passed through as checked by the config."""
     t = cfg.trainer
@@ -188,16 +205,22 @@ def fit(cfg: Any, environ: dict[str, str] | None = None) -> FitResult:
     run_dir = RunDir(cfg.run.run_dir)
     last = run_dir.last_checkpoint
     if last is not None and not cfg.run.resume:
-        raise ConfigError(f"{run_dir.root} already holds {last}; pass run.resume=true to continue "
-                          "it or choose another run.run_dir (runs are never overwritten)")
+        raise ConfigError(
+            f"{run_dir.root} already holds {last}; pass run.resume=true to continue "
+            "it or choose another run.run_dir (runs are never overwritten)"
+        )
     choice = choose_device(cfg.trainer, env)
     check_available(list(cfg.trainer.loggers))
     user_callbacks = instantiate_callbacks(cfg.trainer.callbacks)
     plan = plan_batch(cfg, cfg.data.batch_size, devices, num_nodes)
-    rank_zero_info(f"[phenoscale] {env.launcher} launch, world size {env.world_size}: "
-                   f"{devices} devices x {num_nodes} nodes; {plan.describe()}")
-    rank_zero_info(f"[phenoscale] precision {choice.precision} on {choice.device_type} "
-                   f"(trainer.precision={cfg.trainer.precision}; {hardware.numerics(choice.device_type).describe()})")
+    rank_zero_info(
+        f"[phenoscale] {env.launcher} launch, world size {env.world_size}: "
+        f"{devices} devices x {num_nodes} nodes; {plan.describe()}"
+    )
+    rank_zero_info(
+        f"[phenoscale] precision {choice.precision} on {choice.device_type} "
+        f"(trainer.precision={cfg.trainer.precision}; {hardware.numerics(choice.device_type).describe()})"
+    )
     hardware.configure_device(choice.device_type)
     pl.seed_everything(cfg.run.seed, workers=True)
     if env.is_distributed:
@@ -216,23 +239,38 @@ def fit(cfg: Any, environ: dict[str, str] | None = None) -> FitResult:
     steps = _total_steps(cfg, datamodule)
     optim = OmegaConf.merge(cfg.optim, {"lr": plan.lr})
     module = lightning_modules.build_module(
-        cfg.model, optim, in_chans=datamodule.in_chans, num_classes=datamodule.num_classes,
+        cfg.model,
+        optim,
+        in_chans=datamodule.in_chans,
+        num_classes=datamodule.num_classes,
         total_steps=steps,
     )
-    params, encoder_params, flops_per_crop = model_size(cfg.model, optim, datamodule.in_chans,
-                                                        datamodule.num_classes)
+    params, encoder_params, flops_per_crop = model_size(cfg.model, optim, datamodule.in_chans, datamodule.num_classes)
     module.flops_per_batch = flops_per_crop * cfg.data.batch_size  # read by the Throughput callback
-    rank_zero_info(f"[phenoscale] {type(module).__name__}: {params / 1e6:.3g} M parameters "
-                   f"({encoder_params / 1e6:.3g} M embedding trunk), {flops_per_crop / 1e9:.3g} GFLOPs "
-                   f"per training crop (forward + backward); {_mfu_basis(cfg.trainer, choice)}")
+    rank_zero_info(
+        f"[phenoscale] {type(module).__name__}: {params / 1e6:.3g} M parameters "
+        f"({encoder_params / 1e6:.3g} M embedding trunk), {flops_per_crop / 1e9:.3g} GFLOPs "
+        f"per training crop (forward + backward); {_mfu_basis(cfg.trainer, choice)}"
+    )
     # identical initial weights on every rank (above), then a rank-specific stream for what the
     # model draws during training (MAE masks, drop-path): N ranks should not mask alike
     torch.manual_seed(cfg.run.seed + 1_000_003 * trainer.global_rank)
-    log_config(trainer.loggers, cfg, {"effective_batch_size": plan.effective, "lr": plan.lr,
-                                      "lr_rule": plan.rule, "world_size": plan.devices * plan.num_nodes,
-                                      "precision": choice.precision, "device_type": choice.device_type,
-                                      "flops_per_crop": flops_per_crop, "in_chans": datamodule.in_chans,
-                                      "num_classes": datamodule.num_classes, "total_steps": steps})
+    log_config(
+        trainer.loggers,
+        cfg,
+        {
+            "effective_batch_size": plan.effective,
+            "lr": plan.lr,
+            "lr_rule": plan.rule,
+            "world_size": plan.devices * plan.num_nodes,
+            "precision": choice.precision,
+            "device_type": choice.device_type,
+            "flops_per_crop": flops_per_crop,
+            "in_chans": datamodule.in_chans,
+            "num_classes": datamodule.num_classes,
+            "total_steps": steps,
+        },
+    )
     if last is not None:
         rank_zero_info(f"[phenoscale] resuming from {last}")
     if cfg.trainer.compile:  # Lightning unwraps the compiled module for checkpoints and hooks
@@ -244,15 +282,21 @@ def fit(cfg: Any, environ: dict[str, str] | None = None) -> FitResult:
         warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
         # Lightning's CombinedLoader builds torch's deprecated LeafSpec at every fit; nothing a user
         # can change, so only that message from only that Lightning module is silenced
-        warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
-                                category=FutureWarning, module=r"lightning\.pytorch\.utilities\._pytree")
+        warnings.filterwarnings(
+            "ignore",
+            message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+            category=FutureWarning,
+            module=r"lightning\.pytorch\.utilities\._pytree",
+        )
         try:
             trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if last else None, weights_only=False)
         finally:
             finish_loggers(trainer.loggers)
     if guard.stopped_by_signal:
-        rank_zero_info(f"[phenoscale] stopped at step {trainer.global_step} after a preemption "
-                       f"signal; checkpoint saved. Rerun the same command to resume.")
+        rank_zero_info(
+            f"[phenoscale] stopped at step {trainer.global_step} after a preemption "
+            f"signal; checkpoint saved. Rerun the same command to resume."
+        )
     return FitResult(run_dir.root, trainer.global_step, guard.stopped_by_signal, last)
 
 
@@ -269,6 +313,8 @@ def _mfu_basis(t: Any, choice: DeviceChoice) -> str:
     if t.peak_flops is not None:
         return f"MFU against trainer.peak_flops={t.peak_flops:.3g} FLOP/s per device"
     if choice.device_type == "cpu":
-        return ("no MFU: Lightning knows no peak FLOP/s for CPUs; set trainer.peak_flops (FLOP/s per "
-                "process, e.g. from a large-matmul benchmark) to log it")
+        return (
+            "no MFU: Lightning knows no peak FLOP/s for CPUs; set trainer.peak_flops (FLOP/s per "
+            "process, e.g. from a large-matmul benchmark) to log it"
+        )
     return "MFU against Lightning's peak FLOP/s table for this device"

@@ -5,6 +5,7 @@ under every cell, the models (each an experiment file plus overrides) and the tr
 in crops seen. `phenoscale scaling` fits and evaluates every cell; `phenoscale plan --grid`
 prices it. Cells are numbered so a SLURM array job can run one cell per task.
 """
+
 from __future__ import annotations
 
 import math
@@ -87,8 +88,10 @@ def load_grid(path: str | Path) -> GridConfig:
         cfg = OmegaConf.merge(OmegaConf.structured(GridConfig), OmegaConf.load(path))
         grid: GridConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
     except OmegaConfBaseException as err:
-        raise ConfigError(f"{path}: {err.msg} (key '{err.full_key}'); allowed top-level keys: "
-                          f"{', '.join(GridConfig.__dataclass_fields__)}") from None
+        raise ConfigError(
+            f"{path}: {err.msg} (key '{err.full_key}'); allowed top-level keys: "
+            f"{', '.join(GridConfig.__dataclass_fields__)}"
+        ) from None
     except ValueError as err:  # a value the plan's dataclasses refuse (hardware.gpu, hardware.mfu, ...)
         raise ConfigError(f"{path}: {err}") from None
     if not grid.models or not grid.crops:
@@ -102,8 +105,11 @@ def load_grid(path: str | Path) -> GridConfig:
 def cells(grid: GridConfig) -> list[Cell]:
     """Every (model, budget) pair, models outer, budgets ascending: a stable numbering."""
     budgets = sorted(grid.budgets)
-    return [Cell(i * len(budgets) + j, model, crops)
-            for i, model in enumerate(grid.models) for j, crops in enumerate(budgets)]
+    return [
+        Cell(i * len(budgets) + j, model, crops)
+        for i, model in enumerate(grid.models)
+        for j, crops in enumerate(budgets)
+    ]
 
 
 def cell_layers(grid: GridConfig, cell: Cell) -> list[str]:

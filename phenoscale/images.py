@@ -7,6 +7,7 @@ evaluation loader's `tile_crops`, and embedded and averaged per site by the shar
 `site_embeddings`, grouping sites into batches as the evaluation loader does: the same crops,
 the same batches, hence the embeddings of `phenoscale embed` on shards of the same images.
 """
+
 from __future__ import annotations
 
 from collections import deque
@@ -44,7 +45,9 @@ def image_sites(images: Any, channel_map: dict[int, str] | None = None) -> pl.Da
         path = Path(images)
         if path.is_file() and path.suffix.lower() in TABLE_SUFFIXES:
             if channel_map:
-                raise ValueError("--channel-map does not apply to a site table: stains are its FileName_<Stain> columns")
+                raise ValueError(
+                    "--channel-map does not apply to a site table: stains are its FileName_<Stain> columns"
+                )
             return folder_sites(path)
         if path.is_file() and path.suffix.lower() in SUFFIXES:
             return stack_sites([path], channel_map)
@@ -60,8 +63,10 @@ def image_sites(images: Any, channel_map: dict[int, str] | None = None) -> pl.Da
 
 def _decoded(tasks: list[tuple], workers: int, progress: bool) -> Iterator[tuple[np.ndarray, list[str]]]:
     """read_site of every task, in order, at most 2 x workers sites ahead of the consumer."""
-    with ThreadPoolExecutor(max(1, workers)) as pool, tqdm(total=len(tasks), desc="embed images", unit="site",
-                                                          disable=None if progress else True) as bar:
+    with (
+        ThreadPoolExecutor(max(1, workers)) as pool,
+        tqdm(total=len(tasks), desc="embed images", unit="site", disable=None if progress else True) as bar,
+    ):
         pending: deque = deque()
         for task in tasks:
             pending.append(pool.submit(read_site, task))
@@ -77,8 +82,10 @@ def channel_indices(key: str, names: list[str], channels: Sequence[str] | None, 
     """Indices of `channels` (stain names, in order) in a site's `names`; None keeps all."""
     if channels is None:
         if n_channels and len(names) != n_channels:
-            raise ValueError(f"site {key!r} has {len(names)} channels {names}; the model takes {n_channels} "
-                             "(choose them with channels=/--channels)")
+            raise ValueError(
+                f"site {key!r} has {len(names)} channels {names}; the model takes {n_channels} "
+                "(choose them with channels=/--channels)"
+            )
         return None
     missing = [c for c in channels if c not in names]
     if missing:
@@ -86,8 +93,17 @@ def channel_indices(key: str, names: list[str], channels: Sequence[str] | None, 
     return np.array([names.index(c) for c in channels])
 
 
-def crop_batches(sites: pl.DataFrame, crop_size: int, batch_size: int, *, channels: Sequence[str] | None,
-                 n_channels: int, workers: int, allow_missing: bool, progress: bool) -> Iterator[dict[str, torch.Tensor]]:
+def crop_batches(
+    sites: pl.DataFrame,
+    crop_size: int,
+    batch_size: int,
+    *,
+    channels: Sequence[str] | None,
+    n_channels: int,
+    workers: int,
+    allow_missing: bool,
+    progress: bool,
+) -> Iterator[dict[str, torch.Tensor]]:
     """{"image", "site_index"} batches of the evaluation loader's shape: each site's tiles, whole
     sites per batch, batch_size // tiles-per-site sites a batch."""
     crops: list[np.ndarray] = []
@@ -96,23 +112,38 @@ def crop_batches(sites: pl.DataFrame, crop_size: int, batch_size: int, *, channe
     keys = sites["key"].to_list()
     for row, (image, names) in enumerate(_decoded(site_tasks(sites, allow_missing), workers, progress)):
         if image.shape[1] < crop_size or image.shape[2] < crop_size:
-            raise ValueError(f"site {keys[row]!r}: image {image.shape[1]}x{image.shape[2]} is smaller than "
-                             f"the model's {crop_size}px crop")
+            raise ValueError(
+                f"site {keys[row]!r}: image {image.shape[1]}x{image.shape[2]} is smaller than "
+                f"the model's {crop_size}px crop"
+            )
         tiles = tile_crops(image, crop_size, channel_indices(keys[row], names, channels, n_channels))
         sites_per_batch = sites_per_batch or max(1, batch_size // len(tiles))
         crops.append(tiles)
         index.append(np.full(len(tiles), row, dtype=np.int64))
         if len(crops) == sites_per_batch:
-            yield {"image": torch.from_numpy(np.concatenate(crops)), "site_index": torch.from_numpy(np.concatenate(index))}
+            yield {
+                "image": torch.from_numpy(np.concatenate(crops)),
+                "site_index": torch.from_numpy(np.concatenate(index)),
+            }
             crops, index = [], []
     if crops:
         yield {"image": torch.from_numpy(np.concatenate(crops)), "site_index": torch.from_numpy(np.concatenate(index))}
 
 
-def embed_images(model: Any, images: Any, *, channel_map: dict[int, str] | None = None,
-                 channels: Sequence[str] | None = None, pooling: str | None = None, block: int | None = None,
-                 batch_size: int = 64, workers: int = 4, precision: str = "32", allow_missing: bool = False,
-                 progress: bool = True) -> pl.DataFrame:
+def embed_images(
+    model: Any,
+    images: Any,
+    *,
+    channel_map: dict[int, str] | None = None,
+    channels: Sequence[str] | None = None,
+    pooling: str | None = None,
+    block: int | None = None,
+    batch_size: int = 64,
+    workers: int = 4,
+    precision: str = "32",
+    allow_missing: bool = False,
+    progress: bool = True,
+) -> pl.DataFrame:
     """Embeddings of raw images, one row per site, in the embeddings layout (ARCHITECTURE.md).
 
     model: a module with embed(), or anything `load_pretrained` takes (a checkpoint, an export
@@ -131,8 +162,16 @@ def embed_images(model: Any, images: Any, *, channel_map: dict[int, str] | None 
     model = model.to(device).eval()
     channels = channels if channels is not None else getattr(model, "channel_names", None)
     n_channels = 0 if getattr(model, "channel_agnostic", False) else int(getattr(model, "in_chans", 0))
-    batches = crop_batches(sites, int(model.model_cfg.img_size), batch_size, channels=channels, n_channels=n_channels,
-                           workers=workers, allow_missing=allow_missing, progress=progress)
+    batches = crop_batches(
+        sites,
+        int(model.model_cfg.img_size),
+        batch_size,
+        channels=channels,
+        n_channels=n_channels,
+        workers=workers,
+        allow_missing=allow_missing,
+        progress=progress,
+    )
     sums, counts = site_embeddings(model, batches, sites.height, device, pooling, block, progress=False, bf16=bf16)
     means = (sums / counts[:, None]).to(torch.float32).cpu().numpy()
     return embeddings_frame(sites.drop(FILES, PLANES, strict=False), means)

@@ -13,6 +13,7 @@ registration order - the built-in fabric, torchrun, slurm first, then plugins' -
 that recognises the environment wins; none recognising it means a plain single process
 (docs/ARCHITECTURE.md, "Add a launcher").
 """
+
 from __future__ import annotations
 
 import os
@@ -147,9 +148,7 @@ def _slurm(environ: Mapping[str, str]) -> LaunchEnv:
             "`#SBATCH --ntasks-per-node=<devices per node>` so every node runs the same count"
         )
     if per_node * nodes != world:
-        raise LaunchMismatchError(
-            f"SLURM_NTASKS={world} != SLURM_NTASKS_PER_NODE={per_node} x SLURM_NNODES={nodes}"
-        )
+        raise LaunchMismatchError(f"SLURM_NTASKS={world} != SLURM_NTASKS_PER_NODE={per_node} x SLURM_NNODES={nodes}")
     return LaunchEnv(
         launcher="slurm",
         world_size=world,
@@ -165,20 +164,38 @@ def _slurm(environ: Mapping[str, str]) -> LaunchEnv:
 # --strategy among them, which a Lightning Trainer would ignore: `phenoscale fit` honours them), so
 # it is tried before torchrun, whose variables (TORCHELASTIC_RUN_ID with RANK/LOCAL_RANK/WORLD_SIZE/
 # LOCAL_WORLD_SIZE/GROUP_RANK) it shares
-register_launcher(Launcher(
-    "fabric", detect=lambda environ: _is_torchelastic(environ) and bool(environ.get("LT_CLI_USED")),
-    read=partial(_torchelastic, launcher="fabric"),
-    devices_from="LOCAL_WORLD_SIZE, from --devices", nodes_from="WORLD_SIZE / LOCAL_WORLD_SIZE, from --num-nodes"))
-register_launcher(Launcher(
-    "torchrun", detect=_is_torchelastic, read=partial(_torchelastic, launcher="torchrun"),
-    devices_from="LOCAL_WORLD_SIZE", nodes_from="WORLD_SIZE / LOCAL_WORLD_SIZE"))
+register_launcher(
+    Launcher(
+        "fabric",
+        detect=lambda environ: _is_torchelastic(environ) and bool(environ.get("LT_CLI_USED")),
+        read=partial(_torchelastic, launcher="fabric"),
+        devices_from="LOCAL_WORLD_SIZE, from --devices",
+        nodes_from="WORLD_SIZE / LOCAL_WORLD_SIZE, from --num-nodes",
+    )
+)
+register_launcher(
+    Launcher(
+        "torchrun",
+        detect=_is_torchelastic,
+        read=partial(_torchelastic, launcher="torchrun"),
+        devices_from="LOCAL_WORLD_SIZE",
+        nodes_from="WORLD_SIZE / LOCAL_WORLD_SIZE",
+    )
+)
 # `srun` sets SLURM_NTASKS and friends; an interactive allocation (job name `bash`/`interactive`)
 # is not a launch, as in Lightning's SLURMEnvironment
-register_launcher(Launcher(
-    "slurm",
-    detect=lambda environ: "SLURM_NTASKS" in environ and environ.get("SLURM_JOB_NAME") not in ("bash", "interactive"),
-    read=_slurm, devices_from="SLURM_NTASKS_PER_NODE", nodes_from="SLURM_NNODES",
-    cluster_environment=_slurm_cluster_environment))
+register_launcher(
+    Launcher(
+        "slurm",
+        detect=lambda environ: (
+            "SLURM_NTASKS" in environ and environ.get("SLURM_JOB_NAME") not in ("bash", "interactive")
+        ),
+        read=_slurm,
+        devices_from="SLURM_NTASKS_PER_NODE",
+        nodes_from="SLURM_NNODES",
+        cluster_environment=_slurm_cluster_environment,
+    )
+)
 
 
 def detect_launch(environ: Mapping[str, str] | None = None) -> LaunchEnv:
@@ -204,9 +221,7 @@ def _check(name: str, configured: str, derived: int, env: LaunchEnv, hint: str) 
     try:
         value = int(configured)
     except ValueError:
-        raise LaunchMismatchError(
-            f"trainer.{name}={configured!r}: allowed are 'auto' or a positive integer"
-        ) from None
+        raise LaunchMismatchError(f"trainer.{name}={configured!r}: allowed are 'auto' or a positive integer") from None
     if value != derived:
         raise LaunchMismatchError(
             f"trainer.{name}={value} but the {env.launcher} launcher started {derived} "

@@ -6,6 +6,7 @@ whose run ids are kept in <run_dir>/logs/logger_ids.json, so a resumed launch ap
 same W&B / MLflow run instead of starting a new one. Every logger receives the resolved config
 as hyper-parameters; figures go to those that take images (TensorBoard, W&B, MLflow).
 """
+
 from __future__ import annotations
 
 import json
@@ -32,8 +33,10 @@ def _require(name: str) -> None:
     try:
         __import__(EXTRAS[name])
     except ImportError:
-        raise ConfigError(f"trainer.loggers has {name!r} but the {EXTRAS[name]} package is not installed: "
-                          f"pip install 'phenoscale[{name}]'") from None
+        raise ConfigError(
+            f"trainer.loggers has {name!r} but the {EXTRAS[name]} package is not installed: "
+            f"pip install 'phenoscale[{name}]'"
+        ) from None
 
 
 def check_available(names: list[str]) -> None:
@@ -67,18 +70,32 @@ def build_loggers(cfg: Any, run_dir: RunDir, version: str, rank_zero: bool) -> l
         if name == "csv":
             loggers.append(CSVLogger(run_dir.logs, name="csv", version=version))
         elif name == "tensorboard":
-            loggers.append(TensorBoardLogger(run_dir.logs, name="tensorboard", version=version,
-                                             default_hp_metric=False))
+            loggers.append(
+                TensorBoardLogger(run_dir.logs, name="tensorboard", version=version, default_hp_metric=False)
+            )
         elif name == "wandb":
             w = cfg.trainer.wandb
             ids.setdefault("wandb", secrets.token_hex(4))  # W&B accepts a run id chosen up front
-            loggers.append(WandbLogger(name=cfg.run.name, project=w.project, entity=w.entity,
-                                       save_dir=str(run_dir.logs), offline=w.offline, tags=list(w.tags),
-                                       id=ids["wandb"], resume="allow"))
+            loggers.append(
+                WandbLogger(
+                    name=cfg.run.name,
+                    project=w.project,
+                    entity=w.entity,
+                    save_dir=str(run_dir.logs),
+                    offline=w.offline,
+                    tags=list(w.tags),
+                    id=ids["wandb"],
+                    resume="allow",
+                )
+            )
         elif name == "mlflow":
             m = cfg.trainer.mlflow
-            logger = MLFlowLogger(experiment_name=m.experiment, run_name=cfg.run.name,
-                                  tracking_uri=_mlflow_uri(cfg, run_dir), run_id=ids.get("mlflow"))
+            logger = MLFlowLogger(
+                experiment_name=m.experiment,
+                run_name=cfg.run.name,
+                tracking_uri=_mlflow_uri(cfg, run_dir),
+                run_id=ids.get("mlflow"),
+            )
             if rank_zero:
                 ids["mlflow"] = logger.run_id  # MLflow assigns it when the run is created
             loggers.append(logger)
@@ -96,8 +113,7 @@ def log_config(loggers: list[Logger], cfg: Any, derived: dict[str, Any]) -> None
             # MLflow params are write-once: a resume logs only the keys the run lacks (a changed
             # value is named by fit's warning and kept in config.previous.yaml)
             known = logger.experiment.get_run(logger.run_id).data.params
-            logger.log_hyperparams({k: v for k, v in _flatten_dict(_convert_params(params)).items()
-                                    if k not in known})
+            logger.log_hyperparams({k: v for k, v in _flatten_dict(_convert_params(params)).items() if k not in known})
         else:
             logger.log_hyperparams(params)
 

@@ -4,6 +4,7 @@ Lightning's own messages (device summary, seed, "Trainer.fit stopped") and pheno
 lines go through the `lightning.*` loggers; setting their level is the one switch. Lightning's
 litlogger advertisement, printed at every Trainer construction whatever the loggers, is dropped.
 """
+
 from __future__ import annotations
 
 import logging
@@ -24,6 +25,7 @@ _FILTER = _DropAdvertisement()
 def set_verbosity(level: int) -> None:
     """Level of every logger in LOGGERS (logging.WARNING for --quiet, DEBUG for -v)."""
     import lightning.pytorch  # noqa: F401 - importing it sets its loggers to INFO: set ours after
+
     for name in LOGGERS:
         logging.getLogger(name).setLevel(level)
     for name in _RANK_ZERO:

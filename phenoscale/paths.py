@@ -1,4 +1,5 @@
 """Where the repository's own files are: imported by commands that must stay light for `--help`."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -6,6 +6,7 @@ side by side before anything is queued. FLOPs are counted by torch's FlopCounter
 built on the meta device (no memory, no guessing); the GPU peak is the vendor's dense
 bf16/fp16 tensor-core figure and the MFU is the user's stated assumption.
 """
+
 from __future__ import annotations
 
 import json
@@ -78,15 +79,24 @@ def measured_loader_rate() -> tuple[float, str]:
 def model_size(model_cfg: object, optim_cfg: object, in_chans: int, num_classes: int) -> tuple[int, int, float]:
     """(parameters, encoder parameters, training FLOPs per crop) of a model built on the meta device."""
     with torch.device("meta"):
-        module = lightning_modules.build_module(model_cfg, optim_cfg, in_chans=in_chans,
-                                                num_classes=num_classes, total_steps=1)
+        module = lightning_modules.build_module(
+            model_cfg, optim_cfg, in_chans=in_chans, num_classes=num_classes, total_steps=1
+        )
     params = sum(p.numel() for p in module.parameters())
     encoder = sum(p.numel() for p in module.trunk.parameters())  # the part that embeds
     return params, encoder, lightning_modules.training_flops_per_crop(module)
 
 
-def plan_row(name: str, params: int, encoder_params: int, flops_per_crop: float, crops: float,
-             hw: Hardware, site: SiteFormat, loader_crops_per_core: float) -> dict[str, float | str | int]:
+def plan_row(
+    name: str,
+    params: int,
+    encoder_params: int,
+    flops_per_crop: float,
+    crops: float,
+    hw: Hardware,
+    site: SiteFormat,
+    loader_crops_per_core: float,
+) -> dict[str, float | str | int]:
     """Every number of one plan line, derived from the counted FLOPs and the stated assumptions."""
     total_flops = flops_per_crop * crops
     sustained = GPU_PEAK_FLOPS[hw.gpu] * hw.mfu  # FLOP/s per GPU
@@ -113,11 +123,17 @@ def plan_row(name: str, params: int, encoder_params: int, flops_per_crop: float,
 
 
 PLAN_COLUMNS = {
-    "run": "run", "params_M": "params (M)", "encoder_params_M": "encoder (M)",
+    "run": "run",
+    "params_M": "params (M)",
+    "encoder_params_M": "encoder (M)",
     "train_GFLOPs_per_crop": "train GFLOPs/crop",
-    "crops": "crops", "total_EFLOPs": "total EFLOPs", "gpu_hours": "GPU-hours",
-    "wall_hours": "wall hours", "crops_per_s_per_gpu": "crops/s/GPU",
-    "loader_cores_per_gpu": "loader cores/GPU", "storage_MB_per_s_per_gpu": "storage MB/s/GPU",
+    "crops": "crops",
+    "total_EFLOPs": "total EFLOPs",
+    "gpu_hours": "GPU-hours",
+    "wall_hours": "wall hours",
+    "crops_per_s_per_gpu": "crops/s/GPU",
+    "loader_cores_per_gpu": "loader cores/GPU",
+    "storage_MB_per_s_per_gpu": "storage MB/s/GPU",
 }
 
 
@@ -132,18 +148,19 @@ def _fmt(value: object) -> str:
 def markdown_table(plan: pl.DataFrame) -> str:
     """The plan as a markdown table with the columns people book clusters by."""
     cols = [c for c in PLAN_COLUMNS if c in plan.columns]
-    lines = ["| " + " | ".join(PLAN_COLUMNS[c] for c in cols) + " |",
-             "|" + "---|" * len(cols)]
+    lines = ["| " + " | ".join(PLAN_COLUMNS[c] for c in cols) + " |", "|" + "---|" * len(cols)]
     for row in plan.select(cols).iter_rows():
         lines.append("| " + " | ".join(_fmt(v) for v in row) + " |")
     return "\n".join(lines)
 
 
 def assumptions(hw: Hardware, site: SiteFormat, loader_rate: float, loader_source: str) -> str:
-    return (f"{hw.gpus} x {hw.gpu} at {hw.mfu:.0%} MFU of {GPU_PEAK_FLOPS[hw.gpu] / 1e12:.0f} TFLOP/s "
-            f"(dense bf16); sites {site.channels}x{site.side}x{site.side} at {site.bytes_per_pixel} B/px "
-            f"({site.bytes_per_site / 1e6:.1f} MB), {site.crops_per_site} crops per decoded site; "
-            f"loader {loader_rate:,.0f} crops/s per core ({loader_source})")
+    return (
+        f"{hw.gpus} x {hw.gpu} at {hw.mfu:.0%} MFU of {GPU_PEAK_FLOPS[hw.gpu] / 1e12:.0f} TFLOP/s "
+        f"(dense bf16); sites {site.channels}x{site.side}x{site.side} at {site.bytes_per_pixel} B/px "
+        f"({site.bytes_per_site / 1e6:.1f} MB), {site.crops_per_site} crops per decoded site; "
+        f"loader {loader_rate:,.0f} crops/s per core ({loader_source})"
+    )
 
 
 def crops_of(value: float | int | str) -> float:

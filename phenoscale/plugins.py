@@ -6,6 +6,7 @@ such modules: an installed package's entry point in the group `phenoscale.plugin
 `PHENOSCALE_PLUGINS=pkg.module,other.module` in the environment (handy on a cluster, where the
 variable reaches every rank).
 """
+
 from __future__ import annotations
 
 import functools
@@ -26,6 +27,7 @@ def load_plugins() -> tuple[str, ...]:
         try:
             importlib.import_module(name.split(":", 1)[0])
         except ImportError as err:
-            raise ImportError(f"phenoscale plugin {name!r} (from {ENTRY_POINT_GROUP} or ${ENV_VAR}) "
-                              f"does not import: {err}") from err
+            raise ImportError(
+                f"phenoscale plugin {name!r} (from {ENTRY_POINT_GROUP} or ${ENV_VAR}) does not import: {err}"
+            ) from err
     return tuple(names)

@@ -11,6 +11,7 @@
 Keeping everything under one root makes a run movable and makes "restart with the same
 run_dir" the whole resume protocol.
 """
+
 from __future__ import annotations
 
 import os
@@ -63,8 +64,7 @@ class RunDir:
 
     def step_checkpoints(self) -> list[Path]:
         """Step checkpoints, oldest first."""
-        found = [(int(m.group(1)), p) for p in self.checkpoints.glob("step=*.ckpt")
-                 if (m := _STEP_FILE.search(p.name))]
+        found = [(int(m.group(1)), p) for p in self.checkpoints.glob("step=*.ckpt") if (m := _STEP_FILE.search(p.name))]
         return [p for _, p in sorted(found)]
 
     def next_attempt(self) -> str:
@@ -78,8 +78,11 @@ def _non_finite_tensors(state: Any, prefix: str = "") -> list[str]:
     if isinstance(state, torch.Tensor):
         return [prefix] if state.is_floating_point() and not torch.isfinite(state).all() else []
     if isinstance(state, dict):
-        return [name for key, value in state.items()
-                for name in _non_finite_tensors(value, f"{prefix}.{key}" if prefix else str(key))]
+        return [
+            name
+            for key, value in state.items()
+            for name in _non_finite_tensors(value, f"{prefix}.{key}" if prefix else str(key))
+        ]
     return []
 
 

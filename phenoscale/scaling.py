@@ -5,6 +5,7 @@ a grid is resumable and can be spread over a SLURM array (`--cell $SLURM_ARRAY_T
 gathered afterwards (`--collect`). Training FLOPs are counted on the cell's own model, not
 looked up, so the x-axis of the curves is exact for any backbone.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,8 +34,14 @@ def grid_screen(grid: GridConfig, out: Path) -> Screen:
     spec = grid.screen
     if spec.shards:
         return Screen(Path(spec.shards), Path(spec.truth) if spec.truth else None)
-    return ensure_screen(out / "screen", spec.preset, genes=spec.genes, image_size=spec.image_size,
-                         seed=spec.seed, modules_from=spec.modules_from)
+    return ensure_screen(
+        out / "screen",
+        spec.preset,
+        genes=spec.genes,
+        image_size=spec.image_size,
+        seed=spec.seed,
+        modules_from=spec.modules_from,
+    )
 
 
 def run_cell(grid: GridConfig, cell: Cell, screen: Screen, out: Path) -> dict | None:
@@ -54,18 +61,30 @@ def run_cell(grid: GridConfig, cell: Cell, screen: Screen, out: Path) -> dict | 
     start = time.perf_counter()
     fitted, model = train(cfg)
     seconds = time.perf_counter() - start
-    embeddings = embed_model(model, eval_data_config(screen.shards, cfg.data.crop_size),
-                             cell_dir / "embeddings.parquet")
+    embeddings = embed_model(
+        model, eval_data_config(screen.shards, cfg.data.crop_size), cell_dir / "embeddings.parquet"
+    )
     if embeddings is None:  # not rank 0: rank 0 scores and records the cell
         return None
     result = score(embeddings, cfg.eval, cell_dir / "eval")
-    params, encoder_params, flops_per_crop = model_size(cfg.model, cfg.optim, model.in_chans,
-                                                         max(2, getattr(model, "num_classes", 0)))
+    params, encoder_params, flops_per_crop = model_size(
+        cfg.model, cfg.optim, model.in_chans, max(2, getattr(model, "num_classes", 0))
+    )
     crops_seen = fitted.global_step * effective
-    row = {"cell": cell.name, "model": cell.model.name, "family": cell.model.family, "size": cell.model.size,
-           "params": params, "encoder_params": encoder_params, "train_flops_per_crop": flops_per_crop,
-           "budget_crops": cell.crops, "steps": fitted.global_step, "crops_seen": crops_seen,
-           "train_flops": flops_per_crop * crops_seen, "train_seconds": round(seconds, 1)}
+    row = {
+        "cell": cell.name,
+        "model": cell.model.name,
+        "family": cell.model.family,
+        "size": cell.model.size,
+        "params": params,
+        "encoder_params": encoder_params,
+        "train_flops_per_crop": flops_per_crop,
+        "budget_crops": cell.crops,
+        "steps": fitted.global_step,
+        "crops_seen": crops_seen,
+        "train_flops": flops_per_crop * crops_seen,
+        "train_seconds": round(seconds, 1),
+    }
     for r in recall_rows(result).iter_rows(named=True):
         row[f"recall_{r['alignment']}_{r['source']}"] = r["recall"]
     row["recall_mean"] = result.summary().get("recall_mean")
@@ -82,11 +101,24 @@ def collect(out: Path) -> pl.DataFrame:
         raise FileNotFoundError(f"no finished cell under {out / 'cells'}; run the grid first")
     table = pl.DataFrame(rows, infer_schema_length=None).sort("cell")
     table.write_parquet(out / "results.parquet")
-    shown = ["model", "family", "size", "params", "train_flops_per_crop", "crops_seen", "train_flops",
-             "recall_mean", "train_seconds"]
-    write_text_atomic(out / "results.md", "# Scaling grid results\n\n"
-                      + markdown_table(table.select([c for c in shown if c in table.columns])) + "\n\n"
-                      + "![recall against training compute and crops seen](scaling.png)\n")
+    shown = [
+        "model",
+        "family",
+        "size",
+        "params",
+        "train_flops_per_crop",
+        "crops_seen",
+        "train_flops",
+        "recall_mean",
+        "train_seconds",
+    ]
+    write_text_atomic(
+        out / "results.md",
+        "# Scaling grid results\n\n"
+        + markdown_table(table.select([c for c in shown if c in table.columns]))
+        + "\n\n"
+        + "![recall against training compute and crops seen](scaling.png)\n",
+    )
     plot_scaling(table, out / "scaling.png")
     return table
 
@@ -101,8 +133,7 @@ def plot_scaling(table: pl.DataFrame, path: Path) -> Path:
     for (model,), part in table.sort("crops_seen").group_by(["model"], maintain_order=True):
         family, marker = part["family"][0], SIZE_MARKERS[sizes.index(part["size"][0]) % len(SIZE_MARKERS)]
         for ax, x in zip(axes, ("train_flops", "crops_seen")):
-            ax.plot(part[x], part["recall_mean"], marker=marker, color=get_family(family).colour,
-                    label=str(model))
+            ax.plot(part[x], part["recall_mean"], marker=marker, color=get_family(family).colour, label=str(model))
     if "oracle_recall_mean" in table.columns and table["oracle_recall_mean"].drop_nulls().len():
         for ax in axes:
             ax.axhline(table["oracle_recall_mean"].drop_nulls()[0], color="k", ls=":", lw=1, label="oracle")

@@ -3,6 +3,7 @@
 `phenoscale demo` and `phenoscale scaling` are both lists of these steps; keeping them here
 means a demo row and a scaling-grid cell are computed by exactly the same code.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -45,18 +46,27 @@ def ensure_screen(out: Path, preset_name: str = "demo", **settings: Any) -> Scre
         wanted = json.loads(json.dumps(dataclasses.asdict(cfg)))  # tuples -> lists, as saved
         if saved != wanted:
             changed = sorted(k for k in wanted if saved.get(k) != wanted[k])
-            raise ValueError(f"{out} holds a screen made with other settings ({', '.join(changed)}); "
-                             "choose another output directory or delete it")
+            raise ValueError(
+                f"{out} holds a screen made with other settings ({', '.join(changed)}); "
+                "choose another output directory or delete it"
+            )
     else:
         write_screen(cfg, out)
     return Screen(out / "shards", out / "truth")
 
 
-def eval_data_config(shards: Path, crop_size: int, batch_size: int = 64, channels: list[str] | None = None,
-                     num_workers: int = 1) -> datamodules.DataConfig:
+def eval_data_config(
+    shards: Path, crop_size: int, batch_size: int = 64, channels: list[str] | None = None, num_workers: int = 1
+) -> datamodules.DataConfig:
     """Evaluation loading of `shards`: whole sites tiled into crops of the model's input size."""
-    return datamodules.DataConfig(train_shards=str(shards), eval_shards=str(shards), crop_size=crop_size,
-                                  batch_size=batch_size, channels=channels, num_workers=num_workers)
+    return datamodules.DataConfig(
+        train_shards=str(shards),
+        eval_shards=str(shards),
+        crop_size=crop_size,
+        batch_size=batch_size,
+        channels=channels,
+        num_workers=num_workers,
+    )
 
 
 def train(cfg: Any) -> tuple[FitResult, torch.nn.Module]:

@@ -1,4 +1,5 @@
 """Shared fixtures: the real data in ../shared and small, fast torch settings."""
+
 from __future__ import annotations
 
 import os
@@ -32,8 +33,25 @@ def screen(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from phenoscale.cli import main
 
     out = tmp_path_factory.mktemp("screen")
-    assert main(["synth", str(out), "--genes", "30", "--image-size", "64", "--experiments", "2",
-                 "--sites-per-well", "1", "--workers", "1"]) == 0
+    assert (
+        main(
+            [
+                "synth",
+                str(out),
+                "--genes",
+                "30",
+                "--image-size",
+                "64",
+                "--experiments",
+                "2",
+                "--sites-per-well",
+                "1",
+                "--workers",
+                "1",
+            ]
+        )
+        == 0
+    )
     return out
 
 

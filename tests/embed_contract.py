@@ -6,6 +6,7 @@
 poolings and blocks it offers and whether it claims channel-order invariance, and inherits every
 test below. Images are random raw integer pixels, the loaders' format.
 """
+
 from __future__ import annotations
 
 import re
@@ -60,7 +61,7 @@ class EmbedContract:
         images = self.images()
         first = embedder.embed(images)
         assert torch.equal(first, embedder.embed(images))
-        alone = torch.cat([embedder.embed(images[i:i + 1]) for i in range(len(images))])
+        alone = torch.cat([embedder.embed(images[i : i + 1]) for i in range(len(images))])
         torch.testing.assert_close(alone, first, rtol=1e-4, atol=1e-5)
 
     def test_each_pooling_has_its_width_and_unknown_ones_are_rejected(self, embedder: Any) -> None:

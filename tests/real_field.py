@@ -1,5 +1,6 @@
 """The real Opera Phenix Cell Painting field in ../shared, read once per process for every test that
 needs real pixels (shards, streaming, converters, model crops, the synthetic screen's realism)."""
+
 from __future__ import annotations
 
 from functools import lru_cache

@@ -1,4 +1,5 @@
 """Shared by test_fit / test_ddp / test_resume: real-pixel shards, free ports, CLI subprocesses."""
+
 from __future__ import annotations
 
 import os
@@ -30,14 +31,23 @@ def write_real_shards(shared_data: Path, out: Path, sites: int = 16, size: int =
     with ShardWriter(out, max_bytes=4 * 6 * size * size * 2 + 4096) as writer:
         for i in range(sites):
             r, c = divmod(i, per_row)
-            tile = field[:, r * size:(r + 1) * size, c * size:(c + 1) * size]
+            tile = field[:, r * size : (r + 1) * size, c * size : (c + 1) * size]
             gene = GENES[i % len(GENES)]
-            writer.write(np.ascontiguousarray(tile), {
-                "key": f"site{i:04d}", "experiment": f"exp{i % 2}", "plate": f"P{i % 2}",
-                "well": f"W{i:02d}", "site": 1, "perturbation": gene,
-                "perturbation_type": "control" if gene == "NT" else "gene", "is_control": gene == "NT",
-                "cell_type": "DAOY", "channels": PEDIATRIC_STAINS,
-            })
+            writer.write(
+                np.ascontiguousarray(tile),
+                {
+                    "key": f"site{i:04d}",
+                    "experiment": f"exp{i % 2}",
+                    "plate": f"P{i % 2}",
+                    "well": f"W{i:02d}",
+                    "site": 1,
+                    "perturbation": gene,
+                    "perturbation_type": "control" if gene == "NT" else "gene",
+                    "is_control": gene == "NT",
+                    "cell_type": "DAOY",
+                    "channels": PEDIATRIC_STAINS,
+                },
+            )
     return out
 
 
@@ -48,15 +58,24 @@ def free_port() -> int:
 
 
 def tiny_overrides(shards: Path, run_dir: Path, *extra: str) -> list[str]:
-    return [f"data.train_shards={shards}", f"run.run_dir={run_dir}", "trainer.audit_batches=true",
-            "data.num_workers=0", *extra]
+    return [
+        f"data.train_shards={shards}",
+        f"run.run_dir={run_dir}",
+        "trainer.audit_batches=true",
+        "data.num_workers=0",
+        *extra,
+    ]
 
 
 def child_env() -> dict[str, str]:
     """Environment for CLI subprocesses: this repo importable, 1 thread each (2 cores shared)."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("SLURM_", "LT_", "TORCHELASTIC_")) and k not in
-           ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("SLURM_", "LT_", "TORCHELASTIC_"))
+        and k
+        not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT")
+    }
     path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
     env.update(PYTHONPATH=path, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     return env
@@ -73,8 +92,12 @@ def train_cmd(*args: str) -> list[str]:
 
 def audit(run_dir: Path, rank: int = 0) -> pl.DataFrame:
     """logs/batches/rank<r>.tsv written by BatchAudit: one row per training batch."""
-    return pl.read_csv(run_dir / "logs" / "batches" / f"rank{rank}.tsv", separator="\t", has_header=False,
-                       new_columns=["step", "epoch", "batch", "crops", "checksum"])
+    return pl.read_csv(
+        run_dir / "logs" / "batches" / f"rank{rank}.tsv",
+        separator="\t",
+        has_header=False,
+        new_columns=["step", "epoch", "batch", "crops", "checksum"],
+    )
 
 
 class StepRecorder(Callback):

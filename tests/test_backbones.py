@@ -1,4 +1,5 @@
 """Backbones in timm's registry: the Recursion ViT flavour, its channel-agnostic twin, any timm CNN."""
+
 from __future__ import annotations
 
 import math
@@ -33,8 +34,9 @@ def numpy_sincos(dim: int, grid: int) -> np.ndarray:
 
 
 def test_all_paper_backbones_are_registered_in_timm():
-    names = [f"{ca}vit_{size}_patch{p}_256"
-             for ca in ("", "ca_") for size in ("small", "base", "large") for p in (16, 8)]
+    names = [
+        f"{ca}vit_{size}_patch{p}_256" for ca in ("", "ca_") for size in ("small", "base", "large") for p in (16, 8)
+    ]
     assert sorted(RECURSION_BACKBONES) == sorted(names)
     assert all(timm.is_model(n) for n in names)
 
@@ -68,8 +70,15 @@ def test_channel_agnostic_patch_embed_is_one_projection_per_channel():
     images = synthetic_crops(2).float()
     tokens = vit.patch_embed(images)
     # independent: each channel through the shared conv, tokens channel by channel, row-major
-    expected = torch.cat([F.conv2d(images[:, c:c + 1], vit.patch_embed.proj.weight, vit.patch_embed.proj.bias,
-                                   stride=8).flatten(2).transpose(1, 2) for c in range(6)], dim=1)
+    expected = torch.cat(
+        [
+            F.conv2d(images[:, c : c + 1], vit.patch_embed.proj.weight, vit.patch_embed.proj.bias, stride=8)
+            .flatten(2)
+            .transpose(1, 2)
+            for c in range(6)
+        ],
+        dim=1,
+    )
     torch.testing.assert_close(tokens, expected)
     assert vit.pos_embed.shape == (1, 1 + 11 * 16, 32)
 
@@ -86,14 +95,17 @@ def test_channel_agnostic_vit_rejects_more_than_max_channels():
         vit(torch.randn(1, 12, 32, 32))
 
 
-TINY_CNNS = {"resnet18": {"layers": (1, 1, 1, 1), "channels": (8, 16, 32, 64), "stem_width": 8},
-             "densenet121": {"growth_rate": 8, "block_config": (1, 1, 1, 1)}}
+TINY_CNNS = {
+    "resnet18": {"layers": (1, 1, 1, 1), "channels": (8, 16, 32, 64), "stem_width": 8},
+    "densenet121": {"growth_rate": 8, "block_config": (1, 1, 1, 1)},
+}
 
 
 @pytest.mark.parametrize("name,stem", [("resnet18", "conv1"), ("densenet121", "features.conv0")])
 def test_any_timm_cnn_is_a_wsl_backbone_with_channels_from_the_data(name, stem):
-    module = tiny_module("wsl", in_chans=5, num_classes=3, backbone=name, backbone_kwargs=TINY_CNNS[name],
-                         patch_size=None)
+    module = tiny_module(
+        "wsl", in_chans=5, num_classes=3, backbone=name, backbone_kwargs=TINY_CNNS[name], patch_size=None
+    )
     assert module.backbone.get_submodule(stem).weight.shape[1] == 5
     images = torch.zeros(2, 5, 32, 32, dtype=torch.uint8) + torch.arange(32, dtype=torch.uint8)
     assert module.embed(images).shape == (2, 16)
@@ -110,11 +122,18 @@ def test_crop_size_and_drop_path_reach_the_backbones_that_take_them():
     vit = tiny_module("mae", drop_path=0.2).encoder.vit_backbone
     assert vit.patch_embed.img_size == (32, 32)
     assert vit.blocks[-1].drop_path.drop_prob == pytest.approx(0.2)  # timm's linear drop-path schedule
-    resnet = tiny_module("wsl", num_classes=3, backbone="resnet18", backbone_kwargs=TINY_CNNS["resnet18"],
-                         patch_size=None, drop_path=0.2).backbone
+    resnet = tiny_module(
+        "wsl", num_classes=3, backbone="resnet18", backbone_kwargs=TINY_CNNS["resnet18"], patch_size=None, drop_path=0.2
+    ).backbone
     assert resnet.layer4[0].drop_path.drop_prob == pytest.approx(0.2)
-    tiny_module("wsl", num_classes=3, backbone="densenet121", backbone_kwargs=TINY_CNNS["densenet121"],
-                patch_size=None, drop_path=0.2)  # DenseNet takes neither: not offered, so no TypeError
+    tiny_module(
+        "wsl",
+        num_classes=3,
+        backbone="densenet121",
+        backbone_kwargs=TINY_CNNS["densenet121"],
+        patch_size=None,
+        drop_path=0.2,
+    )  # DenseNet takes neither: not offered, so no TypeError
 
 
 @register_model
@@ -127,8 +146,9 @@ def phenoscale_test_tiny_vit(pretrained: bool = False, **kwargs) -> VisionTransf
 def test_a_new_backbone_needs_only_a_registered_factory():
     module = tiny_module("wsl", in_chans=4, num_classes=3, backbone="phenoscale_test_tiny_vit", backbone_kwargs={})
     assert module.backbone.embed_dim == 24 and module.backbone.patch_embed.proj.weight.shape[1] == 4
-    loss = module.compute_losses({"image": torch.randint(0, 255, (4, 4, 32, 32), dtype=torch.uint8),
-                                  "label": torch.tensor([0, 1, 2, -1])})["loss"]
+    loss = module.compute_losses(
+        {"image": torch.randint(0, 255, (4, 4, 32, 32), dtype=torch.uint8), "label": torch.tensor([0, 1, 2, -1])}
+    )["loss"]
     assert math.isfinite(loss.item())
 
 

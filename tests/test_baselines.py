@@ -1,4 +1,5 @@
 """The reference embedders of phenoscale/baselines.py keep the embed() contract of the models."""
+
 from __future__ import annotations
 
 from embed_contract import IN_CHANS, EmbedContract

@@ -1,4 +1,5 @@
 """RecursionParallelBlock: timm's ParallelScalingBlock computed with fewer bf16 <-> float32 round trips."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,5 @@
 """CA-MAE: decoder semantics, channel-agnostic embeddings, training on CPU (fp32 and bf16-mixed)."""
+
 from __future__ import annotations
 
 import lightning as L
@@ -14,15 +15,18 @@ from tiny_models import synthetic_crops, tiny_module
 def reference_decoder_loop(decoder: CAMAEDecoder, x: torch.Tensor) -> torch.Tensor:
     """maes_microscopy's CAMAEDecoder.forward written as that reference does it: a loop over channels,
     each channel's queries cross-attending to all tokens with explicit softmax attention."""
-    table = torch.cat([decoder.placeholder] + [t.repeat(1, decoder.tokens_per_modality, 1)
-                                                for t in decoder.modality_tokens], dim=1)
+    table = torch.cat(
+        [decoder.placeholder] + [t.repeat(1, decoder.tokens_per_modality, 1) for t in decoder.modality_tokens], dim=1
+    )
     x = x + decoder.pos_embeddings + table
     patches = x[:, 1:]
     attn = decoder.cross_attention
     heads, width = attn.num_heads, patches.shape[-1]
     outputs = []
     for m, stack in enumerate(decoder.decoders):
-        queries = decoder.query_norm(patches[:, m * decoder.tokens_per_modality:(m + 1) * decoder.tokens_per_modality])
+        queries = decoder.query_norm(
+            patches[:, m * decoder.tokens_per_modality : (m + 1) * decoder.tokens_per_modality]
+        )
         context = decoder.context_norm(patches)
         q = attn.q(queries).unflatten(-1, (heads, -1)).transpose(1, 2)
         k, v = attn.kv(context).unflatten(-1, (2, heads, -1)).permute(2, 0, 3, 1, 4)
@@ -109,8 +113,15 @@ def test_camae_trains_with_lightning_in_bf16_mixed_on_cpu(tmp_path):
     images = synthetic_crops(8, dtype=torch.uint8)
     loader = torch.utils.data.DataLoader([{"image": img, "label": torch.tensor(-1)} for img in images], batch_size=4)
     before = module.decoder_pred.weight.detach().clone()
-    trainer = L.Trainer(max_steps=4, precision="bf16-mixed", accelerator="cpu", logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, default_root_dir=tmp_path)
+    trainer = L.Trainer(
+        max_steps=4,
+        precision="bf16-mixed",
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(module, loader)
     assert {"train/loss", "train/mse", "train/fourier"} <= set(trainer.callback_metrics)
     assert torch.isfinite(trainer.callback_metrics["train/loss"])

@@ -1,4 +1,5 @@
 """Config merging, the promised error messages, batch/LR scaling and `phenoscale config`."""
+
 from __future__ import annotations
 
 import math
@@ -11,8 +12,9 @@ from phenoscale.cli import main
 from phenoscale.config import ConfigError, load_config, plan_batch, save_config
 
 REPO = Path(__file__).resolve().parents[1]
-EXPERIMENT_FILES = sorted([*(REPO / "configs" / "experiments").glob("*.yaml"),
-                           *(REPO / "configs" / "paper").glob("*.yaml")])
+EXPERIMENT_FILES = sorted(
+    [*(REPO / "configs" / "experiments").glob("*.yaml"), *(REPO / "configs" / "paper").glob("*.yaml")]
+)
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -80,8 +82,12 @@ def test_package_checks_run_before_anything_starts() -> None:
 
 @pytest.mark.parametrize(("rule", "factor"), [("none", 1.0), ("linear", 2.0), ("sqrt", math.sqrt(2))])
 def test_batch_plan(rule: str, factor: float) -> None:
-    overrides = ["trainer.accumulate_grad_batches=4", "optim.lr=1e-4", f"scaling.lr_rule={rule}",
-                 "scaling.base_batch_size=64"]
+    overrides = [
+        "trainer.accumulate_grad_batches=4",
+        "optim.lr=1e-4",
+        f"scaling.lr_rule={rule}",
+        "scaling.base_batch_size=64",
+    ]
     at_base = plan_batch(load_config(None, overrides), per_device=8, devices=2, num_nodes=1)
     assert at_base.effective == 64 and at_base.lr == pytest.approx(1e-4)  # base batch: lr as tuned
     cfg = load_config(None, overrides)
@@ -103,8 +109,10 @@ def test_saved_config_round_trips_with_derived_values(tmp_path: Path) -> None:
     with pytest.warns(UserWarning) as record:
         plan_batch(again, per_device=4, devices=4, num_nodes=1)
     messages = sorted(str(w.message).split(";")[0] for w in record)
-    assert messages == ["scaling.effective_batch_size=8 is derived, not an input",
-                        "scaling.lr=5e-05 is derived, not an input"]
+    assert messages == [
+        "scaling.effective_batch_size=8 is derived, not an input",
+        "scaling.lr=5e-05 is derived, not an input",
+    ]
     assert again.scaling.effective_batch_size == 16
 
 

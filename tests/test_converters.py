@@ -1,4 +1,5 @@
 """`phenoscale shards rxrx1|rxrx3|jump|folder` on the real fields in ../shared/data/images."""
+
 from __future__ import annotations
 
 import shutil
@@ -50,8 +51,23 @@ def test_jump_channel_map_option_and_no_guessing(tmp_path, shared_data):
         (bare / tiff.name).symlink_to(tiff)
     with pytest.raises(ValueError, match="never assumed"):
         jump_sites(bare)
-    assert cli(["shards", "jump", str(bare), str(tmp_path / "out"), "--workers", "1", "--plate", "BR00143976",
-                "--channel-map", "5=DNA,2=ER"]) == 0
+    assert (
+        cli(
+            [
+                "shards",
+                "jump",
+                str(bare),
+                str(tmp_path / "out"),
+                "--workers",
+                "1",
+                "--plate",
+                "BR00143976",
+                "--channel-map",
+                "5=DNA,2=ER",
+            ]
+        )
+        == 0
+    )
     manifest = read_manifest(tmp_path / "out")
     assert manifest["channels"][0].to_list() == ["ER", "DNA"]  # ordered by channel number
     image = next(iter(shard_images(tmp_path / "out").values()))
@@ -70,19 +86,40 @@ def test_cpjump1_missing_channels_error_then_allow_missing(tmp_path, shared_data
     wells = (
         pl.read_csv(target / "JUMP-Target-1_orf_platemap.tsv", separator="\t")
         .join(pl.read_csv(target / "JUMP-Target-1_orf_metadata.tsv", separator="\t"), on="broad_sample")
-        .select(pl.col("well_position").alias("well"), pl.col("gene").alias("perturbation"),
-                pl.lit("orf").alias("perturbation_type"),
-                (pl.col("control_type").fill_null("") == "negcon").alias("is_control"),
-                pl.lit("A549").alias("cell_type"))
+        .select(
+            pl.col("well_position").alias("well"),
+            pl.col("gene").alias("perturbation"),
+            pl.lit("orf").alias("perturbation_type"),
+            (pl.col("control_type").fill_null("") == "negcon").alias("is_control"),
+            pl.lit("A549").alias("cell_type"),
+        )
     )
     wells.write_csv(tmp_path / "wells.csv")
     out = tmp_path / "lenient"
-    assert cli(["shards", "jump", str(src), str(out), "--workers", "2", "--allow-missing",
-                "--well-metadata", str(tmp_path / "wells.csv")]) == 0
+    assert (
+        cli(
+            [
+                "shards",
+                "jump",
+                str(src),
+                str(out),
+                "--workers",
+                "2",
+                "--allow-missing",
+                "--well-metadata",
+                str(tmp_path / "wells.csv"),
+            ]
+        )
+        == 0
+    )
     row = read_manifest(out).row(0, named=True)
     assert row["channels"] == ["AGP", "RNA", "DNA"]  # ch2, ch3, ch5 present; names from the parquet
     assert (row["perturbation"], row["perturbation_type"], row["is_control"], row["cell_type"]) == (
-        "KCNN1", "orf", False, "A549")
+        "KCNN1",
+        "orf",
+        False,
+        "A549",
+    )
     image = shard_images(out)[row["key"]]
     for index, ch in enumerate([2, 3, 5]):
         np.testing.assert_array_equal(image[index], tifffile.imread(src / f"r01c01f01p01-ch{ch}sk1fk1fl1.tiff"))
@@ -91,18 +128,27 @@ def test_cpjump1_missing_channels_error_then_allow_missing(tmp_path, shared_data
 def test_folder_layout_uint8_example_human(tmp_path, shared_data):
     src = shared_data / HUMAN
     files = sorted(src.glob("*.tif"))
-    table = pl.DataFrame({
-        "Metadata_Plate": ["AS_09125"], "Metadata_Well": ["D03"], "Metadata_Site": ["0"],
-        "perturbation": ["untreated"], "is_control": ["True"],
-        **{f"FileName_{stain}": [f.name] for stain, f in zip(["DNA", "PH3", "Cell"], files)},
-        **{f"PathName_{stain}": [str(src)] for stain in ["DNA", "PH3", "Cell"]},
-    })
+    table = pl.DataFrame(
+        {
+            "Metadata_Plate": ["AS_09125"],
+            "Metadata_Well": ["D03"],
+            "Metadata_Site": ["0"],
+            "perturbation": ["untreated"],
+            "is_control": ["True"],
+            **{f"FileName_{stain}": [f.name] for stain, f in zip(["DNA", "PH3", "Cell"], files)},
+            **{f"PathName_{stain}": [str(src)] for stain in ["DNA", "PH3", "Cell"]},
+        }
+    )
     table.write_csv(tmp_path / "sites.csv")
     assert cli(["shards", "folder", str(tmp_path / "sites.csv"), str(tmp_path / "out"), "--workers", "1"]) == 0
     row = read_manifest(tmp_path / "out").row(0, named=True)
     assert row["channels"] == ["DNA", "PH3", "Cell"] and row["dtype"] == "uint8"
     assert (row["key"], row["experiment"], row["is_control"], row["perturbation_type"]) == (
-        "AS_09125_D03_0", "AS_09125", True, "unknown")
+        "AS_09125_D03_0",
+        "AS_09125",
+        True,
+        "unknown",
+    )
     image = shard_images(tmp_path / "out")["AS_09125_D03_0"]
     np.testing.assert_array_equal(image, np.stack([tifffile.imread(f) for f in files]))
 
@@ -122,9 +168,21 @@ def rxrx1_folder(tmp_path_factory, phenix_planes) -> Path:
             for ch in range(6):
                 plane = planes8[ch][top : top + 512, left : left + 512]
                 Image.fromarray(plane).save(folder / f"{well}_s{site}_w{ch + 1}.png")
-            rows.append(dict(site_id=f"HEPG2-01_1_{well}_{site}", well_id=f"HEPG2-01_1_{well}", cell_type="HEPG2",
-                             dataset="train", experiment="HEPG2-01", plate=1, well=well, site=site,
-                             well_type=well_type, sirna=sirna, sirna_id=w))
+            rows.append(
+                dict(
+                    site_id=f"HEPG2-01_1_{well}_{site}",
+                    well_id=f"HEPG2-01_1_{well}",
+                    cell_type="HEPG2",
+                    dataset="train",
+                    experiment="HEPG2-01",
+                    plate=1,
+                    well=well,
+                    site=site,
+                    well_type=well_type,
+                    sirna=sirna,
+                    sirna_id=w,
+                )
+            )
     pl.DataFrame(rows).write_csv(root / "metadata.csv")
     return root
 
@@ -143,8 +201,9 @@ def test_rxrx1_layout_round_trip_and_controls(tmp_path, rxrx1_folder):
     for key in manifest["key"]:
         row = manifest.filter(pl.col("key") == key).row(0, named=True)
         plate = rxrx1_folder / "HEPG2-01" / "Plate1"
-        expected = np.stack([np.asarray(Image.open(plate / f"{row['well']}_s{row['site']}_w{c}.png"))
-                             for c in range(1, 7)])
+        expected = np.stack(
+            [np.asarray(Image.open(plate / f"{row['well']}_s{row['site']}_w{c}.png")) for c in range(1, 7)]
+        )
         assert images[key].dtype == np.uint8
         np.testing.assert_array_equal(images[key], expected)
 
@@ -171,9 +230,20 @@ def test_rxrx3_sixteen_bit_png(tmp_path, phenix_planes):
         for ch in range(6):
             plane = phenix_planes[ch][:300, 300 * w : 300 * (w + 1)]
             Image.fromarray(plane).save(folder / f"{address}_s1_w{ch + 1}.png")
-        rows.append(dict(well_id=f"gene-001_3_{address}", experiment_name="gene-001", plate=3, address=address,
-                         gene=gene, treatment=treatment, SMILES=None, concentration=None, perturbation_type="CRISPR",
-                         cell_type="HUVEC"))
+        rows.append(
+            dict(
+                well_id=f"gene-001_3_{address}",
+                experiment_name="gene-001",
+                plate=3,
+                address=address,
+                gene=gene,
+                treatment=treatment,
+                SMILES=None,
+                concentration=None,
+                perturbation_type="CRISPR",
+                cell_type="HUVEC",
+            )
+        )
     pl.DataFrame(rows).write_csv(tmp_path / "src" / "metadata.csv")
     assert cli(["shards", "rxrx3", str(tmp_path / "src"), str(tmp_path / "out"), "--workers", "1"]) == 0
     manifest = read_manifest(tmp_path / "out")
@@ -197,19 +267,31 @@ def stripes_sites(src: str, channel_map: dict[int, str] | None = None, plate: st
     files = sorted(Path(src).glob("*.png"))
     stains = channel_map or {i + 1: s for i, s in enumerate(sorted({f.stem.split("_")[1] for f in files}))}
     wells = sorted({f.stem.split("_")[0] for f in files})
-    return pl.DataFrame({
-        "key": [f"{plate}_{w}" for w in wells], "experiment": plate, "plate": plate, "well": wells, "site": 1,
-        "perturbation": "unknown", "perturbation_type": "unknown", "is_control": False, "cell_type": "unknown",
-        "channels": [list(stains.values())] * len(wells),
-        "files": [[str(Path(src) / f"{w}_{s}.png") for s in stains.values()] for w in wells],
-    })
+    return pl.DataFrame(
+        {
+            "key": [f"{plate}_{w}" for w in wells],
+            "experiment": plate,
+            "plate": plate,
+            "well": wells,
+            "site": 1,
+            "perturbation": "unknown",
+            "perturbation_type": "unknown",
+            "is_control": False,
+            "cell_type": "unknown",
+            "channels": [list(stains.values())] * len(wells),
+            "files": [[str(Path(src) / f"{w}_{s}.png") for s in stains.values()] for w in wells],
+        }
+    )
 
 
 def test_a_converter_registered_outside_the_package_is_a_shards_subcommand(tmp_path, phenix_planes):
     from datamodules.converters import Converter, ConverterOption, register_converter
 
-    register_converter(Converter("stripes", stripes_sites, "toy: <well>_<stain>.png",
-                                 options=(ConverterOption("plate", "plate name"),)))
+    register_converter(
+        Converter(
+            "stripes", stripes_sites, "toy: <well>_<stain>.png", options=(ConverterOption("plate", "plate name"),)
+        )
+    )
     src = tmp_path / "src"
     src.mkdir()
     planes = {"DNA": phenix_planes[0][:64, :64], "ER": phenix_planes[1][:64, :64]}

@@ -1,4 +1,5 @@
 """train.py unchanged under torchrun, `fabric run` and two simulated torchrun nodes (gloo, CPU)."""
+
 from __future__ import annotations
 
 import os
@@ -30,8 +31,11 @@ def shards(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def script_args(shards: Path, run_dir: Path, *extra: str) -> list[str]:
-    return ["train.py", str(TINY), *tiny_overrides(shards, run_dir, f"trainer.max_steps={STEPS}",
-                                                   "trainer.log_every_n_steps=2", *extra)]
+    return [
+        "train.py",
+        str(TINY),
+        *tiny_overrides(shards, run_dir, f"trainer.max_steps={STEPS}", "trainer.log_every_n_steps=2", *extra),
+    ]
 
 
 def assert_two_ranks_trained(run_dir: Path, launcher_line: str, output: str) -> None:
@@ -50,31 +54,50 @@ def assert_two_ranks_trained(run_dir: Path, launcher_line: str, output: str) -> 
     assert seen["train/samples"].to_list() == [8 * 2.0, 8 * 4.0]
     rates = metrics.drop_nulls("train/samples_per_sec")
     assert rates["train/samples_per_sec"].to_list() == pytest.approx(
-        [2 * r for r in rates["train/device/samples_per_sec"].to_list()])
+        [2 * r for r in rates["train/device/samples_per_sec"].to_list()]
+    )
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
 
 
 @pytest.fixture(scope="module")
 def torchrun_fit(shards: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
     run_dir = tmp_path_factory.mktemp("torchrun") / "run"
-    done = run_cli([*TORCHRUN, "--nproc_per_node", "2", "--master_port", str(free_port()),
-                    *script_args(shards, run_dir)], timeout=300)
+    done = run_cli(
+        [*TORCHRUN, "--nproc_per_node", "2", "--master_port", str(free_port()), *script_args(shards, run_dir)],
+        timeout=300,
+    )
     return run_dir, done
 
 
 def test_torchrun_two_processes(torchrun_fit: tuple[Path, subprocess.CompletedProcess]) -> None:
     run_dir, done = torchrun_fit
     assert done.returncode == 0, done.stderr[-3000:]
-    assert_two_ranks_trained(run_dir, "torchrun launch, world size 2: 2 devices x 1 nodes",
-                             done.stdout + done.stderr)
+    assert_two_ranks_trained(run_dir, "torchrun launch, world size 2: 2 devices x 1 nodes", done.stdout + done.stderr)
 
 
-def test_embed_under_torchrun_equals_one_process(shards: Path, torchrun_fit: tuple[Path, subprocess.CompletedProcess],
-                                                 tmp_path: Path) -> None:
+def test_embed_under_torchrun_equals_one_process(
+    shards: Path, torchrun_fit: tuple[Path, subprocess.CompletedProcess], tmp_path: Path
+) -> None:
     checkpoint = torchrun_fit[0] / "checkpoints" / "last.ckpt"
     two, one = tmp_path / "two.parquet", tmp_path / "one.parquet"
-    done = run_cli([*TORCHRUN, "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "phenoscale.cli",
-                    "embed", str(checkpoint), str(shards), str(two), "--num-workers", "0"], timeout=300)
+    done = run_cli(
+        [
+            *TORCHRUN,
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(free_port()),
+            "-m",
+            "phenoscale.cli",
+            "embed",
+            str(checkpoint),
+            str(shards),
+            str(two),
+            "--num-workers",
+            "0",
+        ],
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert main(["embed", str(checkpoint), str(shards), str(one), "--num-workers", "0"]) == 0
     split, whole = pl.read_parquet(two), pl.read_parquet(one)
@@ -85,20 +108,50 @@ def test_embed_under_torchrun_equals_one_process(shards: Path, torchrun_fit: tup
 
 def test_fabric_run_two_processes(shards: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    done = run_cli([str(BIN / "fabric"), "run", "--accelerator", "cpu", "--devices", "2",
-                    "--main-port", str(free_port()), *script_args(shards, run_dir)], timeout=300)
+    done = run_cli(
+        [
+            str(BIN / "fabric"),
+            "run",
+            "--accelerator",
+            "cpu",
+            "--devices",
+            "2",
+            "--main-port",
+            str(free_port()),
+            *script_args(shards, run_dir),
+        ],
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert_two_ranks_trained(run_dir, "fabric launch, world size 2: 2 devices x 1 nodes",
-                             done.stdout + done.stderr)
+    assert_two_ranks_trained(run_dir, "fabric launch, world size 2: 2 devices x 1 nodes", done.stdout + done.stderr)
 
 
 def test_two_simulated_nodes(shards: Path, tmp_path: Path) -> None:
     run_dir, port = tmp_path / "run", str(free_port())
-    nodes = [subprocess.Popen(
-        [*TORCHRUN, "--nnodes", "2", "--node_rank", str(rank), "--master_addr", "127.0.0.1",
-         "--master_port", port, "--nproc_per_node", "1", *script_args(shards, run_dir)],
-        cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for rank in (0, 1)]
+    nodes = [
+        subprocess.Popen(
+            [
+                *TORCHRUN,
+                "--nnodes",
+                "2",
+                "--node_rank",
+                str(rank),
+                "--master_addr",
+                "127.0.0.1",
+                "--master_port",
+                port,
+                "--nproc_per_node",
+                "1",
+                *script_args(shards, run_dir),
+            ],
+            cwd=REPO,
+            env=child_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
     outputs = []
     for node in nodes:
         try:
@@ -121,8 +174,14 @@ def _worker_of_rank(launcher_pid: int, rank: int) -> int:
 
 def test_sigterm_to_one_rank_stops_all_ranks_at_the_same_checkpoint(shards: Path, tmp_path: Path) -> None:
     run_dir, steps = tmp_path / "run", 16
-    cmd = [*TORCHRUN, "--nproc_per_node", "2", "--master_port", str(free_port()),
-           *script_args(shards, run_dir, f"trainer.max_steps={steps}", "trainer.checkpoint_every_n_steps=100")]
+    cmd = [
+        *TORCHRUN,
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+        *script_args(shards, run_dir, f"trainer.max_steps={steps}", "trainer.checkpoint_every_n_steps=100"),
+    ]
     proc = subprocess.Popen(cmd, cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     tsv = run_dir / "logs" / "batches" / "rank1.tsv"
     try:

@@ -5,6 +5,7 @@ a smaller budget and checks what must hold even then: training beats the untrain
 TVN alignment does not lose to no alignment. The planted truth is the project's own generator,
 never hard-coded numbers.
 """
+
 from __future__ import annotations
 
 import json
@@ -56,8 +57,11 @@ def test_reduced_demo_camae_channel_rows(tmp_path: Path) -> None:
     files = dict(channels.select("channels", "embeddings").unique().iter_rows())
     assert len(files) == 2 and files["6 channels (as trained)"] == str(out / "embeddings" / "camae.parquet")
     as_trained = pl.read_parquet(files["6 channels (as trained)"])
-    five = np.stack(as_trained.select("key").join(pl.read_parquet(files["5 channels (last dropped)"]), on="key",
-                                                  how="left")["embedding"].to_numpy())
+    five = np.stack(
+        as_trained.select("key")
+        .join(pl.read_parquet(files["5 channels (last dropped)"]), on="key", how="left")["embedding"]
+        .to_numpy()
+    )
     original = np.stack(as_trained["embedding"].to_numpy())
     five_error = np.linalg.norm(five - original) / np.linalg.norm(original)
     # the CA-MAE embeds in the hardware's precision (bf16 only where it is native); a reversed order

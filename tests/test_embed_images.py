@@ -1,4 +1,5 @@
 """Embedding raw images without shards gives the shard path's embeddings, on the real Phenix field."""
+
 from __future__ import annotations
 
 import os
@@ -34,15 +35,29 @@ def model_and_shard_embeddings(shared_data: Path, tmp_path_factory: pytest.TempP
     trainer.save_checkpoint(root / "tiny.ckpt")
     assert cli(["export", str(root / "tiny.ckpt"), str(root / "export"), "--channels", ",".join(PEDIATRIC_STAINS)]) == 0
     assert cli(["shards", "jump", str(shared_data / PEDIATRIC_FIELD), str(root / "shards"), "--workers", "1"]) == 0
-    assert cli(["embed", str(root / "tiny.ckpt"), str(root / "shards"), str(root / "shards.parquet"),
-                "--num-workers", "0"]) == 0
+    assert (
+        cli(
+            ["embed", str(root / "tiny.ckpt"), str(root / "shards"), str(root / "shards.parquet"), "--num-workers", "0"]
+        )
+        == 0
+    )
     return root, pl.read_parquet(root / "shards.parquet")
 
 
 def test_images_cli_matches_the_shard_path_bit_for_bit(model_and_shard_embeddings, shared_data):
     root, from_shards = model_and_shard_embeddings
-    assert cli(["embed", str(root / "tiny.ckpt"), "--images", str(shared_data / PEDIATRIC_FIELD),
-                str(root / "images.parquet")]) == 0
+    assert (
+        cli(
+            [
+                "embed",
+                str(root / "tiny.ckpt"),
+                "--images",
+                str(shared_data / PEDIATRIC_FIELD),
+                str(root / "images.parquet"),
+            ]
+        )
+        == 0
+    )
     from_images = pl.read_parquet(root / "images.parquet")
     assert from_shards.height == 1 and from_images.equals(from_shards)  # metadata, channels and embedding
 
@@ -51,15 +66,24 @@ def test_python_api_on_multichannel_and_ome_tiff_stacks(model_and_shard_embeddin
     root, from_shards = model_and_shard_embeddings
     field = pediatric_field(shared_data)
     tifffile.imwrite(tmp_path / "plain.tif", field)
-    tifffile.imwrite(tmp_path / "field.ome.tif", field[None, :, None], ome=True,
-                     metadata={"axes": "TCZYX", "Channel": {"Name": PEDIATRIC_STAINS}})
+    tifffile.imwrite(
+        tmp_path / "field.ome.tif",
+        field[None, :, None],
+        ome=True,
+        metadata={"axes": "TCZYX", "Channel": {"Name": PEDIATRIC_STAINS}},
+    )
     expected = embedding_matrix(from_shards)
     frame = phenoscale.embed_images(root / "export", tmp_path, progress=False)
     assert frame["key"].to_list() == ["field-ome", "plain"]
     assert frame["channels"].to_list() == [PEDIATRIC_STAINS, PEDIATRIC_STAINS]  # the first file's OME names
     assert np.array_equal(embedding_matrix(frame), np.concatenate([expected, expected]))
-    subset = phenoscale.embed_images(root / "export", [tmp_path / "plain.tif"], progress=False,
-                                     channel_map={1: "Brightfield", 5: "DNA", 6: "RNA"}, channels=["DNA", "RNA"])
+    subset = phenoscale.embed_images(
+        root / "export",
+        [tmp_path / "plain.tif"],
+        progress=False,
+        channel_map={1: "Brightfield", 5: "DNA", 6: "RNA"},
+        channels=["DNA", "RNA"],
+    )
     assert embedding_matrix(subset).shape == (1, 32)
 
 
@@ -89,8 +113,21 @@ def test_one_command_from_an_offline_hub_cache(model_and_shard_embeddings, share
     cache_repo(tmp_path / "hf_home" / "hub", REPO_ID, root / "export")
     env = {**child_env(), "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1"}
     out = tmp_path / "hub.parquet"
-    result = subprocess.run([sys.executable, "-m", "phenoscale.cli", "embed", f"hf://{REPO_ID}", "--images",
-                             str(shared_data / PEDIATRIC_FIELD), str(out)], env=env, capture_output=True, text=True,
-                            timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "phenoscale.cli",
+            "embed",
+            f"hf://{REPO_ID}",
+            "--images",
+            str(shared_data / PEDIATRIC_FIELD),
+            str(out),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert pl.read_parquet(out).equals(from_shards)

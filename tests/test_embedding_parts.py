@@ -1,5 +1,6 @@
 """`phenoscale embed` in parts: each rank embeds only its block of sites and writes its own parquet
 part; merging the parts gives exactly the one-process file, and a missing or stale part is named."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -55,8 +56,9 @@ def test_parts_merge_to_exactly_the_one_process_file(setup, tmp_path: Path, monk
     assert not parts_directory(out).exists()
     assert merged["key"].to_list() == manifest["key"].to_list()
     # and the values are the per-site means of the tile embeddings (the dense, whole-manifest path)
-    sums, counts = site_embeddings(model, build_datamodule(cfg).eval_dataloader(), manifest.height,
-                                   torch.device("cpu"), None, None, progress=False)
+    sums, counts = site_embeddings(
+        model, build_datamodule(cfg).eval_dataloader(), manifest.height, torch.device("cpu"), None, None, progress=False
+    )
     assert counts.tolist() == [4.0] * manifest.height
     np.testing.assert_array_equal(merged["embedding"].to_numpy(), (sums / counts[:, None]).float().numpy())
 

@@ -1,4 +1,5 @@
 """EFAARCallback in-process with a fake model/datamodule, and under 2-process gloo DDP."""
+
 from __future__ import annotations
 
 import os
@@ -37,16 +38,21 @@ class ToyEvalData:
         self.batch_size = batch_size
 
     def eval_dataloader(self):
-        rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) \
-            if torch.distributed.is_initialized() else (0, 1)
+        rank, world = (
+            (torch.distributed.get_rank(), torch.distributed.get_world_size())
+            if torch.distributed.is_initialized()
+            else (0, 1)
+        )
         starts = range(0, len(self.codes), self.batch_size)
         for number, start in enumerate(starts):
             if number % world != rank:
                 continue
             rows = np.arange(start, min(start + self.batch_size, len(self.codes)))
             crops = np.concatenate([self.codes[rows] + 100, self.codes[rows] - 100]).astype(np.uint16)
-            yield {"image": torch.from_numpy(crops)[:, None, :, None],
-                   "site_index": torch.from_numpy(np.concatenate([rows, rows]))}
+            yield {
+                "image": torch.from_numpy(crops)[:, None, :, None],
+                "site_index": torch.from_numpy(np.concatenate([rows, rows])),
+            }
 
     def decode(self, images: torch.Tensor) -> torch.Tensor:
         return images[:, 0, :, 0].float() / 60000 * (self.high - self.low) + self.low
@@ -80,8 +86,14 @@ class ToyModel(L.LightningModule):
 def _config(tmp_path: Path, **overrides) -> EvalConfig:
     rel = tmp_path / "toy_relationships.csv"
     toy_relationships(N_GENES).write_csv(rel)
-    settings = dict(annotations=[str(rel)], alignment=["centerscale"], clusters=None, n_null=100,
-                    map_null_size=200, benchmarks=["recall", "consistency", "map"])
+    settings = dict(
+        annotations=[str(rel)],
+        alignment=["centerscale"],
+        clusters=None,
+        n_null=100,
+        map_null_size=200,
+        benchmarks=["recall", "consistency", "map"],
+    )
     settings.update(overrides)
     return EvalConfig(**settings)
 
@@ -92,10 +104,18 @@ def test_callback_logs_the_offline_pipeline_numbers(tmp_path):
     model = ToyModel(data)
     cfg = _config(tmp_path, every_n_epochs=2)
     callback = EFAARCallback(data, cfg)
-    trainer = L.Trainer(max_epochs=2, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, callbacks=[callback])
+    trainer = L.Trainer(
+        max_epochs=2,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        callbacks=[callback],
+    )
     trainer.fit(model)
     logged = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("eval/")}
+
     # offline, on the crop means the callback must reconstruct (uint16 quantisation included)
     def decoded(shift: int) -> np.ndarray:
         pixels = torch.from_numpy((data.codes + shift).astype(np.uint16))[:, None, :, None]
@@ -162,15 +182,32 @@ def test_two_process_gloo_ranks_log_identical_metrics(tmp_path, batch_size):
     for rank in range(2):
         (tmp_path / str(rank)).mkdir()
     script = tmp_path / "ddp.py"
-    script.write_text(textwrap.dedent(DDP_SCRIPT.format(
-        tests=str(Path(__file__).parent), repo=str(Path(__file__).parents[1]), port=port,
-        tmp=str(tmp_path), batch_size=batch_size)))
-    procs = [subprocess.Popen([sys.executable, str(script), str(r)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}) for r in range(2)]
+    script.write_text(
+        textwrap.dedent(
+            DDP_SCRIPT.format(
+                tests=str(Path(__file__).parent),
+                repo=str(Path(__file__).parents[1]),
+                port=port,
+                tmp=str(tmp_path),
+                batch_size=batch_size,
+            )
+        )
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(r)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
+        for r in range(2)
+    ]
     outs = [p.communicate(timeout=240) for p in procs]
     for p, (_, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
     import json
+
     metrics = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
     assert metrics[0] == metrics[1]
     data = ToyEvalData(toy_screen(N_GENES, dim=16, seed=3))

@@ -4,6 +4,7 @@ efaar_benchmarking 1.0 (centre-scale, TVN, aggregation, recall, consistency, ene
 CORUM clusters) and copairs 0.5 (mAP on the real LINCS plate SQ00015054) both run here, so the
 references are computed live; nothing is hard-coded.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -78,7 +79,9 @@ def test_aggregation_and_recall_match_efaar_on_real_annotations(shared_data, rea
     ours = known_relationship_recall(map_genes, profiles, pairs)
     reference = efaar_bench.known_relationship_benchmark(
         Bunch(features=pd.DataFrame(profiles), metadata=pd.DataFrame({"perturbation": map_genes})),
-        "perturbation", benchmark_data_dir=str(shared_data / "annotations"))
+        "perturbation",
+        benchmark_data_dir=str(shared_data / "annotations"),
+    )
     assert len(reference) >= 4  # several real sources overlap the map
     for row in reference.to_dict("records"):
         mine = ours.filter(pl.col("source") == row["source"])
@@ -93,9 +96,11 @@ def test_consistency_and_energy_distance_match_efaar():
     rng = np.random.default_rng(4)
     replicates, controls = rng.normal(size=(7, 20)) + 0.5, rng.normal(size=(80, 20))
     assert mean_pairwise_cosine(l2_normalised(replicates)) == pytest.approx(
-        efaar_bench.pert_signal_consistency_metric(replicates), abs=1e-6)
+        efaar_bench.pert_signal_consistency_metric(replicates), abs=1e-6
+    )
     assert energy_distance(replicates, controls) == pytest.approx(
-        efaar_bench.pert_signal_magnitude_metric(replicates, controls), abs=1e-9)
+        efaar_bench.pert_signal_magnitude_metric(replicates, controls), abs=1e-9
+    )
 
 
 def test_cluster_benchmark_matches_efaar_on_real_corum(shared_data, capsys):
@@ -104,8 +109,10 @@ def test_cluster_benchmark_matches_efaar_on_real_corum(shared_data, capsys):
     profiles = np.random.default_rng(5).normal(size=(len(genes), 12)).astype(np.float32)
     ours = cluster_benchmark(genes, profiles, clusters).to_pandas()
     ref = efaar_bench.cluster_benchmark(
-        Bunch(features=pd.DataFrame(profiles), metadata=pd.DataFrame({"g": genes})), "g",
-        benchmark_data_dir=str(shared_data / "annotations"))
+        Bunch(features=pd.DataFrame(profiles), metadata=pd.DataFrame({"g": genes})),
+        "g",
+        benchmark_data_dir=str(shared_data / "annotations"),
+    )
     merged = ref.merge(ours, on="cluster")
     assert len(merged) == len(ref) == len(ours) > 20
     np.testing.assert_allclose(merged["ks_stat_x"], merged["ks_stat_y"], atol=1e-6)
@@ -139,8 +146,9 @@ def test_map_matches_copairs_on_real_plate_grouped_by_compound(plate):
     assert len(ours) == ref_ap["average_precision"].notna().sum() == 384
     assert_same_ap(ours["average_precision"].to_numpy(), ref_ap["average_precision"].to_numpy()[ours["row"].to_numpy()])
     np.testing.assert_array_equal(ours["n_total_pairs"].to_numpy(), ref_ap["n_total_pairs"].to_numpy())
-    ref_map = copairs_map.mean_average_precision(ref_ap, [column], null_size=5000, threshold=0.05, seed=0,
-                                                 progress_bar=False)
+    ref_map = copairs_map.mean_average_precision(
+        ref_ap, [column], null_size=5000, threshold=0.05, seed=0, progress_bar=False
+    )
     merged = ref_map.merge(mean_average_precision(ours, null_size=5000).to_pandas(), left_on=column, right_on="label")
     assert len(merged) == 59  # 58 compounds + DMSO
     np.testing.assert_allclose(merged["mean_average_precision_x"], merged["mean_average_precision_y"], atol=1e-5)

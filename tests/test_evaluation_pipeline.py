@@ -1,4 +1,5 @@
 """run_efaar end to end on a seeded toy screen, the exact streaming null, IO, CLI and every bad input."""
+
 from __future__ import annotations
 
 import json
@@ -26,15 +27,23 @@ def relationships(tmp_path) -> Path:
 
 
 def _cfg(relationships: Path, **overrides) -> EvalConfig:
-    settings = dict(annotations=[str(relationships)], clusters=None, alignment=["centerscale", "none"],
-                    n_null=100, map_null_size=200)
+    settings = dict(
+        annotations=[str(relationships)],
+        clusters=None,
+        alignment=["centerscale", "none"],
+        n_null=100,
+        map_null_size=200,
+    )
     settings.update(overrides)
     return EvalConfig(**settings)
 
 
 def _recall(result, source="planted", alignment=None):
-    rows = result.recall.filter((pl.col("source") == source) & (pl.col("threshold_low") == 0.05)
-                                & (pl.col("alignment") == (alignment or result.primary_alignment)))
+    rows = result.recall.filter(
+        (pl.col("source") == source)
+        & (pl.col("threshold_low") == 0.05)
+        & (pl.col("alignment") == (alignment or result.primary_alignment))
+    )
     return rows["recall"][0], rows["reason"][0]
 
 
@@ -193,8 +202,23 @@ def test_cli_writes_metrics_report_and_figures_with_oracle(tmp_path):
     screen = toy_screen(N_GENES, seed=4, truth_dir=truth)
     emb = write_embeddings(screen, tmp_path / "emb.parquet")
     out = tmp_path / "eval"
-    code = cli(["evaluate", str(emb), "--annotations", str(truth / "relationships.csv"), "--alignment",
-                "centerscale", "tvn", "--truth", str(truth), "--out", str(out), "--clusters", ""])
+    code = cli(
+        [
+            "evaluate",
+            str(emb),
+            "--annotations",
+            str(truth / "relationships.csv"),
+            "--alignment",
+            "centerscale",
+            "tvn",
+            "--truth",
+            str(truth),
+            "--out",
+            str(out),
+            "--clusters",
+            "",
+        ]
+    )
     assert code == 0
     metrics = json.loads((out / "metrics.json").read_text())
     summary = metrics["summary"]
@@ -220,12 +244,17 @@ def test_a_benchmark_registered_outside_the_package_runs_in_run_efaar() -> None:
     register_benchmark(Benchmark("spread", spread, table="spread", default=False))
     assert "spread" not in EvalConfig().benchmarks  # not a default: existing configs keep their output
     frame = toy_screen(30, seed=1)
-    result = run_efaar(frame, EvalConfig(annotations=[], clusters=None, alignment=["tvn", "none"],
-                                         benchmarks=["spread", "consistency"], n_null=50))
+    result = run_efaar(
+        frame,
+        EvalConfig(
+            annotations=[], clusters=None, alignment=["tvn", "none"], benchmarks=["spread", "consistency"], n_null=50
+        ),
+    )
     table = result.table("spread")
     assert table.group_by("alignment").len().sort("alignment")["len"].to_list() == [30, 30]
-    by_alignment = dict(result.metrics.filter(pl.col("metric") == "profile_norm_mean")
-                        .select("alignment", "value").iter_rows())
+    by_alignment = dict(
+        result.metrics.filter(pl.col("metric") == "profile_norm_mean").select("alignment", "value").iter_rows()
+    )
     expected = table.group_by("alignment").agg(pl.col("norm").mean())
     for alignment, value in expected.iter_rows():
         assert by_alignment[alignment] == pytest.approx(value)

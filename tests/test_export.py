@@ -1,4 +1,5 @@
 """`phenoscale export`: checkpoint -> safetensors + config.json + card, read back bit for bit."""
+
 from __future__ import annotations
 
 import json

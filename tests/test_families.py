@@ -1,5 +1,6 @@
 """The model-family registry: a family added from outside the package runs end to end; the
 per-family config sections are validated, and the flat keys of older configs still load."""
+
 from __future__ import annotations
 
 import os
@@ -66,8 +67,21 @@ class PooledLinear(PhenoModule):
 def test_a_family_registered_outside_the_package_fits_loads_and_embeds(screen: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     assert "pool" in lightning_modules.family_names() and label("pool") == "pooled linear"
-    assert main(["fit", str(TINY), f"data.train_shards={screen / 'shards'}", f"run.run_dir={run_dir}",
-                 "data.num_workers=0", "trainer.max_steps=3", "model.family=pool", "model.pool.width=5"]) == 0
+    assert (
+        main(
+            [
+                "fit",
+                str(TINY),
+                f"data.train_shards={screen / 'shards'}",
+                f"run.run_dir={run_dir}",
+                "data.num_workers=0",
+                "trainer.max_steps=3",
+                "model.family=pool",
+                "model.pool.width=5",
+            ]
+        )
+        == 0
+    )
     saved = OmegaConf.load(run_dir / "config.yaml")
     # the saved config holds the toy family's section and none of the other families' (tiny.yaml has three)
     assert saved.model.pool.width == 5 and not {"mae", "camae", "wsl"} & set(saved.model)
@@ -103,11 +117,17 @@ def test_flat_keys_of_older_configs_move_to_the_family_section_with_a_warning(tm
 
 
 def test_a_checkpoint_with_flat_hyperparameters_rebuilds_the_same_module() -> None:
-    sectioned = model_config_dict({"family": "mae", "img_size": 32, "patch_size": 8, "drop_path": 0.0,
-                                   "backbone": "vit_small_patch16_256",
-                                   "backbone_kwargs": {"embed_dim": 32, "depth": 2, "num_heads": 2},
-                                   "mae": {"decoder_dim": 32, "decoder_depth": 1, "decoder_heads": 2,
-                                           "mask_ratio": 0.6}})
+    sectioned = model_config_dict(
+        {
+            "family": "mae",
+            "img_size": 32,
+            "patch_size": 8,
+            "drop_path": 0.0,
+            "backbone": "vit_small_patch16_256",
+            "backbone_kwargs": {"embed_dim": 32, "depth": 2, "num_heads": 2},
+            "mae": {"decoder_dim": 32, "decoder_depth": 1, "decoder_heads": 2, "mask_ratio": 0.6},
+        }
+    )
     flat = {k: v for k, v in sectioned.items() if k != "mae"} | sectioned["mae"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
@@ -120,13 +140,23 @@ def test_a_checkpoint_with_flat_hyperparameters_rebuilds_the_same_module() -> No
 def test_plugins_named_in_the_environment_are_imported_before_the_cli_parses(tmp_path: Path) -> None:
     (tmp_path / "my_plugin.py").write_text(
         "from datamodules.converters import Converter, register_converter\n"
-        "register_converter(Converter('mylayout', lambda src, channel_map=None: None, 'my layout'))\n")
-    env = {**os.environ, "PHENOSCALE_PLUGINS": "my_plugin",
-           "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
-    shown = subprocess.run([sys.executable, "-m", "phenoscale.cli", "shards", "--help"], env=env,
-                           capture_output=True, text=True, check=True).stdout
+        "register_converter(Converter('mylayout', lambda src, channel_map=None: None, 'my layout'))\n"
+    )
+    env = {
+        **os.environ,
+        "PHENOSCALE_PLUGINS": "my_plugin",
+        "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]),
+    }
+    shown = subprocess.run(
+        [sys.executable, "-m", "phenoscale.cli", "shards", "--help"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert "mylayout" in shown
     env["PHENOSCALE_PLUGINS"] = "no_such_plugin"
-    failed = subprocess.run([sys.executable, "-m", "phenoscale.cli", "shards", "--help"], env=env,
-                            capture_output=True, text=True)
+    failed = subprocess.run(
+        [sys.executable, "-m", "phenoscale.cli", "shards", "--help"], env=env, capture_output=True, text=True
+    )
     assert failed.returncode != 0 and "phenoscale plugin 'no_such_plugin'" in failed.stderr

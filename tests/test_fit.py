@@ -1,4 +1,5 @@
 """End to end on a tiny synthetic screen: synth -> fit -> embed -> evaluate; run-dir guarantees."""
+
 from __future__ import annotations
 
 import io
@@ -27,8 +28,14 @@ from run_helpers import TINY
 
 
 def fit_args(screen: Path, run_dir: Path, *extra: str) -> list[str]:
-    return ["fit", str(TINY), f"data.train_shards={screen / 'shards'}", f"run.run_dir={run_dir}",
-            "data.num_workers=0", *extra]
+    return [
+        "fit",
+        str(TINY),
+        f"data.train_shards={screen / 'shards'}",
+        f"run.run_dir={run_dir}",
+        "data.num_workers=0",
+        *extra,
+    ]
 
 
 def _tiles(screen: Path, key: str) -> torch.Tensor:
@@ -38,7 +45,7 @@ def _tiles(screen: Path, key: str) -> torch.Tensor:
             names = {m.name for m in tar.getmembers()}
             if f"{key}.npy" in names:
                 image = np.load(io.BytesIO(tar.extractfile(f"{key}.npy").read()))
-                tiles = [image[:, r:r + 32, c:c + 32] for r in (0, 32) for c in (0, 32)]
+                tiles = [image[:, r : r + 32, c : c + 32] for r in (0, 32) for c in (0, 32)]
                 return torch.from_numpy(np.stack(tiles))
     raise AssertionError(f"{key} not found in the shards")
 
@@ -47,9 +54,21 @@ def _tiles(screen: Path, key: str) -> torch.Tensor:
 def test_fit_embed_evaluate_on_a_synthetic_screen(screen: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     truth = screen / "truth"
-    assert main(fit_args(screen, run_dir, "trainer.max_steps=8", "trainer.checkpoint_every_n_steps=4",
-                         "trainer.evaluate=true", f"eval.annotations=[{truth / 'relationships.csv'}]",
-                         "eval.clusters=null", "eval.benchmarks=[recall]")) == 0
+    assert (
+        main(
+            fit_args(
+                screen,
+                run_dir,
+                "trainer.max_steps=8",
+                "trainer.checkpoint_every_n_steps=4",
+                "trainer.evaluate=true",
+                f"eval.annotations=[{truth / 'relationships.csv'}]",
+                "eval.clusters=null",
+                "eval.benchmarks=[recall]",
+            )
+        )
+        == 0
+    )
 
     # the run directory holds config, checkpoints and logs
     saved = OmegaConf.load(run_dir / "config.yaml")
@@ -68,8 +87,19 @@ def test_fit_embed_evaluate_on_a_synthetic_screen(screen: Path, tmp_path: Path) 
     assert list((run_dir / "logs" / "tensorboard" / "attempt_0").glob("events.out.tfevents.*"))
 
     embeddings = run_dir / "embeddings" / "screen.parquet"
-    assert main(["embed", str(run_dir / "checkpoints" / "last.ckpt"), str(screen / "shards"), str(embeddings),
-                 "--num-workers", "0"]) == 0
+    assert (
+        main(
+            [
+                "embed",
+                str(run_dir / "checkpoints" / "last.ckpt"),
+                str(screen / "shards"),
+                str(embeddings),
+                "--num-workers",
+                "0",
+            ]
+        )
+        == 0
+    )
     frame = pl.read_parquet(embeddings)
     manifest = pl.read_parquet(screen / "shards" / "manifest.parquet")
     assert frame["key"].to_list() == manifest["key"].to_list()  # every site once, in manifest order
@@ -84,16 +114,45 @@ def test_fit_embed_evaluate_on_a_synthetic_screen(screen: Path, tmp_path: Path) 
         np.testing.assert_allclose(matrix[row], expected, rtol=1e-4, atol=1e-5)
     # bf16 autocast: the same embeddings to bf16 accuracy
     fast = run_dir / "embeddings" / "screen_bf16.parquet"
-    assert main(["embed", str(run_dir / "checkpoints" / "last.ckpt"), str(screen / "shards"), str(fast),
-                 "--num-workers", "0", "--precision", "bf16"]) == 0
+    assert (
+        main(
+            [
+                "embed",
+                str(run_dir / "checkpoints" / "last.ckpt"),
+                str(screen / "shards"),
+                str(fast),
+                "--num-workers",
+                "0",
+                "--precision",
+                "bf16",
+            ]
+        )
+        == 0
+    )
     fast_matrix = pl.read_parquet(fast)["embedding"].to_numpy()
     error = np.linalg.norm(fast_matrix - matrix) / np.linalg.norm(matrix)
     assert 0 < error < 0.02
 
     report = run_dir / "reports"
-    assert main(["evaluate", str(embeddings), "--annotations", str(screen / "truth" / "relationships.csv"),
-                 "--truth", str(screen / "truth"), "--benchmarks", "recall", "--clusters", "",
-                 "--out", str(report)]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                str(embeddings),
+                "--annotations",
+                str(screen / "truth" / "relationships.csv"),
+                "--truth",
+                str(screen / "truth"),
+                "--benchmarks",
+                "recall",
+                "--clusters",
+                "",
+                "--out",
+                str(report),
+            ]
+        )
+        == 0
+    )
     summary = json.loads((report / "metrics.json").read_text())["summary"]
     # the callback after the last epoch scored the same model (last.ckpt) on the same sites with the same
     # defaults (TVN per experiment): online and offline recall are one number
@@ -102,11 +161,11 @@ def test_fit_embed_evaluate_on_a_synthetic_screen(screen: Path, tmp_path: Path) 
 
 
 def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(
-        screen: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    screen: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     run_dir = tmp_path / "run"
     # lr 1e30: the first update blows the weights up, the second step's loss is not finite
-    code = main(fit_args(screen, run_dir, "trainer.max_steps=6", "trainer.checkpoint_every_n_steps=1",
-                         "optim.lr=1e30"))
+    code = main(fit_args(screen, run_dir, "trainer.max_steps=6", "trainer.checkpoint_every_n_steps=1", "optim.lr=1e30"))
     assert code == 3
     assert "error: non-finite loss at step 2 (epoch 0, batch 1)" in capsys.readouterr().err
     checkpoints = sorted(p.name for p in (run_dir / "checkpoints").glob("*.ckpt"))
@@ -121,9 +180,17 @@ def test_preemption_signal_checkpoints_and_stops_in_process(screen: Path, tmp_pa
     """SLURM's (`--signal=USR1@...`) or submitit's (USR2) preemption warning: checkpoint at the next
     step, stop cleanly."""
     run_dir = tmp_path / "run"
-    cfg = load_config(TINY, [f"data.train_shards={screen / 'shards'}", f"run.run_dir={run_dir}",
-                             "data.num_workers=0", "trainer.max_steps=40", "trainer.checkpoint_every_n_steps=100",
-                             "trainer.audit_batches=true"])
+    cfg = load_config(
+        TINY,
+        [
+            f"data.train_shards={screen / 'shards'}",
+            f"run.run_dir={run_dir}",
+            "data.num_workers=0",
+            "trainer.max_steps=40",
+            "trainer.checkpoint_every_n_steps=100",
+            "trainer.audit_batches=true",
+        ],
+    )
     audit_file = run_dir / "logs" / "batches" / "rank0.tsv"
 
     def signal_after_two_steps() -> None:
@@ -155,9 +222,17 @@ def test_trainer_compile_and_auto_precision(screen: Path, tmp_path: Path, monkey
         return torch._dynamo.eval_frame.OptimizedModule(module, lambda fn: fn)  # a compiler that changes nothing
 
     monkeypatch.setattr(torch, "compile", fake_compile)
-    cfg = load_config(TINY, [f"data.train_shards={screen / 'shards'}", f"run.run_dir={tmp_path / 'run'}",
-                             "data.num_workers=0", "trainer.max_steps=2", "trainer.compile=true",
-                             "trainer.precision=auto"])
+    cfg = load_config(
+        TINY,
+        [
+            f"data.train_shards={screen / 'shards'}",
+            f"run.run_dir={tmp_path / 'run'}",
+            "data.num_workers=0",
+            "trainer.max_steps=2",
+            "trainer.compile=true",
+            "trainer.precision=auto",
+        ],
+    )
     result = fit(cfg)
     assert compiled == ["CAMAEModule"] and result.global_step == 2
     hparams = OmegaConf.load(next((tmp_path / "run" / "logs" / "csv").glob("*/hparams.yaml")))
@@ -182,8 +257,9 @@ def test_missing_shards_is_named_before_anything_starts(tmp_path: Path, capsys: 
     assert not (tmp_path / "run").exists()
 
 
-def test_bad_embed_precision_is_named_before_the_checkpoint_loads(tmp_path: Path, capsys: pytest.CaptureFixture
-                                                                  ) -> None:
+def test_bad_embed_precision_is_named_before_the_checkpoint_loads(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     missing = tmp_path / "no_such.ckpt"  # loading it would fail with "not found": the precision must fail first
     assert main(["embed", str(missing), str(tmp_path), str(tmp_path / "e.parquet"), "--precision", "fp8"]) == 2
     assert "precision must be one of ('auto', '32', 'bf16'), got 'fp8'" in capsys.readouterr().err
@@ -191,10 +267,17 @@ def test_bad_embed_precision_is_named_before_the_checkpoint_loads(tmp_path: Path
 
 def test_launcher_mismatch_fails_before_anything_starts(screen: Path, tmp_path: Path) -> None:
     # what `torchrun --nproc_per_node 2` exports, with a config that insists on one device
-    torchrun = {"TORCHELASTIC_RUN_ID": "x", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2",
-                "LOCAL_WORLD_SIZE": "2", "GROUP_RANK": "0"}
-    cfg = load_config(TINY, [f"data.train_shards={screen / 'shards'}", f"run.run_dir={tmp_path / 'run'}",
-                             "trainer.devices=1"])
+    torchrun = {
+        "TORCHELASTIC_RUN_ID": "x",
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "2",
+        "LOCAL_WORLD_SIZE": "2",
+        "GROUP_RANK": "0",
+    }
+    cfg = load_config(
+        TINY, [f"data.train_shards={screen / 'shards'}", f"run.run_dir={tmp_path / 'run'}", "trainer.devices=1"]
+    )
     with pytest.raises(LaunchMismatchError, match="trainer.devices=1 but the torchrun launcher started 2"):
         fit(cfg, environ=torchrun)
     assert not (tmp_path / "run").exists()

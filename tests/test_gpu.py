@@ -7,6 +7,7 @@ group against the same pass without one. The tolerances are those of one bf16 (8
 fp16 (11-bit) rounding per layer, loose enough for kernel choice, tight enough to catch a layer
 that runs in the wrong dtype or a kernel that computes something else.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -22,8 +23,10 @@ from phenoscale.workflow import eval_data_config
 from run_helpers import free_port
 from tiny_models import TINY_CNN, real_crops, tiny_module
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (make gpu-check runs these)")]
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (make gpu-check runs these)"),
+]
 
 FAMILIES = {"mae": ("mae", {}), "camae": ("camae", {}), "wsl_vit": ("wsl", {}), "wsl_cnn": ("wsl", TINY_CNN)}
 #: relative error of the loss / of the embeddings against float32
@@ -74,9 +77,17 @@ def test_lightning_bf16_mixed_fit_on_cuda(shared_data, tmp_path, name):
     module = cuda_module(name).cpu()
     batch = {k: v.cpu() for k, v in cuda_batch(shared_data).items()}
     loader = torch.utils.data.DataLoader([{k: v[i] for k, v in batch.items()} for i in range(8)], batch_size=8)
-    trainer = L.Trainer(max_steps=3, accelerator="gpu", devices=1, precision="bf16-mixed", logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        default_root_dir=tmp_path)
+    trainer = L.Trainer(
+        max_steps=3,
+        accelerator="gpu",
+        devices=1,
+        precision="bf16-mixed",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(module, loader)
     assert trainer.global_step == 3 and torch.isfinite(trainer.callback_metrics["train/loss"])
     assert all(p.dtype == torch.float32 for p in module.parameters())  # master weights stay float32

@@ -4,6 +4,7 @@ The real machine is AVX-512 BF16 or AVX2 depending on the day; the decision and 
 follows it (attention kernels, fit's precision, fabric's flags, embed's precision) is tested for
 both by faking torch's capability report, and for CUDA by faking torch.cuda.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -18,37 +19,53 @@ from phenoscale.config import ConfigError, load_config
 from phenoscale.fitting import choose_device
 from phenoscale.launch import LaunchMismatchError, detect_launch
 
-FABRIC = {"LT_CLI_USED": "1", "LT_DEVICES": "1", "LT_NUM_NODES": "1", "TORCHELASTIC_RUN_ID": "none",
-          "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1", "GROUP_RANK": "0"}
+FABRIC = {
+    "LT_CLI_USED": "1",
+    "LT_DEVICES": "1",
+    "LT_NUM_NODES": "1",
+    "TORCHELASTIC_RUN_ID": "none",
+    "RANK": "0",
+    "LOCAL_RANK": "0",
+    "WORLD_SIZE": "1",
+    "LOCAL_WORLD_SIZE": "1",
+    "GROUP_RANK": "0",
+}
 
 
 @pytest.fixture
 def cpu(monkeypatch):
     """fake(capability, bf16_units): what torch reports about this CPU from now on in the test."""
+
     def fake(capability: str, bf16_units: bool) -> None:
         monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
         monkeypatch.setattr(hardware, "_cpu_has_bf16_units", lambda: bf16_units)
         hardware._warn_emulated.cache_clear()  # each test sees its own first warning
+
     return fake
 
 
 @pytest.fixture
 def cuda(monkeypatch):
     """fake(bf16): a visible CUDA GPU with (Ampere+) or without (Turing) native bf16."""
+
     def fake(bf16: bool) -> None:
         monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
         monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: bf16)
         hardware._warn_emulated.cache_clear()
+
     return fake
 
 
-@pytest.mark.parametrize("capability, units, native", [
-    ("AVX512", True, True),  # AMD Zen 4 / Intel Cooper Lake+: AVX-512 BF16
-    ("AVX512", False, False),  # Skylake-X: AVX-512 without bf16 instructions
-    ("AVX2", True, False),  # ATEN_CPU_CAPABILITY=avx2 on a bf16 machine: torch's kernels are AVX2
-    ("AVX2", False, False),  # AMD Zen 2/3
-    ("DEFAULT", False, False),
-])
+@pytest.mark.parametrize(
+    "capability, units, native",
+    [
+        ("AVX512", True, True),  # AMD Zen 4 / Intel Cooper Lake+: AVX-512 BF16
+        ("AVX512", False, False),  # Skylake-X: AVX-512 without bf16 instructions
+        ("AVX2", True, False),  # ATEN_CPU_CAPABILITY=avx2 on a bf16 machine: torch's kernels are AVX2
+        ("AVX2", False, False),  # AMD Zen 2/3
+        ("DEFAULT", False, False),
+    ],
+)
 def test_cpu_decision_follows_the_capability(cpu, capability, units, native):
     cpu(capability, units)
     choice = hardware.numerics("cpu")
@@ -106,6 +123,7 @@ def spy_on_attention_kernels(monkeypatch) -> dict[str, int]:
         def wrapper(*args, **kwargs):
             calls[name] += 1
             return fn(*args, **kwargs)
+
         return wrapper
 
     monkeypatch.setattr(blocks, "blocked_attention", counted("blocked", blocks.blocked_attention))
@@ -157,8 +175,9 @@ def test_fit_takes_the_hardware_precision_and_fabric_flags(cpu, tmp_path):
     cfg.trainer.precision = "bf16-mixed"  # the same precision, spelled another way, agrees
     assert choose_device(cfg.trainer, fabric).precision == "bf16-mixed"
     cfg.trainer.precision = "32-true"
-    with pytest.raises(LaunchMismatchError, match="trainer.precision='32-true' but fabric run was given "
-                                                  "--precision bf16-mixed"):
+    with pytest.raises(
+        LaunchMismatchError, match="trainer.precision='32-true' but fabric run was given --precision bf16-mixed"
+    ):
         choose_device(cfg.trainer, fabric)
     cfg.trainer.precision = "auto"
     cfg.trainer.strategy = "ddp_spawn"

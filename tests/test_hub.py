@@ -1,5 +1,6 @@
 """hf://org/repo[@revision] without a network: a Hub cache laid out as huggingface_hub writes it,
 offline mode, and a mocked Hub for the errors only an online Hub gives and for --push."""
+
 from __future__ import annotations
 
 import shutil
@@ -74,7 +75,9 @@ def test_cached_repo_loads_offline_with_the_checkpoints_embeddings(exported, off
 
 
 def test_missing_repo_and_file_offline_are_clear(exported, offline_cache):
-    with pytest.raises(HubError, match=rf"hf://{REPO_ID}: config.json is not in the Hub cache .* \(HF_HUB_OFFLINE is set\)"):
+    with pytest.raises(
+        HubError, match=rf"hf://{REPO_ID}: config.json is not in the Hub cache .* \(HF_HUB_OFFLINE is set\)"
+    ):
         load_pretrained(f"hf://{REPO_ID}")
     snapshot = cache_repo(offline_cache, REPO_ID, exported[1])
     (snapshot / "model.safetensors").unlink()

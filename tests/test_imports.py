@@ -1,4 +1,5 @@
 """Import boundaries between the packages (docs/ARCHITECTURE.md): what one import may pull in."""
+
 from __future__ import annotations
 
 import subprocess

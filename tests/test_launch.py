@@ -1,4 +1,5 @@
 """Launcher detection from the environment each launcher really sets, and the mismatch errors."""
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -19,28 +20,47 @@ from phenoscale.launch import (
 
 # what torchrun 2.x exports to each worker (rank 3 of 2 nodes x 2 processes)
 TORCHRUN = {
-    "TORCHELASTIC_RUN_ID": "none", "RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4",
-    "LOCAL_WORLD_SIZE": "2", "GROUP_RANK": "1", "GROUP_WORLD_SIZE": "2", "ROLE_RANK": "3",
-    "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500",
+    "TORCHELASTIC_RUN_ID": "none",
+    "RANK": "3",
+    "LOCAL_RANK": "1",
+    "WORLD_SIZE": "4",
+    "LOCAL_WORLD_SIZE": "2",
+    "GROUP_RANK": "1",
+    "GROUP_WORLD_SIZE": "2",
+    "ROLE_RANK": "3",
+    "MASTER_ADDR": "10.0.0.1",
+    "MASTER_PORT": "29500",
 }
 # `fabric run --accelerator cpu --devices 2`: LT_* from the fabric CLI, then torchrun's variables
 FABRIC = {
-    "LT_CLI_USED": "1", "LT_ACCELERATOR": "cpu", "LT_DEVICES": "2", "LT_NUM_NODES": "1",
-    "TORCHELASTIC_RUN_ID": "none", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2",
-    "LOCAL_WORLD_SIZE": "2", "GROUP_RANK": "0",
+    "LT_CLI_USED": "1",
+    "LT_ACCELERATOR": "cpu",
+    "LT_DEVICES": "2",
+    "LT_NUM_NODES": "1",
+    "TORCHELASTIC_RUN_ID": "none",
+    "RANK": "0",
+    "LOCAL_RANK": "0",
+    "WORLD_SIZE": "2",
+    "LOCAL_WORLD_SIZE": "2",
+    "GROUP_RANK": "0",
 }
 # `sbatch --nodes 3 --ntasks-per-node 4` then `srun python train.py ...` (task 5)
 SLURM = {
-    "SLURM_JOB_ID": "1234", "SLURM_JOB_NAME": "train", "SLURM_NTASKS": "12",
-    "SLURM_NTASKS_PER_NODE": "4(x3)", "SLURM_NNODES": "3", "SLURM_PROCID": "5",
-    "SLURM_LOCALID": "1", "SLURM_NODEID": "1", "SLURM_NODELIST": "gpu[01-03]",
+    "SLURM_JOB_ID": "1234",
+    "SLURM_JOB_NAME": "train",
+    "SLURM_NTASKS": "12",
+    "SLURM_NTASKS_PER_NODE": "4(x3)",
+    "SLURM_NNODES": "3",
+    "SLURM_PROCID": "5",
+    "SLURM_LOCALID": "1",
+    "SLURM_NODEID": "1",
+    "SLURM_NODELIST": "gpu[01-03]",
 }
 
 
 def test_torchrun_multi_node() -> None:
     env = detect_launch(TORCHRUN)
-    assert env == LaunchEnv("torchrun", world_size=4, devices=2, num_nodes=2, global_rank=3,
-                            local_rank=1, node_rank=1)
+    assert env == LaunchEnv("torchrun", world_size=4, devices=2, num_nodes=2, global_rank=3, local_rank=1, node_rank=1)
     assert resolve_topology("auto", "auto", env) == (2, 2)
     assert resolve_topology("2", "2", env) == (2, 2)
 
@@ -54,8 +74,7 @@ def test_fabric_run_is_told_apart_from_torchrun() -> None:
 
 def test_slurm_srun() -> None:
     env = detect_launch(SLURM)
-    assert env == LaunchEnv("slurm", world_size=12, devices=4, num_nodes=3, global_rank=5,
-                            local_rank=1, node_rank=1)
+    assert env == LaunchEnv("slurm", world_size=12, devices=4, num_nodes=3, global_rank=5, local_rank=1, node_rank=1)
     assert resolve_topology("auto", "auto", env) == (4, 3)
 
 
@@ -109,19 +128,38 @@ def test_exported_rank_does_not_turn_slurm_into_torchrun() -> None:
 
 # a scheduler the package does not know, registered from here as a plugin would: Flux's
 # `flux run` exports FLUX_JOB_ID and the task's place (names as in flux-core's task environment)
-FLUX = {"FLUX_JOB_ID": "f1", "FLUX_JOB_SIZE": "6", "FLUX_JOB_NNODES": "3", "FLUX_TASK_RANK": "4",
-        "FLUX_TASK_LOCAL_ID": "0"}
+FLUX = {
+    "FLUX_JOB_ID": "f1",
+    "FLUX_JOB_SIZE": "6",
+    "FLUX_JOB_NNODES": "3",
+    "FLUX_TASK_RANK": "4",
+    "FLUX_TASK_LOCAL_ID": "0",
+}
 
 
 def _read_flux(environ: Mapping[str, str]) -> LaunchEnv:
     world, nodes = int(environ["FLUX_JOB_SIZE"]), int(environ["FLUX_JOB_NNODES"])
     rank = int(environ["FLUX_TASK_RANK"])
-    return LaunchEnv("flux", world_size=world, devices=world // nodes, num_nodes=nodes, global_rank=rank,
-                     local_rank=int(environ["FLUX_TASK_LOCAL_ID"]), node_rank=rank // (world // nodes))
+    return LaunchEnv(
+        "flux",
+        world_size=world,
+        devices=world // nodes,
+        num_nodes=nodes,
+        global_rank=rank,
+        local_rank=int(environ["FLUX_TASK_LOCAL_ID"]),
+        node_rank=rank // (world // nodes),
+    )
 
 
-register_launcher(Launcher("flux", detect=lambda environ: "FLUX_JOB_ID" in environ, read=_read_flux,
-                           devices_from="FLUX_JOB_SIZE / FLUX_JOB_NNODES", nodes_from="FLUX_JOB_NNODES"))
+register_launcher(
+    Launcher(
+        "flux",
+        detect=lambda environ: "FLUX_JOB_ID" in environ,
+        read=_read_flux,
+        devices_from="FLUX_JOB_SIZE / FLUX_JOB_NNODES",
+        nodes_from="FLUX_JOB_NNODES",
+    )
+)
 
 
 def test_a_launcher_registered_outside_the_package_is_detected_and_checked() -> None:

@@ -1,4 +1,5 @@
 """MAE: masking, losses, self-standardisation, forward/backward and a tiny overfit."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -98,8 +99,15 @@ def test_norm_pix_standardises_each_token():
 
 def test_spatial_masking_hides_a_position_in_every_channel():
     chans, positions, ratio = 6, 16, 0.75
-    mask = random_token_mask(4, chans * positions, ratio, torch.device("cpu"), torch.Generator().manual_seed(2),
-                             channels=chans, mode="spatial")
+    mask = random_token_mask(
+        4,
+        chans * positions,
+        ratio,
+        torch.device("cpu"),
+        torch.Generator().manual_seed(2),
+        channels=chans,
+        mode="spatial",
+    )
     per_channel = mask.mask.reshape(4, chans, positions)
     assert torch.all(per_channel == per_channel[:, :1])  # the same positions hidden in every channel
     assert torch.all(per_channel[:, 0].sum(1) == positions * ratio)
@@ -111,8 +119,15 @@ def test_spatial_masking_hides_a_position_in_every_channel():
 
 def test_channel_masking_hides_one_whole_channel_and_keeps_the_budget():
     chans, positions, ratio, batch = 6, 16, 0.75, 64
-    mask = random_token_mask(batch, chans * positions, ratio, torch.device("cpu"), torch.Generator().manual_seed(3),
-                             channels=chans, mode="channel")
+    mask = random_token_mask(
+        batch,
+        chans * positions,
+        ratio,
+        torch.device("cpu"),
+        torch.Generator().manual_seed(3),
+        channels=chans,
+        mode="channel",
+    )
     per_channel = mask.mask.reshape(batch, chans, positions)
     fully_hidden = (per_channel == 1).all(dim=2)
     assert torch.all(fully_hidden.sum(1) >= 1)  # at least one stain entirely hidden per image
@@ -158,10 +173,13 @@ def test_mae_forward_backward(norm_pix_loss):
 def test_tiny_mae_overfits_a_fixed_batch(shared_data):
     torch.manual_seed(0)
     steps = 150
-    module = tiny_module("mae", total_steps=steps, decoder_dim=64,
-                         backbone_kwargs={"embed_dim": 64, "depth": 2, "num_heads": 4},
-                         optim=OptimConfig(name="adamw", lr=3e-3, weight_decay=0.0, schedule="cosine",
-                                           warmup_fraction=0.05))
+    module = tiny_module(
+        "mae",
+        total_steps=steps,
+        decoder_dim=64,
+        backbone_kwargs={"embed_dim": 64, "depth": 2, "num_heads": 4},
+        optim=OptimConfig(name="adamw", lr=3e-3, weight_decay=0.0, schedule="cosine", warmup_fraction=0.05),
+    )
     images = real_crops(shared_data, 8)  # the loss threshold is set on the real field
     optim = module.configure_optimizers()
     optimizer, scheduler = optim["optimizer"], optim["lr_scheduler"]["scheduler"]

@@ -4,6 +4,7 @@ tests/fixtures/openphenom_reference.npz was written by tests/fixtures/make_openp
 running recursionpharma/maes_microscopy (timm 1.0.11) in its own environment; here phenoscale
 loads the same seeded weights as an OpenPhenom-format checkpoint and must agree to 1e-5.
 """
+
 from __future__ import annotations
 
 import json

@@ -1,4 +1,5 @@
 """Paper configs build (on the meta device) with the papers' sizes; FLOPs table; optimisation rules."""
+
 from __future__ import annotations
 
 import re
@@ -41,8 +42,18 @@ PAPER_CONFIGS = sorted(PAPER.glob("*.yaml"))
 
 def test_every_paper_model_has_a_config():
     names = {p.stem for p in PAPER_CONFIGS}
-    assert names == {"mae_vit_s16", "mae_vit_b16", "mae_vit_b8", "mae_vit_l16", "mae_vit_l8",
-                     "camae_vit_s16_openphenom", "camae_vit_b16", "camae_vit_l16", "wsl_densenet161", "wsl_vit_b16"}
+    assert names == {
+        "mae_vit_s16",
+        "mae_vit_b16",
+        "mae_vit_b8",
+        "mae_vit_l16",
+        "mae_vit_l8",
+        "camae_vit_s16_openphenom",
+        "camae_vit_b16",
+        "camae_vit_l16",
+        "wsl_densenet161",
+        "wsl_vit_b16",
+    }
 
 
 @pytest.mark.parametrize("path", PAPER_CONFIGS, ids=lambda p: p.stem)
@@ -101,9 +112,15 @@ def test_no_weight_decay_on_norms_biases_tokens_and_embeddings():
     assert decayed["weight_decay"] == 0.05 and plain["weight_decay"] == 0.0
     assert "encoder.vit_backbone.blocks.0.in_proj.weight" in decayed_names
     assert "encoder.vit_backbone.patch_embed.proj.weight" in decayed_names
-    for name in ("encoder.vit_backbone.cls_token", "decoder.mask_token", "decoder.modality_tokens.0",
-                 "encoder.vit_backbone.blocks.0.in_norm.weight", "encoder.vit_backbone.blocks.0.ls.gamma",
-                 "encoder.vit_backbone.blocks.0.mlp_bias", "decoder_pred.bias"):
+    for name in (
+        "encoder.vit_backbone.cls_token",
+        "decoder.mask_token",
+        "decoder.modality_tokens.0",
+        "encoder.vit_backbone.blocks.0.in_norm.weight",
+        "encoder.vit_backbone.blocks.0.ls.gamma",
+        "encoder.vit_backbone.blocks.0.mlp_bias",
+        "decoder_pred.bias",
+    ):
         assert name in plain_names, name
     frozen = {"encoder.vit_backbone.pos_embed", "decoder.pos_embeddings", "decoder.placeholder"}
     assert not frozen & (decayed_names | plain_names)
@@ -111,8 +128,9 @@ def test_no_weight_decay_on_norms_biases_tokens_and_embeddings():
 
 @pytest.mark.parametrize("name", ["lion", "adamw"])
 def test_optimizers_and_schedules(name):
-    module = tiny_module("mae", optim=OptimConfig(name=name, lr=1e-3, schedule="cosine", warmup_fraction=0.1),
-                         total_steps=100)
+    module = tiny_module(
+        "mae", optim=OptimConfig(name=name, lr=1e-3, schedule="cosine", warmup_fraction=0.1), total_steps=100
+    )
     optimizer = module.configure_optimizers()["optimizer"]
     assert type(optimizer).__name__ == {"lion": "Lion", "adamw": "AdamW"}[name]
     lrs = []
@@ -142,8 +160,16 @@ def test_gradient_clipping_uses_the_optim_config():
             norms.append(torch.norm(torch.stack([p.grad.norm() for p in pl_module.parameters() if p.grad is not None])))
 
     images = synthetic_crops(4)
-    loader = torch.utils.data.DataLoader([{"image": i, "label": torch.tensor(k % 4)} for k, i in enumerate(images)],
-                                         batch_size=4)
-    L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-              enable_model_summary=False, callbacks=[RecordNorm()]).fit(module, loader)
+    loader = torch.utils.data.DataLoader(
+        [{"image": i, "label": torch.tensor(k % 4)} for k, i in enumerate(images)], batch_size=4
+    )
+    L.Trainer(
+        max_steps=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[RecordNorm()],
+    ).fit(module, loader)
     assert norms[0].item() <= 1e-6 * 1.01

@@ -13,6 +13,7 @@ Not checked, by design: paths under directories that do not exist in a checkout 
 (the real data, found through $PHENOSCALE_SHARED; the data-bound tests check it), and the
 files in OUTPUTS, which a command named beside them writes.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,8 +27,14 @@ from phenoscale.cli import build_parser
 
 REPO = Path(__file__).resolve().parents[1]
 #: top-level directories a path must start with to be checked (hidden ones and outputs left out)
-TOP_DIRS = sorted(p.name for p in REPO.iterdir() if p.is_dir() and not p.name.startswith((".", "_"))
-                  and p.name not in {"runs", "build", "dist"} and not p.name.endswith(".egg-info"))
+TOP_DIRS = sorted(
+    p.name
+    for p in REPO.iterdir()
+    if p.is_dir()
+    and not p.name.startswith((".", "_"))
+    and p.name not in {"runs", "build", "dist"}
+    and not p.name.endswith(".egg-info")
+)
 #: repository paths that documentation names as outputs of a command, not as files in a checkout
 OUTPUTS = {"benchmarks/results/gpu.json": "written by `python -m benchmarks.gpu_check` on a CUDA machine"}
 TOKEN = re.compile(r"(?<![\w./:$~-])((?:" + "|".join(map(re.escape, TOP_DIRS)) + r")/[\w./<>*{}-]*)")
@@ -71,20 +78,27 @@ def named_paths(base: Path, text: str) -> set[Path]:
 
 def test_the_rules_find_paths_and_catch_a_missing_one() -> None:
     """The extraction itself: backticks, prose, links, placeholders; a wrong name is reported."""
-    text = ("see `configs/paper/mae_vit_s16.yaml`, tests/conftest.py and [models](models.md); "
-            "configs/experiments/demo_<model>.yaml; runs/demo/ is output; "
-            "configs/paper/camae_vits16.yaml")
+    text = (
+        "see `configs/paper/mae_vit_s16.yaml`, tests/conftest.py and [models](models.md); "
+        "configs/experiments/demo_<model>.yaml; runs/demo/ is output; "
+        "configs/paper/camae_vits16.yaml"
+    )
     found = named_paths(REPO / "docs", text)
     assert {str(p.relative_to(REPO)) for p in found} == {
-        "configs/paper/mae_vit_s16.yaml", "tests/conftest.py", "docs/models.md",
-        "configs/experiments/demo_<model>.yaml", "configs/paper/camae_vits16.yaml"}
+        "configs/paper/mae_vit_s16.yaml",
+        "tests/conftest.py",
+        "docs/models.md",
+        "configs/experiments/demo_<model>.yaml",
+        "configs/paper/camae_vits16.yaml",
+    }
     assert [p.name for p in found if not exists(p)] == ["camae_vits16.yaml"]
 
 
 @pytest.mark.parametrize("source, base, text", [pytest.param(*doc, id=doc[0]) for doc in documents()])
 def test_named_repository_paths_exist(source: str, base: Path, text: str) -> None:
-    missing = sorted(str(p.relative_to(REPO)) if p.is_relative_to(REPO) else str(p)
-                     for p in named_paths(base, text) if not exists(p))
+    missing = sorted(
+        str(p.relative_to(REPO)) if p.is_relative_to(REPO) else str(p) for p in named_paths(base, text) if not exists(p)
+    )
     assert not missing, f"{source} names paths that do not exist: {missing}"
 
 
@@ -93,7 +107,10 @@ def test_no_text_points_to_the_external_design_notes() -> None:
     that is not part of the repository."""
     name = "DESIGN" + ".md"
     suffixes = {".py", ".md", ".yaml", ".yml", ".toml", ".txt", ".cfg"}
-    hits = [str(p.relative_to(REPO)) for top in [*TOP_DIRS, "."]
-            for p in ((REPO / top).rglob("*") if top != "." else REPO.glob("*"))
-            if p.is_file() and (p.suffix in suffixes or p.name == "Makefile") and name in p.read_text(errors="ignore")]
+    hits = [
+        str(p.relative_to(REPO))
+        for top in [*TOP_DIRS, "."]
+        for p in ((REPO / top).rglob("*") if top != "." else REPO.glob("*"))
+        if p.is_file() and (p.suffix in suffixes or p.name == "Makefile") and name in p.read_text(errors="ignore")
+    ]
     assert not hits, f"{name} is referenced from {sorted(set(hits))}"

@@ -1,4 +1,5 @@
 """Compute plans and scaling grids: counted FLOPs, the arithmetic of GPU-hours, grid validation."""
+
 from __future__ import annotations
 
 from pathlib import Path

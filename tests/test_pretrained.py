@@ -1,4 +1,5 @@
 """Public OpenPhenom checkpoints (format from ../shared/data/formats) and phenoscale checkpoints."""
+
 from __future__ import annotations
 
 import json
@@ -22,8 +23,9 @@ def openphenom_shapes(shared_data: Path) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def random_openphenom_checkpoint(shared_data: Path, path: Path, drop: str | None = None,
-                                 extra: str | None = None, values: bool = True) -> dict[str, torch.Tensor]:
+def random_openphenom_checkpoint(
+    shared_data: Path, path: Path, drop: str | None = None, extra: str | None = None, values: bool = True
+) -> dict[str, torch.Tensor]:
     """All 765 keys at their TSV shapes; values=False stores stride-0 views (a few KB on disk)
     for tests that only exercise the key and shape checks."""
     generator = torch.Generator().manual_seed(0)
@@ -53,8 +55,13 @@ def test_openphenom_has_765_keys_and_loads_every_one(openphenom, shared_data):
     assert len(state) == 765 and isinstance(module, CAMAEModule) and not module.training
     loaded = module.state_dict()
     assert set(loaded) == set(state)
-    for key in ("encoder.vit_backbone.blocks.11.in_proj.weight", "decoder.decoders.5.7.mlp.fc2.bias",
-                "decoder.modality_tokens.3", "encoder_decoder_proj.weight", "decoder_pred.bias"):
+    for key in (
+        "encoder.vit_backbone.blocks.11.in_proj.weight",
+        "decoder.decoders.5.7.mlp.fc2.bias",
+        "decoder.modality_tokens.3",
+        "encoder_decoder_proj.weight",
+        "decoder_pred.bias",
+    ):
         torch.testing.assert_close(loaded[key], state[key])
     assert sum(p.numel() for p in module.parameters()) == pytest.approx(178.0e6, rel=5e-4)
 
@@ -78,9 +85,10 @@ def test_openphenom_embedding_matches_an_independent_computation(openphenom, sha
     x = torch.nn.InstanceNorm2d(6, affine=False, eps=1e-5)(images.float() / 255.0)
     vit = "encoder.vit_backbone."
     weight, bias = state[vit + "patch_embed.proj.weight"], state[vit + "patch_embed.proj.bias"]
-    tokens = torch.cat([F.conv2d(x[:, c:c + 1], weight, bias, stride=16).flatten(2).transpose(1, 2)
-                        for c in range(6)], 1)
-    tokens = torch.cat([state[vit + "cls_token"], tokens], 1) + state[vit + "pos_embed"][:, :1 + 6 * 256]
+    tokens = torch.cat(
+        [F.conv2d(x[:, c : c + 1], weight, bias, stride=16).flatten(2).transpose(1, 2) for c in range(6)], 1
+    )
+    tokens = torch.cat([state[vit + "cls_token"], tokens], 1) + state[vit + "pos_embed"][:, : 1 + 6 * 256]
     with torch.no_grad():
         for block in module.encoder.vit_backbone.blocks:
             tokens = block(tokens)
@@ -89,8 +97,9 @@ def test_openphenom_embedding_matches_an_independent_computation(openphenom, sha
 
 def test_wrong_keys_are_listed(shared_data, tmp_path):
     path = tmp_path / "model.safetensors"
-    random_openphenom_checkpoint(shared_data, path, drop="decoder.query_norm.weight",
-                                 extra="encoder.vit_backbone.norm.weight", values=False)
+    random_openphenom_checkpoint(
+        shared_data, path, drop="decoder.query_norm.weight", extra="encoder.vit_backbone.norm.weight", values=False
+    )
     with pytest.raises(ValueError) as err:
         load_pretrained(path)
     message = str(err.value)

@@ -1,4 +1,5 @@
 """The generic Registry every extensible concept is built on (families, layouts, benchmarks, launchers)."""
+
 from __future__ import annotations
 
 import pytest
@@ -24,7 +25,9 @@ def test_registration_order_collisions_and_unknown_names() -> None:
 
 def test_same_decides_what_counts_as_the_same_entry() -> None:
     """A class re-created by a module reload is not a collision; the newer object is kept."""
-    classes: Registry[type] = Registry("class", origin=lambda c: c.__module__, same=lambda a, b: a.__qualname__ == b.__qualname__)
+    classes: Registry[type] = Registry(
+        "class", origin=lambda c: c.__module__, same=lambda a, b: a.__qualname__ == b.__qualname__
+    )
     first = type("Model", (), {})
     second = type("Model", (), {})
     classes.register("model", first)

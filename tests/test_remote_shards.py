@@ -1,6 +1,7 @@
 """Shards from URLs: http:// from 127.0.0.1 and `pipe:` commands give the same training batches,
 resume and evaluation as the local directory; a failing server is retried, then named, never a
 hang; a truncated remote shard is a counted skip."""
+
 from __future__ import annotations
 
 import http.server
@@ -45,17 +46,21 @@ def test_http_and_pipe_match_the_local_directory(shards: Path, workers: int) -> 
     reference, tiles = epoch_batches(local.train_dataloader()), eval_tiles(local)
     assert len(tiles) == local.manifest.height
     with serve_directory(shards) as base:
-        sources = {"http": (brace_pattern(shards, base), None),
-                   "pipe": (brace_pattern(shards, f"pipe:cat {shards}"), None),
-                   "http, data.manifest": (brace_pattern(shards, base), str(shards / "manifest.parquet"))}
+        sources = {
+            "http": (brace_pattern(shards, base), None),
+            "pipe": (brace_pattern(shards, f"pipe:cat {shards}"), None),
+            "http, data.manifest": (brace_pattern(shards, base), str(shards / "manifest.parquet")),
+        }
         for name, (pattern, manifest) in sources.items():
-            remote = build_datamodule(config(pattern, steps_per_epoch=12, num_workers=workers, manifest=manifest),
-                                      seed=3)
+            remote = build_datamodule(
+                config(pattern, steps_per_epoch=12, num_workers=workers, manifest=manifest), seed=3
+            )
             assert remote.manifest.equals(local.manifest), name
             assert same(epoch_batches(remote.train_dataloader()), reference), name
             assert eval_tiles(remote) == tiles, name  # every site once, the same tiles
-            resumed = build_datamodule(config(pattern, steps_per_epoch=12, num_workers=workers, manifest=manifest),
-                                       seed=3)
+            resumed = build_datamodule(
+                config(pattern, steps_per_epoch=12, num_workers=workers, manifest=manifest), seed=3
+            )
             resumed.load_state_dict({"epoch": 0, "batches": 5})
             assert same(epoch_batches(resumed.train_dataloader()), reference[5:]), name
             assert remote.bad_samples == 0
@@ -83,14 +88,17 @@ class DyingHandler(http.server.SimpleHTTPRequestHandler):
 
 
 @pytest.mark.parametrize("stall", [False, True], ids=["dies", "stalls"])
-def test_a_server_failing_mid_shard_is_retried_then_named(shards: Path, stall: bool,
-                                                          caplog: pytest.LogCaptureFixture) -> None:
+def test_a_server_failing_mid_shard_is_retried_then_named(
+    shards: Path, stall: bool, caplog: pytest.LogCaptureFixture
+) -> None:
     handler = type("Handler", (DyingHandler,), {"stall": stall})
     with serve_directory(shards, handler) as base:
         dm = build_datamodule(config(brace_pattern(shards, base), steps_per_epoch=4, io_retries=2, io_timeout=1.0))
         start = time.monotonic()
-        with caplog.at_level(logging.WARNING, logger="datamodules"), \
-                pytest.raises(ShardUnavailableError, match=rf"{base}/shard-0000\d\d\.tar.*after 2 retries"):
+        with (
+            caplog.at_level(logging.WARNING, logger="datamodules"),
+            pytest.raises(ShardUnavailableError, match=rf"{base}/shard-0000\d\d\.tar.*after 2 retries"),
+        ):
             epoch_batches(dm.train_dataloader())
         assert time.monotonic() - start < 20  # bounded: 2 retries x (backoff + 1 s timeout)
     assert caplog.text.count("retrying") == 2
@@ -125,8 +133,11 @@ def test_tiny_fit_from_http_and_pipe_sees_the_local_batches(screen: Path, tmp_pa
     shards = screen / "shards"
     checksums = {}
     with serve_directory(shards) as base:
-        for name, source in (("local", shards), ("http", brace_pattern(shards, base)),
-                             ("pipe", brace_pattern(shards, f"pipe:cat {shards}"))):
+        for name, source in (
+            ("local", shards),
+            ("http", brace_pattern(shards, base)),
+            ("pipe", brace_pattern(shards, f"pipe:cat {shards}")),
+        ):
             done = run_cli(train_cmd(*tiny_overrides(source, tmp_path / name, "trainer.max_steps=6")))
             assert done.returncode == 0, done.stderr[-3000:]
             checksums[name] = audit(tmp_path / name)["checksum"].to_list()

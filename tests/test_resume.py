@@ -1,4 +1,5 @@
 """Resume after SIGTERM and after kill -9 continues from the saved step on the same data."""
+
 from __future__ import annotations
 
 import signal
@@ -55,8 +56,9 @@ def _final_stream(run_dir: Path) -> pl.DataFrame:
     return audit(run_dir).unique("step", keep="last", maintain_order=True).sort("step")
 
 
-def test_sigterm_checkpoints_and_resume_continues_the_stream(shards: Path, reference: pl.DataFrame,
-                                                             tmp_path: Path) -> None:
+def test_sigterm_checkpoints_and_resume_continues_the_stream(
+    shards: Path, reference: pl.DataFrame, tmp_path: Path
+) -> None:
     run_dir = tmp_path / "run"
     cmd = train_cmd(*tiny_overrides(shards, run_dir, *ARGS))
     proc = _start_and_wait(cmd, run_dir, min_rows=2)
@@ -77,8 +79,9 @@ def test_sigterm_checkpoints_and_resume_continues_the_stream(shards: Path, refer
     assert (run_dir / "logs" / "csv" / "attempt_1" / "metrics.csv").is_file()  # attempt 0's log kept
 
 
-def test_kill_9_loses_at_most_the_steps_since_the_last_checkpoint(shards: Path, reference: pl.DataFrame,
-                                                                   tmp_path: Path) -> None:
+def test_kill_9_loses_at_most_the_steps_since_the_last_checkpoint(
+    shards: Path, reference: pl.DataFrame, tmp_path: Path
+) -> None:
     run_dir = tmp_path / "run"
     cmd = train_cmd(*tiny_overrides(shards, run_dir, *ARGS))
     proc = _start_and_wait(cmd, run_dir, min_rows=5)

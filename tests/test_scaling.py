@@ -1,4 +1,5 @@
 """`phenoscale scaling` on a 2x2 grid of tiny runs: every cell fitted, scored, collected, plotted."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -44,8 +45,12 @@ def test_two_by_two_grid(tmp_path: Path, capsys: pytest.CaptureFixture[str], mon
     figures = []  # the plot as drawn, before it becomes PNG bytes
 
     def keep_figure(fig, path):
-        figures.append([[(line.get_label(), list(line.get_xdata()), list(line.get_ydata())) for line in ax.lines]
-                        for ax in fig.axes])
+        figures.append(
+            [
+                [(line.get_label(), list(line.get_xdata()), list(line.get_ydata())) for line in ax.lines]
+                for ax in fig.axes
+            ]
+        )
         return save_figure(fig, path)
 
     monkeypatch.setattr(phenoscale.scaling, "save_figure", keep_figure)
@@ -62,8 +67,14 @@ def test_two_by_two_grid(tmp_path: Path, capsys: pytest.CaptureFixture[str], mon
     assert wide["train_flops_per_crop"][0] > narrow["train_flops_per_crop"][0]
     # each cell's recall is its own embeddings' recall, rescored here with the grid's eval settings
     relationships = out / "screen" / "truth" / "relationships.csv"
-    eval_cfg = EvalConfig(annotations=[str(relationships)], alignment=["tvn"], benchmarks=["recall"],
-                          batch_column="plate", clusters=None, min_genes=5)
+    eval_cfg = EvalConfig(
+        annotations=[str(relationships)],
+        alignment=["tvn"],
+        benchmarks=["recall"],
+        batch_column="plate",
+        clusters=None,
+        min_genes=5,
+    )
     for row in table.iter_rows(named=True):
         embeddings = read_embeddings(out / "cells" / row["cell"] / "embeddings.parquet")
         width = 16 if row["model"] == "MAE w16" else 32  # each cell embedded with its own model
@@ -90,7 +101,11 @@ def test_cells_are_numbered_for_array_jobs(tmp_path: Path, capsys: pytest.Captur
     grid = load_grid(write_tiny_grid(tmp_path / "grid.yaml"))
     numbered = cells(grid)
     assert [(c.model.name, c.crops) for c in numbered] == [
-        ("MAE w16", 16.0), ("MAE w16", 48.0), ("MAE w32", 16.0), ("MAE w32", 48.0)]
+        ("MAE w16", 16.0),
+        ("MAE w16", 48.0),
+        ("MAE w32", 16.0),
+        ("MAE w32", 48.0),
+    ]
     assert main(["scaling", str(tmp_path / "grid.yaml"), "--list"]) == 0
     assert capsys.readouterr().out.count("MAE w") == 4
     with pytest.raises(ValueError, match="no cell matches"):

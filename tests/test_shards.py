@@ -1,5 +1,6 @@
 """ShardWriter / read_manifest: pixel-exact round trips of real images, size limits, validation,
 atomic writes. WebDataset itself reads the shards back as the peer-library cross-check."""
+
 from __future__ import annotations
 
 import io
@@ -20,8 +21,19 @@ HUMAN = "images/cellprofiler_ExampleHuman"
 
 
 def meta(key: str, channels: list[str], **extra) -> dict:
-    return dict(key=key, experiment="exp1", plate="P1", well="C03", site=1, perturbation="TP53",
-                perturbation_type="gene", is_control=False, cell_type="DAOY", channels=channels, **extra)
+    return dict(
+        key=key,
+        experiment="exp1",
+        plate="P1",
+        well="C03",
+        site=1,
+        perturbation="TP53",
+        perturbation_type="gene",
+        is_control=False,
+        cell_type="DAOY",
+        channels=channels,
+        **extra,
+    )
 
 
 @pytest.fixture(scope="module")

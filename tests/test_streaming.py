@@ -1,5 +1,6 @@
 """ShardDataModule: batch contract, equal steps, determinism, epochs, exact resume, evaluation
 tiling, channel options, bad input, a 2-process gloo run and a Lightning resume from checkpoint."""
+
 from __future__ import annotations
 
 import json
@@ -22,8 +23,9 @@ from real_field import PEDIATRIC_STAINS, pediatric_field
 N_SITES, SIZE = 24, 40
 
 
-def write_toy_shards(out: Path, n_sites: int = N_SITES, size: int = SIZE, sites_per_shard: int = 5,
-                     seed: int = 0) -> Path:
+def write_toy_shards(
+    out: Path, n_sites: int = N_SITES, size: int = SIZE, sites_per_shard: int = 5, seed: int = 0
+) -> Path:
     """Sites whose channel 0 is constant = the site number (so a crop says where it came from);
     channels 1-2 are noise. 4 perturbations + controls, several shards."""
     rng = np.random.default_rng(seed)
@@ -32,9 +34,21 @@ def write_toy_shards(out: Path, n_sites: int = N_SITES, size: int = SIZE, sites_
         for i in range(n_sites):
             image = rng.integers(0, 256, (3, size, size), dtype=np.uint8)
             image[0] = i
-            writer.write(image, dict(key=f"site{i:03d}", experiment="e1", plate=f"P{i % 2}", well=f"A{i:02d}", site=1,
-                                     perturbation="NTC" if i % 5 == 0 else f"GENE{i % 5}", perturbation_type="gene",
-                                     is_control=i % 5 == 0, cell_type="toy", channels=["DNA", "ER", "RNA"]))
+            writer.write(
+                image,
+                dict(
+                    key=f"site{i:03d}",
+                    experiment="e1",
+                    plate=f"P{i % 2}",
+                    well=f"A{i:02d}",
+                    site=1,
+                    perturbation="NTC" if i % 5 == 0 else f"GENE{i % 5}",
+                    perturbation_type="gene",
+                    is_control=i % 5 == 0,
+                    cell_type="toy",
+                    channels=["DNA", "ER", "RNA"],
+                ),
+            )
     return out
 
 
@@ -44,8 +58,9 @@ def shards(tmp_path) -> Path:
 
 
 def config(shards: Path, **overrides) -> DataConfig:
-    values = dict(train_shards=str(shards), crop_size=16, crops_per_site=2, batch_size=4, num_workers=0,
-                  shuffle_buffer=4)
+    values = dict(
+        train_shards=str(shards), crop_size=16, crops_per_site=2, batch_size=4, num_workers=0, shuffle_buffer=4
+    )
     values.update(overrides)
     return DataConfig(**values)
 
@@ -55,8 +70,9 @@ def epoch_batches(loader) -> list[dict[str, torch.Tensor]]:
 
 
 def same(a: list[dict], b: list[dict]) -> bool:
-    return len(a) == len(b) and all(torch.equal(x["image"], y["image"]) and torch.equal(x["label"], y["label"])
-                                    for x, y in zip(a, b))
+    return len(a) == len(b) and all(
+        torch.equal(x["image"], y["image"]) and torch.equal(x["label"], y["label"]) for x, y in zip(a, b)
+    )
 
 
 def test_train_batch_contract_and_labels(shards):
@@ -171,9 +187,21 @@ def test_channel_subset_and_permutation(tmp_path):
     with ShardWriter(tmp_path / "s") as writer:
         for i in range(4):
             image = np.stack([np.full((24, 24), 10 * (c + 1), np.uint8) for c in range(3)])
-            writer.write(image, dict(key=f"k{i}", experiment="e", plate="p", well="A01", site=i, perturbation="x",
-                                     perturbation_type="gene", is_control=False, cell_type="c",
-                                     channels=["DNA", "ER", "RNA"]))
+            writer.write(
+                image,
+                dict(
+                    key=f"k{i}",
+                    experiment="e",
+                    plate="p",
+                    well="A01",
+                    site=i,
+                    perturbation="x",
+                    perturbation_type="gene",
+                    is_control=False,
+                    cell_type="c",
+                    channels=["DNA", "ER", "RNA"],
+                ),
+            )
     dm = build_datamodule(config(tmp_path / "s", channels=["RNA", "DNA"], in_chans=2, augment=False), seed=0)
     batch = next(iter(dm.train_dataloader()))
     assert batch["image"].shape[1] == 2
@@ -193,10 +221,22 @@ def test_channel_subset_and_permutation(tmp_path):
 def test_label_key_column_with_missing_values_gives_minus_one(tmp_path):
     with ShardWriter(tmp_path / "s") as writer:
         for i in range(4):
-            writer.write(np.full((1, 16, 16), i, np.uint8),
-                         dict(key=f"k{i}", experiment="e", plate="p", well="A01", site=i, perturbation="x",
-                              perturbation_type="sirna", is_control=False, cell_type="c", channels=["DNA"],
-                              sirna_id=None if i == 3 else 10 + i % 2))
+            writer.write(
+                np.full((1, 16, 16), i, np.uint8),
+                dict(
+                    key=f"k{i}",
+                    experiment="e",
+                    plate="p",
+                    well="A01",
+                    site=i,
+                    perturbation="x",
+                    perturbation_type="sirna",
+                    is_control=False,
+                    cell_type="c",
+                    channels=["DNA"],
+                    sirna_id=None if i == 3 else 10 + i % 2,
+                ),
+            )
     dm = build_datamodule(config(tmp_path / "s", label_key="sirna_id", crop_size=8, steps_per_epoch=6), seed=0)
     assert dm.vocab.rows() == [("10", 0), ("11", 1)]
     for batch in dm.train_dataloader():
@@ -229,9 +269,21 @@ def test_eval_every_site_once_across_ranks_tiled(shards, monkeypatch):
 def test_eval_tiles_are_pixel_exact_on_the_real_field(tmp_path, shared_data):
     planes = pediatric_field(shared_data)
     with ShardWriter(tmp_path / "s") as writer:
-        writer.write(planes, dict(key="C03_3", experiment="BR00143976", plate="BR00143976", well="C03", site=3,
-                                  perturbation="DAOY", perturbation_type="control", is_control=True, cell_type="DAOY",
-                                  channels=PEDIATRIC_STAINS))
+        writer.write(
+            planes,
+            dict(
+                key="C03_3",
+                experiment="BR00143976",
+                plate="BR00143976",
+                well="C03",
+                site=3,
+                perturbation="DAOY",
+                perturbation_type="control",
+                is_control=True,
+                cell_type="DAOY",
+                channels=PEDIATRIC_STAINS,
+            ),
+        )
     dm = build_datamodule(config(tmp_path / "s", crop_size=256, batch_size=16, crops_per_site=4), seed=0)
     (batch,) = list(dm.eval_dataloader())
     assert batch["image"].shape == (16, 6, 256, 256) and batch["image"].dtype == torch.uint16
@@ -347,9 +399,17 @@ class RecordingModule(L.LightningModule):
 
 
 def fit(dm, module, tmp_path, ckpt_path=None, **kwargs):
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=2, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, default_root_dir=tmp_path,
-                        callbacks=[StreamEpochCallback(dm), *kwargs.pop("callbacks", [])], **kwargs)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=2,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        callbacks=[StreamEpochCallback(dm), *kwargs.pop("callbacks", [])],
+        **kwargs,
+    )
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
     return trainer
 
@@ -362,8 +422,13 @@ def test_lightning_epochs_and_resume_from_checkpoint(shards, tmp_path):
     assert [s for e, _, s in full.seen if e == 0] != [s for e, _, s in full.seen if e == 1]
 
     checkpoint = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=5, save_top_k=-1)
-    fit(build_datamodule(config(shards), seed=2), RecordingModule(), tmp_path / "first", callbacks=[checkpoint],
-        max_steps=5)
+    fit(
+        build_datamodule(config(shards), seed=2),
+        RecordingModule(),
+        tmp_path / "first",
+        callbacks=[checkpoint],
+        max_steps=5,
+    )
     (ckpt,) = list((tmp_path / "ckpt").glob("*.ckpt"))
     assert torch.load(ckpt, weights_only=False)["ShardDataModule"]["batches"] == 5
 

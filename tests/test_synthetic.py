@@ -1,6 +1,7 @@
 """The synthetic screen: deterministic, consistent with its truth, and carrying real, measurable
 structure (planted modules visible in morphology after self-standardisation; batch effects
 visible in control wells and removed by per-plate alignment on controls)."""
+
 from __future__ import annotations
 
 import csv
@@ -30,8 +31,17 @@ from datamodules.synthetic import (
 from phenoscale.cli import main as cli_main
 from real_field import PEDIATRIC_STAINS, pediatric_field
 
-TINY = dict(genes=24, image_size=48, cell_radius=6.0, experiments=3, replicates=2, sites_per_well=1,
-            module_size_min=3, module_size_max=4, controls_per_plate=8)
+TINY = dict(
+    genes=24,
+    image_size=48,
+    cell_radius=6.0,
+    experiments=3,
+    replicates=2,
+    sites_per_well=1,
+    module_size_min=3,
+    module_size_max=4,
+    controls_per_plate=8,
+)
 PLAIN = Optics(gain=np.ones(6), offset=np.full(6, 0.02), blur=0.0, illum_amp=0.0, illum_angle=0.0, vignette=0.0)
 
 
@@ -76,8 +86,11 @@ def test_manifest_matches_truth_and_contract(tiny_screen):
     assert set(manifest.filter(pl.col("is_control"))["perturbation"]) == {"non-targeting"}
     assert set(manifest["perturbation_type"]) == {"gene", "control"}
     # relationships: every within-module pair in both orders, nothing else, no self pairs
-    expected = {(a, b) for _, members in truth.modules.group_by("module") for a, b in
-                itertools.permutations(members["gene"].to_list(), 2)}
+    expected = {
+        (a, b)
+        for _, members in truth.modules.group_by("module")
+        for a, b in itertools.permutations(members["gene"].to_list(), 2)
+    }
     got = set(truth.relationships.iter_rows())
     assert got == expected and all(a != b for a, b in got)
     roles = dict(truth.phenotypes.group_by("role").len().iter_rows())
@@ -103,8 +116,11 @@ def test_controls_on_every_plate_and_replicates_across_experiments(tiny_screen):
     per_plate = manifest.group_by("plate").agg(pl.col("is_control").sum().alias("controls"), pl.len())
     assert per_plate.height == 3 and per_plate["controls"].min() >= TINY["controls_per_plate"]
     assert per_plate["len"].to_list() == [96] * 3
-    genes = manifest.filter(~pl.col("is_control")).group_by("perturbation").agg(
-        pl.col("experiment").n_unique().alias("experiments"), pl.len().alias("wells"))
+    genes = (
+        manifest.filter(~pl.col("is_control"))
+        .group_by("perturbation")
+        .agg(pl.col("experiment").n_unique().alias("experiments"), pl.len().alias("wells"))
+    )
     assert genes["experiments"].to_list() == [2] * 24 and genes["wells"].to_list() == [2] * 24
     assert manifest.select("plate", "well").is_duplicated().sum() == 0
 
@@ -121,8 +137,9 @@ def test_rxrx1_preset_has_rxrx1_shape():
 def test_modules_from_corum_make_the_real_annotations_the_truth(shared_data):
     clusters = shared_data / "annotations" / "CORUM_clusters.tsv"
     design = design_screen(preset("demo", genes=80, modules_from=str(clusters)))
-    complexes = {name: set(genes.split()) for name, genes in
-                 (line.split("\t") for line in clusters.read_text().splitlines())}
+    complexes = {
+        name: set(genes.split()) for name, genes in (line.split("\t") for line in clusters.read_text().splitlines())
+    }
     for module, members in design.modules.group_by("module"):
         assert set(members["gene"]) == complexes[module[0]]
     genes = set(design.phenotypes["perturbation"])
@@ -196,9 +213,20 @@ def well_features(image: np.ndarray) -> np.ndarray:
 def structured(tmp_path_factory):
     """A small screen with a clear signal, its features per site and the truth."""
     out = tmp_path_factory.mktemp("synth") / "structured"
-    cfg = preset("demo", genes=40, image_size=96, cell_radius=7.0, experiments=2, replicates=2,
-                 sites_per_well=2, null_fraction=0.25, singleton_fraction=0.0, module_size_min=4,
-                 module_size_max=5, controls_per_plate=24)
+    cfg = preset(
+        "demo",
+        genes=40,
+        image_size=96,
+        cell_radius=7.0,
+        experiments=2,
+        replicates=2,
+        sites_per_well=2,
+        null_fraction=0.25,
+        singleton_fraction=0.0,
+        module_size_min=4,
+        module_size_max=5,
+        controls_per_plate=24,
+    )
     write_screen(cfg, out, workers=2, progress=False)
     manifest = read_manifest(out / "shards")
     images = load_images(out / "shards")
@@ -251,8 +279,11 @@ def test_anticorrelated_modules_point_opposite_ways(structured):
     latent = dict(zip(truth.phenotypes["perturbation"], truth.phenotypes["latent"].to_numpy()))
     members = {m: [g for g in genes if module_of.get(g) == m] for m in set(module_of.values())}
     means = {m: np.mean([latent[g] for g in gs], 0) for m, gs in members.items()}
-    pairs = [(a, b) for a, b in itertools.combinations(sorted(means), 2)
-             if np.dot(means[a], means[b]) / np.linalg.norm(means[a]) / np.linalg.norm(means[b]) < -0.8]
+    pairs = [
+        (a, b)
+        for a, b in itertools.combinations(sorted(means), 2)
+        if np.dot(means[a], means[b]) / np.linalg.norm(means[a]) / np.linalg.norm(means[b]) < -0.8
+    ]
     assert pairs, "the design must plant at least one anti-correlated module pair"
     index = {g: i for i, g in enumerate(genes)}
     across = [cos[index[x], index[y]] for a, b in pairs for x in members[a] for y in members[b]]
@@ -275,10 +306,18 @@ def test_stains_co_localise_inside_cells_as_in_real_cell_painting(shared_data):
     optics = Optics(gain=np.ones(6), offset=np.full(6, 0.02), blur=0.8, illum_amp=0.0, illum_angle=0.0, vignette=0.0)
     states = np.random.default_rng(0).normal(0, 0.5, (16, len(AXES)))  # the cell states around a screen's
     synthetic_body = [CHANNELS.index(s) for s in ("ConA", "Phalloidin", "Syto14", "WGA")]
-    synthetic = np.mean([in_cell_stain_correlation(render_site(state, optics, np.random.default_rng(i), 128, 9.0),
-                                                   synthetic_body) for i, state in enumerate(states)], axis=0)
-    pairs = [(a, b) for a, b in itertools.combinations(range(len(CHANNELS)), 2)
-             if REAL_STAIN[CHANNELS[a]] != REAL_STAIN[CHANNELS[b]]]
+    synthetic = np.mean(
+        [
+            in_cell_stain_correlation(render_site(state, optics, np.random.default_rng(i), 128, 9.0), synthetic_body)
+            for i, state in enumerate(states)
+        ],
+        axis=0,
+    )
+    pairs = [
+        (a, b)
+        for a, b in itertools.combinations(range(len(CHANNELS)), 2)
+        if REAL_STAIN[CHANNELS[a]] != REAL_STAIN[CHANNELS[b]]
+    ]
     real_pairs = np.array([real[real_index[CHANNELS[a]], real_index[CHANNELS[b]]] for a, b in pairs])
     synthetic_pairs = np.array([synthetic[a, b] for a, b in pairs])
     assert real_pairs.min() > 0.3  # the measure itself: every real stain pair co-localises
@@ -306,8 +345,24 @@ def test_batch_effects_are_visible_and_removed_by_control_alignment(structured):
 # ---------------------------------------------------------------- the command
 def test_cli_writes_a_screen_and_rejects_bad_input(tmp_path, capsys):
     out = tmp_path / "cli"
-    args = ["synth", str(out), "--genes", "10", "--image-size", "40", "--cell-radius", "5",
-            "--experiments", "2", "--sites-per-well", "1", "--workers", "1", "--seed", "3"]
+    args = [
+        "synth",
+        str(out),
+        "--genes",
+        "10",
+        "--image-size",
+        "40",
+        "--cell-radius",
+        "5",
+        "--experiments",
+        "2",
+        "--sites-per-well",
+        "1",
+        "--workers",
+        "1",
+        "--seed",
+        "3",
+    ]
     assert cli_main(args) == 0
     assert "wrote 192 sites (10 genes" in capsys.readouterr().out
     assert (out / "shards" / "manifest.parquet").is_file() and (out / "truth" / "phenotypes.parquet").is_file()

@@ -1,4 +1,5 @@
 """WSL: ArcFace against its formula, unlabelled samples ignored, training on two backbones."""
+
 from __future__ import annotations
 
 import math
@@ -30,8 +31,9 @@ def test_arcface_logits_follow_the_formula():
         if label >= 0:
             theta = math.acos(cosine[row, label])
             margin_ok = theta + 0.5 < math.pi
-            expected[row, label] = 30.0 * (math.cos(theta + 0.5) if margin_ok
-                                           else cosine[row, label] - math.sin(math.pi - 0.5) * 0.5)
+            expected[row, label] = 30.0 * (
+                math.cos(theta + 0.5) if margin_ok else cosine[row, label] - math.sin(math.pi - 0.5) * 0.5
+            )
     np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4)
 
 
@@ -72,23 +74,36 @@ def test_wsl_embed_is_the_neck_output():
 def test_wsl_trains_on_backbone(tmp_path, kind):
     torch.manual_seed(0)
     steps = 30
-    module = tiny_module("wsl", num_classes=4, total_steps=steps,
-                         optim=OptimConfig(name="adamw", lr=3e-3, weight_decay=0.0, schedule="cosine"),
-                         **BACKBONES[kind])
+    module = tiny_module(
+        "wsl",
+        num_classes=4,
+        total_steps=steps,
+        optim=OptimConfig(name="adamw", lr=3e-3, weight_decay=0.0, schedule="cosine"),
+        **BACKBONES[kind],
+    )
     images = synthetic_crops(8)
     labels = torch.tensor([0, 1, 2, 3, 0, 1, 2, -1])
     data = [{"image": img, "label": lab} for img, lab in zip(images, labels)]
     loader = torch.utils.data.DataLoader(data, batch_size=8)
     first = module.compute_losses({"image": images, "label": labels})["loss"].item()
-    trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer = L.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(module, loader)
     metrics = trainer.callback_metrics
     assert {"train/loss", "train/ce", "train/arcface", "train/acc"} <= set(metrics)
     assert metrics["train/loss"].item() < 0.5 * first
     assert metrics["train/acc"].item() == 1.0
-    assert F.cosine_similarity(module.eval().embed(images[:1]), module.embed(images[4:5])).item() > \
-        F.cosine_similarity(module.embed(images[:1]), module.embed(images[1:2])).item()
+    assert (
+        F.cosine_similarity(module.eval().embed(images[:1]), module.embed(images[4:5])).item()
+        > F.cosine_similarity(module.embed(images[:1]), module.embed(images[1:2])).item()
+    )
 
 
 class TestWSLEmbed(EmbedContract):

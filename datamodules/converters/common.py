@@ -4,6 +4,7 @@ A converter only has to describe its sites as a polars frame (one row per site: 
 metadata, `channels` and the matching `files`); reading, checking and writing in parallel live
 here once, so every layout gets the same pixel-exact reads, missing-file errors and progress bar.
 """
+
 from __future__ import annotations
 
 import multiprocessing
@@ -87,8 +88,10 @@ def read_stack(path: str) -> np.ndarray:
     if axes == "YX":
         pixels, axes = pixels[None], "CYX"
     if len(axes) != 3 or axes[1:] != "YX":
-        raise ValueError(f"{path}: expected one channel axis before Y, X; the TIFF's axes are {series.axes} "
-                         f"{tuple(series.shape)} (more than one Z plane, time point or sample?)")
+        raise ValueError(
+            f"{path}: expected one channel axis before Y, X; the TIFF's axes are {series.axes} "
+            f"{tuple(series.shape)} (more than one Z plane, time point or sample?)"
+        )
     return checked_pixels(path, pixels)
 
 
@@ -102,8 +105,9 @@ def read_site(task: tuple) -> tuple[np.ndarray, list[str]]:
     planes = task[4] if len(task) > 4 else None
     missing = [f for f in files if not Path(f).is_file()]
     if missing and not allow_missing:
-        raise ValueError(f"site {key!r}: missing channel files {sorted(set(missing))} "
-                         "(use --allow-missing to keep the present ones)")
+        raise ValueError(
+            f"site {key!r}: missing channel files {sorted(set(missing))} (use --allow-missing to keep the present ones)"
+        )
     kept = [(i, f, c) for i, (f, c) in enumerate(zip(files, channels)) if f not in missing]
     if not kept:
         raise ValueError(f"site {key!r}: none of its channel files exist: {files}")
@@ -113,8 +117,10 @@ def read_site(task: tuple) -> tuple[np.ndarray, list[str]]:
         stacks = {f: read_stack(f) for f in dict.fromkeys(f for _, f, _ in kept)}
         too_few = [f"{Path(f).name} plane {planes[i] + 1}" for i, f, _ in kept if planes[i] >= len(stacks[f])]
         if too_few:
-            raise ValueError(f"site {key!r}: no such channel: {too_few} (files have "
-                             f"{ {Path(f).name: len(s) for f, s in stacks.items()} } channels)")
+            raise ValueError(
+                f"site {key!r}: no such channel: {too_few} (files have "
+                f"{ {Path(f).name: len(s) for f, s in stacks.items()} } channels)"
+            )
         images = [stacks[f][planes[i]] for i, f, _ in kept]
     shapes = {p.shape for p in images}
     dtypes = {p.dtype.name for p in images}

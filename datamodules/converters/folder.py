@@ -6,6 +6,7 @@ export: `FileName_<Stain>` columns (channel order = column order), optional `Pat
 contract, plain or `Metadata_`-prefixed. `plate` and `well` are required; the rest defaults to
 experiment=plate, site=1, perturbation/perturbation_type/cell_type='unknown', is_control=false.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -15,8 +16,13 @@ import polars as pl
 from datamodules.converters.common import FILES, SITE_COLUMNS, normalise_metadata, read_table, safe_key
 from datamodules.converters.registry import Converter, register_converter
 
-DEFAULTS = {"site": "1", "perturbation": "unknown", "perturbation_type": "unknown", "is_control": "false",
-            "cell_type": "unknown"}
+DEFAULTS = {
+    "site": "1",
+    "perturbation": "unknown",
+    "perturbation_type": "unknown",
+    "is_control": "false",
+    "cell_type": "unknown",
+}
 
 
 def _metadata_name(column: str) -> str:
@@ -29,8 +35,13 @@ def folder_sites(table_path: str | Path) -> pl.DataFrame:
     """One row per site of the table at `table_path` (CSV/TSV/parquet)."""
     table_path = Path(table_path)
     table = read_table(table_path).with_columns(pl.all().cast(pl.Utf8))
-    table = table.rename({c: _metadata_name(c) for c in table.columns
-                          if c.startswith("Metadata_") and _metadata_name(c) not in table.columns})
+    table = table.rename(
+        {
+            c: _metadata_name(c)
+            for c in table.columns
+            if c.startswith("Metadata_") and _metadata_name(c) not in table.columns
+        }
+    )
     stains = [c.removeprefix("FileName_") for c in table.columns if c.startswith("FileName_")]
     if not stains:
         raise ValueError(f"{table_path}: no FileName_<Stain> columns; one column per channel file is required")
@@ -43,13 +54,12 @@ def folder_sites(table_path: str | Path) -> pl.DataFrame:
     if "experiment" not in table.columns:
         table = table.with_columns(pl.col("plate").alias("experiment"))
     if "key" not in table.columns:
-        table = table.with_columns(
-            (pl.col("plate") + "_" + pl.col("well") + "_" + pl.col("site")).alias("key")
-        )
+        table = table.with_columns((pl.col("plate") + "_" + pl.col("well") + "_" + pl.col("site")).alias("key"))
     folder = str(table_path.parent.resolve())
     paths = [
         (pl.col(f"PathName_{s}") if f"PathName_{s}" in table.columns else pl.lit(folder))
-        + "/" + pl.col(f"FileName_{s}")
+        + "/"
+        + pl.col(f"FileName_{s}")
         for s in stains
     ]
     channel_columns = [c for c in table.columns if c.startswith(("FileName_", "PathName_"))]
@@ -61,5 +71,12 @@ def folder_sites(table_path: str | Path) -> pl.DataFrame:
     return normalise_metadata(sites.with_columns(safe_key(pl.col("key"))))
 
 
-register_converter(Converter("folder", folder_sites, "a CSV/TSV/parquet site table with FileName_<Stain> columns",
-                             src_help="the site table (CSV, TSV or parquet)", channel_map=False))
+register_converter(
+    Converter(
+        "folder",
+        folder_sites,
+        "a CSV/TSV/parquet site table with FileName_<Stain> columns",
+        src_help="the site table (CSV, TSV or parquet)",
+        channel_map=False,
+    )
+)

@@ -4,6 +4,7 @@ The channel-number-to-stain map differs between JUMP sources, so it is never ass
 file index: it comes from a CellProfiler load_data table (`FileName_Orig<Stain>` columns, also the
 `Image_`-prefixed CytoTable form) or from `--channel-map 1=Brightfield,2=ER,...`.
 """
+
 from __future__ import annotations
 
 import re
@@ -107,8 +108,10 @@ def jump_sites(
 def apply_well_metadata(sites: pl.DataFrame, wells: pl.DataFrame, source: str) -> pl.DataFrame:
     """Overwrite perturbation/perturbation_type/is_control/cell_type from a per-well table."""
     if "well" not in wells.columns:
-        raise ValueError(f"{source}: a well metadata table needs a 'well' column (and any of "
-                         "perturbation, perturbation_type, is_control, cell_type)")
+        raise ValueError(
+            f"{source}: a well metadata table needs a 'well' column (and any of "
+            "perturbation, perturbation_type, is_control, cell_type)"
+        )
     columns = [c for c in ("perturbation", "perturbation_type", "is_control", "cell_type") if c in wells.columns]
     if not columns:
         raise ValueError(f"{source}: no perturbation/perturbation_type/is_control/cell_type column")
@@ -122,11 +125,19 @@ def apply_well_metadata(sites: pl.DataFrame, wells: pl.DataFrame, source: str) -
     return joined
 
 
-register_converter(Converter(
-    "jump", jump_sites, "a folder of Opera Phenix TIFFs; channel map from --load-data, a load_data table in SRC "
-    "or --channel-map", src_help="folder of Phenix TIFFs (r..c..f..p..-ch..sk..fk..fl...tiff)",
-    options=(ConverterOption("load_data", "CellProfiler load_data table giving FileName_Orig<Stain> per channel"),
-             ConverterOption("plate", "plate name (default: the load_data table's Metadata_Plate, else SRC's name)"),
-             ConverterOption("experiment", "experiment / batch name (default: the plate)"),
-             ConverterOption("well_metadata", "table with 'well' + perturbation, perturbation_type, is_control, "
-                                              "cell_type"))))
+register_converter(
+    Converter(
+        "jump",
+        jump_sites,
+        "a folder of Opera Phenix TIFFs; channel map from --load-data, a load_data table in SRC or --channel-map",
+        src_help="folder of Phenix TIFFs (r..c..f..p..-ch..sk..fk..fl...tiff)",
+        options=(
+            ConverterOption("load_data", "CellProfiler load_data table giving FileName_Orig<Stain> per channel"),
+            ConverterOption("plate", "plate name (default: the load_data table's Metadata_Plate, else SRC's name)"),
+            ConverterOption("experiment", "experiment / batch name (default: the plate)"),
+            ConverterOption(
+                "well_metadata", "table with 'well' + perturbation, perturbation_type, is_control, cell_type"
+            ),
+        ),
+    )
+)

@@ -5,6 +5,7 @@ site, the metadata, `channels` and the matching `files`); `write_sites` does the
 writing for all of them. Registering one here (from the package or from user code) makes it a
 `phenoscale shards` sub-command with its own options (docs/ARCHITECTURE.md, "Add a converter").
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable

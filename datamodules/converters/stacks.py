@@ -5,6 +5,7 @@ a map may keep a subset of the planes), else from the first file's OME channel n
 `ch1..chC`. Metadata is what a file name can tell: key = the file's stem, plate = its folder;
 for real perturbation metadata describe the sites in a table instead (`folder_sites`).
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -55,11 +56,22 @@ def stack_sites(src: str | Path | Iterable[str | Path], channel_map: dict[int, s
         names = stack_channel_names(files[0])
         channel_map = {i + 1: name for i, name in enumerate(names)}
     indices = sorted(channel_map)
-    rows = [{
-        "key": path.stem, "experiment": path.parent.name, "plate": path.parent.name, "well": path.stem, "site": 1,
-        "perturbation": "unknown", "perturbation_type": "unknown", "is_control": False, "cell_type": "unknown",
-        "channels": [channel_map[i] for i in indices], FILES: [str(path)] * len(indices),
-        PLANES: [i - 1 for i in indices],
-    } for path in files]
+    rows = [
+        {
+            "key": path.stem,
+            "experiment": path.parent.name,
+            "plate": path.parent.name,
+            "well": path.stem,
+            "site": 1,
+            "perturbation": "unknown",
+            "perturbation_type": "unknown",
+            "is_control": False,
+            "cell_type": "unknown",
+            "channels": [channel_map[i] for i in indices],
+            FILES: [str(path)] * len(indices),
+            PLANES: [i - 1 for i in indices],
+        }
+        for path in files
+    ]
     sites = pl.DataFrame(rows)
     return normalise_metadata(sites.with_columns(safe_key(pl.col("key"))))

@@ -4,6 +4,7 @@ Everything random here is drawn from a stream named by its purpose (`_rng(seed, 
 setting that changes one part of the design (say the plate format) leaves the others unchanged,
 and the whole design is a pure function of the ScreenConfig.
 """
+
 from __future__ import annotations
 
 import math
@@ -25,29 +26,29 @@ class ScreenConfig:
 
     genes: int = 200
     image_size: int = 128
-    cell_radius: float = 9.0            # unperturbed cell radius in pixels (the magnification)
+    cell_radius: float = 9.0  # unperturbed cell radius in pixels (the magnification)
     seed: int = 0
-    experiments: int = 4                # assigned to cell types round-robin
+    experiments: int = 4  # assigned to cell types round-robin
     cell_types: tuple[str, ...] = ("HUVEC", "RPE")
-    replicates: int = 3                 # experiments each gene is in (capped at `experiments`)
+    replicates: int = 3  # experiments each gene is in (capped at `experiments`)
     sites_per_well: int = 2
-    plate_format: int = 96              # 96 (8 x 12) or 384 (16 x 24) wells
-    skip_edge_wells: bool = False       # RxRx1 leaves the outer ring empty (384 -> 308 wells)
-    controls_per_plate: int = 16        # at least; wells left free are controls too
+    plate_format: int = 96  # 96 (8 x 12) or 384 (16 x 24) wells
+    skip_edge_wells: bool = False  # RxRx1 leaves the outer ring empty (384 -> 308 wells)
+    controls_per_plate: int = 16  # at least; wells left free are controls too
     control_label: str = "non-targeting"
-    null_fraction: float = 0.4          # genes with no phenotype at all
-    singleton_fraction: float = 0.1     # genes with a phenotype shared with no other gene
+    null_fraction: float = 0.4  # genes with no phenotype at all
+    singleton_fraction: float = 0.1  # genes with a phenotype shared with no other gene
     module_size_min: int = 3
     module_size_max: int = 8
     anticorrelated_fraction: float = 0.3  # share of modules paired with an opposite partner
-    axes_per_module: int = 4            # a module moves a few morphological axes, not all
-    phenotype_strength: float = 4.0     # mean norm of a gene's latent phenotype
-    gene_noise: float = 0.3             # gene-specific deviation from its module's direction
-    experiment_biology: float = 0.4     # std per axis of an experiment's shift of the cell state
-    plate_biology: float = 0.15         # same, per plate
-    technical: float = 1.0              # scales gain/offset/blur/illumination variation
+    axes_per_module: int = 4  # a module moves a few morphological axes, not all
+    phenotype_strength: float = 4.0  # mean norm of a gene's latent phenotype
+    gene_noise: float = 0.3  # gene-specific deviation from its module's direction
+    experiment_biology: float = 0.4  # std per axis of an experiment's shift of the cell state
+    plate_biology: float = 0.15  # same, per plate
+    technical: float = 1.0  # scales gain/offset/blur/illumination variation
     dtype: str = "uint8"
-    modules_from: str | None = None     # complex file "name<TAB>space-separated genes"
+    modules_from: str | None = None  # complex file "name<TAB>space-separated genes"
     shard_max_mb: int = 256
 
     def __post_init__(self) -> None:
@@ -83,10 +84,20 @@ PRESETS: dict[str, dict[str, object]] = {
     "tiny": dict(genes=24, image_size=64, cell_radius=6.0, experiments=2, replicates=2, sites_per_well=1),
     # RxRx1's shape: 1,108 genes in every one of 51 experiments of 4 cell types, 4 plates of 308
     # wells (384 minus the edge), 2 sites of 6 x 512 x 512 per well: ~125k sites, ~190 GB uint8
-    "rxrx1": dict(genes=1108, image_size=512, cell_radius=20.0, experiments=51,
-                  cell_types=("HUVEC", "RPE", "HEPG2", "U2OS"), replicates=51, sites_per_well=2,
-                  plate_format=384, skip_edge_wells=True, controls_per_plate=31,
-                  module_size_max=12, shard_max_mb=1024),
+    "rxrx1": dict(
+        genes=1108,
+        image_size=512,
+        cell_radius=20.0,
+        experiments=51,
+        cell_types=("HUVEC", "RPE", "HEPG2", "U2OS"),
+        replicates=51,
+        sites_per_well=2,
+        plate_format=384,
+        skip_edge_wells=True,
+        controls_per_plate=31,
+        module_size_max=12,
+        shard_max_mb=1024,
+    ),
 }
 
 
@@ -116,17 +127,23 @@ class ScreenDesign:
     """The full plan of a screen, before any pixel is drawn."""
 
     config: ScreenConfig
-    phenotypes: pl.DataFrame      # perturbation, module (null if none), role, latent Array(Float32, K)
-    modules: pl.DataFrame         # module, gene
-    relationships: pl.DataFrame   # entity1, entity2: every within-module pair, both orders
+    phenotypes: pl.DataFrame  # perturbation, module (null if none), role, latent Array(Float32, K)
+    modules: pl.DataFrame  # module, gene
+    relationships: pl.DataFrame  # entity1, entity2: every within-module pair, both orders
     anticorrelated: list[tuple[str, str]]  # module pairs with opposite phenotype directions
-    sites: pl.DataFrame           # shard metadata columns + site_index + state Array(Float32, K)
-    optics: pl.DataFrame          # plate + the Optics fields: the technical batch effects
+    sites: pl.DataFrame  # shard metadata columns + site_index + state Array(Float32, K)
+    optics: pl.DataFrame  # plate + the Optics fields: the technical batch effects
 
     def optics_of(self, plate: str) -> Optics:
         row = self.optics.row(by_predicate=pl.col("plate") == plate, named=True)
-        return Optics(gain=np.asarray(row["gain"]), offset=np.asarray(row["offset"]), blur=row["blur"],
-                      illum_amp=row["illum_amp"], illum_angle=row["illum_angle"], vignette=row["vignette"])
+        return Optics(
+            gain=np.asarray(row["gain"]),
+            offset=np.asarray(row["offset"]),
+            blur=row["blur"],
+            illum_amp=row["illum_amp"],
+            illum_angle=row["illum_angle"],
+            vignette=row["vignette"],
+        )
 
 
 _PURPOSES = ("modules", "directions", "latents", "layout", "biology", "optics")
@@ -156,7 +173,7 @@ def synthetic_modules(cfg: ScreenConfig) -> tuple[list[str], list[list[str]]]:
         size = min(int(rng.integers(cfg.module_size_min, cfg.module_size_max + 1)), n_in_modules - start)
         if 0 < n_in_modules - start - size < cfg.module_size_min:
             size = n_in_modules - start  # never leave a remainder too small to be a module
-        modules.append(sorted(order[start:start + size]))
+        modules.append(sorted(order[start : start + size]))
         start += size
     return genes, modules
 
@@ -255,8 +272,9 @@ def _latents(cfg: ScreenConfig, genes: list[str], modules: list[list[str]], name
         else:
             latent, module, role = np.zeros(K), None, "null"
         rows.append({"perturbation": g, "module": module, "role": role, "latent": latent.astype(np.float32)})
-    phenotypes = pl.DataFrame(rows, schema={"perturbation": pl.Utf8, "module": pl.Utf8, "role": pl.Utf8,
-                                            "latent": pl.Array(pl.Float32, K)})
+    phenotypes = pl.DataFrame(
+        rows, schema={"perturbation": pl.Utf8, "module": pl.Utf8, "role": pl.Utf8, "latent": pl.Array(pl.Float32, K)}
+    )
     return phenotypes, anticorrelated
 
 
@@ -294,8 +312,9 @@ def _layout(cfg: ScreenConfig, genes: list[str]) -> pl.DataFrame:
     wells = _wells(cfg)
     capacity = len(wells) - cfg.controls_per_plate
     if capacity < 1:
-        raise ValueError(f"controls_per_plate={cfg.controls_per_plate} leaves no gene wells "
-                         f"on a {len(wells)}-well plate")
+        raise ValueError(
+            f"controls_per_plate={cfg.controls_per_plate} leaves no gene wells on a {len(wells)}-well plate"
+        )
     n_plates = max(1, math.ceil(max(len(m) for m in members) / capacity))
     rows = []
     for (experiment, cell_type), genes_e in zip(experiment_names(cfg), members):
@@ -304,13 +323,19 @@ def _layout(cfg: ScreenConfig, genes: list[str]) -> pl.DataFrame:
             content = list(plate_genes) + [None] * (len(wells) - len(plate_genes))
             for well, gene in zip(rng.permutation(wells), rng.permutation(np.asarray(content, dtype=object))):
                 for site in range(1, cfg.sites_per_well + 1):
-                    rows.append({
-                        "key": f"{plate}_{well}_s{site}", "experiment": experiment, "plate": plate,
-                        "well": str(well), "site": site,
-                        "perturbation": cfg.control_label if gene is None else gene,
-                        "perturbation_type": CONTROL if gene is None else GENE,
-                        "is_control": gene is None, "cell_type": cell_type,
-                    })
+                    rows.append(
+                        {
+                            "key": f"{plate}_{well}_s{site}",
+                            "experiment": experiment,
+                            "plate": plate,
+                            "well": str(well),
+                            "site": site,
+                            "perturbation": cfg.control_label if gene is None else gene,
+                            "perturbation_type": CONTROL if gene is None else GENE,
+                            "is_control": gene is None,
+                            "cell_type": cell_type,
+                        }
+                    )
     return pl.DataFrame(rows).sort("experiment", "plate", "well", "site").with_row_index("site_index")
 
 
@@ -328,20 +353,35 @@ def _optics(cfg: ScreenConfig, plates: pl.DataFrame) -> pl.DataFrame:
         per_exp[experiment] = dict(
             gain=np.exp(rng.normal(0, 0.25 * t, len(CHANNELS))),
             offset=rng.uniform(0.01, 0.01 + 0.08 * t, len(CHANNELS)),
-            blur=rng.uniform(0, 1.2 * t * mag), illum_amp=rng.uniform(0, 0.35 * t),
+            blur=rng.uniform(0, 1.2 * t * mag),
+            illum_amp=rng.uniform(0, 0.35 * t),
             illum_angle=rng.uniform(0, 2 * np.pi),
-            vignette=rng.uniform(0, 0.4 * t))
+            vignette=rng.uniform(0, 0.4 * t),
+        )
     rows = []
     for experiment, plate in plates.select("experiment", "plate").iter_rows():
         e = per_exp[experiment]
-        optics = Optics(gain=e["gain"] * np.exp(rng.normal(0, 0.08 * t, len(CHANNELS))), offset=e["offset"],
-                        blur=float(max(0.0, e["blur"] + rng.normal(0, 0.15 * t * mag))),
-                        illum_amp=float(e["illum_amp"]), illum_angle=float(e["illum_angle"] + rng.normal(0, 0.2)),
-                        vignette=float(e["vignette"]))
+        optics = Optics(
+            gain=e["gain"] * np.exp(rng.normal(0, 0.08 * t, len(CHANNELS))),
+            offset=e["offset"],
+            blur=float(max(0.0, e["blur"] + rng.normal(0, 0.15 * t * mag))),
+            illum_amp=float(e["illum_amp"]),
+            illum_angle=float(e["illum_angle"] + rng.normal(0, 0.2)),
+            vignette=float(e["vignette"]),
+        )
         rows.append({"plate": plate, **optics.as_row()})
-    return pl.DataFrame(rows, schema={"plate": pl.Utf8, "gain": pl.List(pl.Float64), "offset": pl.List(pl.Float64),
-                                      "blur": pl.Float64, "illum_amp": pl.Float64, "illum_angle": pl.Float64,
-                                      "vignette": pl.Float64})
+    return pl.DataFrame(
+        rows,
+        schema={
+            "plate": pl.Utf8,
+            "gain": pl.List(pl.Float64),
+            "offset": pl.List(pl.Float64),
+            "blur": pl.Float64,
+            "illum_amp": pl.Float64,
+            "illum_angle": pl.Float64,
+            "vignette": pl.Float64,
+        },
+    )
 
 
 def design_screen(cfg: ScreenConfig) -> ScreenDesign:
@@ -355,7 +395,7 @@ def design_screen(cfg: ScreenConfig) -> ScreenDesign:
     module_rows = [(name, g) for name, m in zip(names, modules) for g in m]
     modules_frame = pl.DataFrame(module_rows, schema={"module": pl.Utf8, "gene": pl.Utf8}, orient="row")
     pairs = modules_frame.join(modules_frame, on="module", suffix="_b").filter(pl.col("gene") != pl.col("gene_b"))
-    relationships = (pairs.select(entity1="gene", entity2="gene_b").unique().sort("entity1", "entity2"))
+    relationships = pairs.select(entity1="gene", entity2="gene_b").unique().sort("entity1", "entity2")
 
     sites = _layout(cfg, genes)
     rng = _rng(cfg.seed, "biology")
@@ -365,11 +405,19 @@ def design_screen(cfg: ScreenConfig) -> ScreenDesign:
     cell_state = {ct: np.array([CELL_TYPE_STATE.get(ct, {}).get(a, 0.0) for a in AXES]) for ct in cfg.cell_types}
     latent_of = dict(zip(phenotypes["perturbation"].to_list(), phenotypes["latent"].to_numpy()))
     zero = np.zeros(K)
-    state = np.stack([
-        latent_of.get(p, zero) + cell_state[ct] + exp_shift[e] + plate_shift[pl_]
-        for p, ct, e, pl_ in sites.select("perturbation", "cell_type", "experiment", "plate").iter_rows()
-    ]).astype(np.float32)
+    state = np.stack(
+        [
+            latent_of.get(p, zero) + cell_state[ct] + exp_shift[e] + plate_shift[pl_]
+            for p, ct, e, pl_ in sites.select("perturbation", "cell_type", "experiment", "plate").iter_rows()
+        ]
+    ).astype(np.float32)
     sites = sites.with_columns(pl.Series("state", state, dtype=pl.Array(pl.Float32, K)))
-    return ScreenDesign(config=cfg, phenotypes=phenotypes, modules=modules_frame, relationships=relationships,
-                        anticorrelated=anticorrelated, sites=sites, optics=_optics(cfg, plates))
-
+    return ScreenDesign(
+        config=cfg,
+        phenotypes=phenotypes,
+        modules=modules_frame,
+        relationships=relationships,
+        anticorrelated=anticorrelated,
+        sites=sites,
+        optics=_optics(cfg, plates),
+    )

@@ -4,6 +4,7 @@ The CA-MAE tokenises every stain on its own and must predict a hidden stain patc
 others, so how strongly stains co-localise inside cells decides what it can learn. This measure
 compares a synthetic site and a real Cell Painting field on the same terms.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence

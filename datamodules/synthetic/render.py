@@ -7,6 +7,7 @@ real screens differ that way. Every cell is drawn in its own small window; all w
 are computed at once as (n_cells, P, P) arrays and scattered into the image with np.bincount, so
 the cost is a few vectorised numpy passes per site whatever the number of cells.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -17,22 +18,22 @@ from scipy.ndimage import gaussian_filter
 # The latent axes, in order. A gene's latent vector is a point in this space (0 = unperturbed);
 # one unit along an axis is a clearly visible but overlapping shift of the cell population.
 AXES: tuple[str, ...] = (
-    "cell_size",           # cell radius x exp(0.18 z)
-    "cell_elongation",     # aspect ratio of the cell ellipse
+    "cell_size",  # cell radius x exp(0.18 z)
+    "cell_elongation",  # aspect ratio of the cell ellipse
     "shape_irregularity",  # amplitude of boundary harmonics (ruffled vs round cells)
-    "density",             # cells per site x exp(0.3 z)
-    "clumping",            # share of cells growing in tight colonies vs scattered
-    "nucleus_size",        # nucleus / cell radius ratio
-    "nucleus_offset",      # nucleus displaced from the cell centre (polarity)
-    "chromatin_texture",   # granularity of the DNA stain inside nuclei
-    "mitotic_fraction",    # share of round mitotic cells with condensed bright chromatin
-    "er_spread",           # ER perinuclear (z<0) vs spread to the periphery (z>0)
-    "er_texture",          # reticular texture contrast of the ER stain
-    "actin_fibres",        # stress-fibre stripes in the actin stain vs cortical ring only
-    "nucleoli_count",      # RNA-rich nucleoli per nucleus
+    "density",  # cells per site x exp(0.3 z)
+    "clumping",  # share of cells growing in tight colonies vs scattered
+    "nucleus_size",  # nucleus / cell radius ratio
+    "nucleus_offset",  # nucleus displaced from the cell centre (polarity)
+    "chromatin_texture",  # granularity of the DNA stain inside nuclei
+    "mitotic_fraction",  # share of round mitotic cells with condensed bright chromatin
+    "er_spread",  # ER perinuclear (z<0) vs spread to the periphery (z>0)
+    "er_texture",  # reticular texture contrast of the ER stain
+    "actin_fibres",  # stress-fibre stripes in the actin stain vs cortical ring only
+    "nucleoli_count",  # RNA-rich nucleoli per nucleus
     "mito_fragmentation",  # many small mitochondria (z>0) vs few large ones, same total signal
-    "mito_perinuclear",    # mitochondria near the nucleus (co-localised with ER) vs peripheral
-    "golgi_size",          # perinuclear Golgi blob in the WGA stain
+    "mito_perinuclear",  # mitochondria near the nucleus (co-localised with ER) vs peripheral
+    "golgi_size",  # perinuclear Golgi blob in the WGA stain
     "rna_mito_intensity",  # the one pure intensity axis: RNA up, mitochondria down
 )
 K = len(AXES)
@@ -53,16 +54,22 @@ _STAIN_PER_AREA = np.array([0.28, 0.54, 0.6, 0.32, 0.5, 0.5])
 class Optics:
     """Technical batch effects of one plate: what the microscope, stains and handling add."""
 
-    gain: np.ndarray       # (C,) multiplicative stain/exposure gain
-    offset: np.ndarray     # (C,) background added before shot noise, in units of a bright cell
-    blur: float            # Gaussian PSF sigma in pixels (focus, objective)
-    illum_amp: float       # linear illumination gradient amplitude across the field
-    illum_angle: float     # its direction, radians
-    vignette: float        # radial fall-off at the corners
+    gain: np.ndarray  # (C,) multiplicative stain/exposure gain
+    offset: np.ndarray  # (C,) background added before shot noise, in units of a bright cell
+    blur: float  # Gaussian PSF sigma in pixels (focus, objective)
+    illum_amp: float  # linear illumination gradient amplitude across the field
+    illum_angle: float  # its direction, radians
+    vignette: float  # radial fall-off at the corners
 
     def as_row(self) -> dict[str, object]:
-        return {"gain": self.gain.tolist(), "offset": self.offset.tolist(), "blur": self.blur,
-                "illum_amp": self.illum_amp, "illum_angle": self.illum_angle, "vignette": self.vignette}
+        return {
+            "gain": self.gain.tolist(),
+            "offset": self.offset.tolist(),
+            "blur": self.blur,
+            "illum_amp": self.illum_amp,
+            "illum_angle": self.illum_angle,
+            "vignette": self.vignette,
+        }
 
 
 def _sigmoid(x: np.ndarray | float) -> np.ndarray | float:
@@ -105,7 +112,11 @@ def _place_cells(rng: np.random.Generator, n: int, size: int, radius: float, clu
 
 
 def render_site(
-    state: np.ndarray, optics: Optics, rng: np.random.Generator, size: int, cell_radius: float,
+    state: np.ndarray,
+    optics: Optics,
+    rng: np.random.Generator,
+    size: int,
+    cell_radius: float,
     dtype: np.dtype = np.uint8,
 ) -> np.ndarray:
     """One site image (6, size, size) of `dtype` for the biological `state` (K,) under `optics`.
@@ -149,10 +160,10 @@ def render_site(
     dy = _col(cy - centres[:, 0]) + grid[None, :, None]
     dx = _col(cx - centres[:, 1]) + grid[None, None, :]
     cos_t, sin_t, rc_ = _col(np.cos(theta)), _col(np.sin(theta)), _col(rc)
-    u = (dx * cos_t + dy * sin_t) / rc_                      # along the long axis, units of rc
-    v = (-dx * sin_t + dy * cos_t) / rc_                     # across it
+    u = (dx * cos_t + dy * sin_t) / rc_  # along the long axis, units of rc
+    v = (-dx * sin_t + dy * cos_t) / rc_  # across it
     sa = _col(np.sqrt(aspect))
-    eu, ev = u / sa, v * sa                                  # the cell ellipse mapped to a circle
+    eu, ev = u / sa, v * sa  # the cell ellipse mapped to a circle
     rho = np.sqrt(eu**2 + ev**2)
     # boundary radius 1 + sum_k A_k cos(k phi + psi_k), with e^{i k phi} as powers of (eu + i ev) / rho
     e1 = (eu + 1j * ev) / np.maximum(rho, 1e-6)
@@ -160,14 +171,14 @@ def render_site(
     e2 = e1 * e1
     a2, a3, a4 = (coef[:, k, None, None] for k in range(3))
     boundary = 1.0 + (a2 * e2 + a3 * (e2 * e1) + a4 * (e2 * e2)).real
-    edge_px = (boundary - rho) * rc_                         # signed distance to the membrane, px
+    edge_px = (boundary - rho) * rc_  # signed distance to the membrane, px
     cell = _sigmoid(edge_px / (0.7 * mag))
     nsa, rn_ = _col(np.sqrt(n_aspect)), _col(rn)
     rho_n = np.sqrt(((u - _col(ox)) / nsa) ** 2 + ((v - _col(oy)) * nsa) ** 2) / rn_
     nuc_edge_px = (1.0 - rho_n) * rn_ * rc_
     nucleus = _sigmoid(nuc_edge_px / (0.6 * mag)) * cell
     cyto = np.clip(cell - nucleus, 0, None)
-    dist_nuc = np.clip(-nuc_edge_px, 0, None) / rc_          # from the nuclear edge, units of rc
+    dist_nuc = np.clip(-nuc_edge_px, 0, None) / rc_  # from the nuclear edge, units of rc
     # A widefield image integrates each stain over the cell's height. Cells are thickest around
     # the nucleus and thin out towards the membrane, and cytoplasm lies above and below the
     # nucleus, so every cytoplasmic stain is brightest near the nucleus and the stains co-localise
@@ -186,7 +197,7 @@ def render_site(
     fibres = float(np.clip(0.35 + 0.35 * z[_AX["actin_fibres"]], 0, 1.2))
     period = 3.2 * mag / rc_
     stripes = 0.5 * (1 + np.cos(2 * np.pi * v / period + _col(rng.uniform(0, 2 * np.pi, n))))
-    cortex = np.exp(-(edge_px / (1.2 * mag)) ** 2) * cell
+    cortex = np.exp(-((edge_px / (1.2 * mag)) ** 2)) * cell
     layers[ACTIN] = column + 0.4 * cortex + fibres * stripes * cyto * _col(~mitotic)
     # RNA: diffuse cytoplasm + nucleus (nucleoli added as puncta below)
     rna_gain = np.exp(0.25 * z[_AX["rna_mito_intensity"]])
@@ -194,7 +205,7 @@ def render_site(
     layers[MITO] = column  # the diffuse part; the mitochondria are puncta, added below
     # WGA: plasma membrane glycoproteins, the ring at the cell's edge and the membrane above and
     # below the cell, seen over its height
-    layers[MEMBRANE] = 0.5 * np.exp(-(edge_px / mag) ** 2) + column
+    layers[MEMBRANE] = 0.5 * np.exp(-((edge_px / mag) ** 2)) + column
     # Stains bind stoichiometrically: a cell's integrated signal is set by its content (DNA
     # doubled in mitosis), not by its shape, so a bigger nucleus is dimmer, not brighter. This
     # keeps morphology from leaking into mean intensities, as in real Cell Painting.
@@ -225,36 +236,71 @@ def render_site(
     n_mito = rng.poisson(14 * frag * (rc / cell_radius) ** 2 * np.where(mitotic, 0.5, 1.0))
     owner = np.repeat(np.arange(n), n_mito)
     peri = float(_sigmoid(0.6 * z[_AX["mito_perinuclear"]]))
-    t = rng.beta(2.0 * (1 - peri) + 0.5, 2.0 * peri + 0.5)            # 0 = nuclear edge, 1 = membrane
+    t = rng.beta(2.0 * (1 - peri) + 0.5, 2.0 * peri + 0.5)  # 0 = nuclear edge, 1 = membrane
     ang = rng.uniform(0, 2 * np.pi, owner.size)
     r_in = rn[owner] * 1.05
     rr = r_in + t * (0.95 - r_in)
     mito_total = 3.0 * mag**2 / frag * np.exp(-0.25 * z[_AX["rna_mito_intensity"]])  # per cell: constant
     sa = np.sqrt(aspect[owner])  # stretch positions with the cell ellipse
-    _splat(image[MITO], rng, centres, rc, theta, owner,
-           ox[owner] + rr * np.cos(ang) * sa, oy[owner] + rr * np.sin(ang) / sa,
-           sigma=0.9 * mag / np.sqrt(frag), total=mito_total * bright[MITO, owner])
+    _splat(
+        image[MITO],
+        rng,
+        centres,
+        rc,
+        theta,
+        owner,
+        ox[owner] + rr * np.cos(ang) * sa,
+        oy[owner] + rr * np.sin(ang) / sa,
+        sigma=0.9 * mag / np.sqrt(frag),
+        total=mito_total * bright[MITO, owner],
+    )
     nucleoli_mean = 2.5 * np.exp(0.45 * z[_AX["nucleoli_count"]])
     n_nucleoli = rng.poisson(nucleoli_mean, n) * (~mitotic)
     owner = np.repeat(np.arange(n), n_nucleoli)
     ang = rng.uniform(0, 2 * np.pi, owner.size)
     rr = rn[owner] * 0.55 * np.sqrt(rng.random(owner.size))
-    _splat(image[RNA], rng, centres, rc, theta, owner,
-           ox[owner] + rr * np.cos(ang), oy[owner] + rr * np.sin(ang), sigma=0.8 * mag,
-           total=8.0 * mag**2 / nucleoli_mean * rna_gain)
+    _splat(
+        image[RNA],
+        rng,
+        centres,
+        rc,
+        theta,
+        owner,
+        ox[owner] + rr * np.cos(ang),
+        oy[owner] + rr * np.sin(ang),
+        sigma=0.8 * mag,
+        total=8.0 * mag**2 / nucleoli_mean * rna_gain,
+    )
     owner = np.flatnonzero(~mitotic)
     golgi = 0.22 * np.exp(0.4 * z[_AX["golgi_size"]])
     gang = off_dir[owner] + np.pi + rng.normal(0, 0.4, owner.size)  # opposite the nuclear offset
     gr = rn[owner] * 1.1
-    _splat(image[MEMBRANE], rng, centres, rc, theta, owner,
-           ox[owner] + gr * np.cos(gang), oy[owner] + gr * np.sin(gang),
-           sigma=golgi * rc[owner], total=0.37 * rc[owner] ** 2)
+    _splat(
+        image[MEMBRANE],
+        rng,
+        centres,
+        rc,
+        theta,
+        owner,
+        ox[owner] + gr * np.cos(gang),
+        oy[owner] + gr * np.sin(gang),
+        sigma=golgi * rc[owner],
+        total=0.37 * rc[owner] ** 2,
+    )
     return _acquire(image, optics, rng, dtype)
 
 
 def _splat(
-    target: np.ndarray, rng: np.random.Generator, centres: np.ndarray, rc: np.ndarray, theta: np.ndarray,
-    owner: np.ndarray, u: np.ndarray, v: np.ndarray, sigma: float | np.ndarray, total: float | np.ndarray,
+    target: np.ndarray,
+    rng: np.random.Generator,
+    centres: np.ndarray,
+    rc: np.ndarray,
+    theta: np.ndarray,
+    owner: np.ndarray,
+    u: np.ndarray,
+    v: np.ndarray,
+    sigma: float | np.ndarray,
+    total: float | np.ndarray,
 ) -> None:
     """Add Gaussian spots at positions (u along, v across the long axis; units of the owner's
     radius, origin at its centre) of the cells `owner` to `target`; `total` is each spot's
@@ -274,8 +320,9 @@ def _splat(
     gx = (ix - px)[:, None, None] + grid[None, None, :]
     peak = np.broadcast_to(total, owner.shape) * np.exp(rng.normal(0, 0.2, owner.size)) / (2 * np.pi * sigma**2)
     w = np.exp(-(gy**2 + gx**2) / (2 * sigma[:, None, None] ** 2)) * peak[:, None, None]
-    flat = (np.mod(iy[:, None, None] + grid[None, :, None], size) * size
-            + np.mod(ix[:, None, None] + grid[None, None, :], size))
+    flat = np.mod(iy[:, None, None] + grid[None, :, None], size) * size + np.mod(
+        ix[:, None, None] + grid[None, None, :], size
+    )
     target += np.bincount(flat.ravel(), weights=w.ravel(), minlength=size * size).reshape(size, size)
 
 
@@ -285,8 +332,11 @@ def _acquire(image: np.ndarray, optics: Optics, rng: np.random.Generator, dtype:
     if optics.blur > 0.05:
         image = gaussian_filter(image, sigma=(0, optics.blur, optics.blur), mode="wrap")
     yy, xx = np.meshgrid(np.linspace(-1, 1, size), np.linspace(-1, 1, size), indexing="ij")
-    illum = (1 + optics.illum_amp * (np.cos(optics.illum_angle) * xx + np.sin(optics.illum_angle) * yy)
-             - optics.vignette * (xx**2 + yy**2) / 2)
+    illum = (
+        1
+        + optics.illum_amp * (np.cos(optics.illum_angle) * xx + np.sin(optics.illum_angle) * yy)
+        - optics.vignette * (xx**2 + yy**2) / 2
+    )
     signal = image * optics.gain[:, None, None] * illum[None] + optics.offset[:, None, None]
     info = np.iinfo(dtype)
     photons = 120.0  # expected photon count of a bright cell: sets the shot-noise level

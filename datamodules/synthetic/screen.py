@@ -5,6 +5,7 @@ Sites are rendered by a process pool in chunks, but each site draws from its own
 number of workers or on scheduling. OUT/screen.json is written last: its presence means the
 screen is complete.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -33,8 +34,9 @@ def _render_chunk(cfg: ScreenConfig, indices: np.ndarray, states: np.ndarray, op
     """Render sites `indices` (module-level so a process pool can pickle it)."""
     dtype = np.dtype(cfg.dtype)
     return [
-        render_site(state, opt, np.random.default_rng([cfg.seed, _SITE_STREAM, int(i)]),
-                    cfg.image_size, cfg.cell_radius, dtype)
+        render_site(
+            state, opt, np.random.default_rng([cfg.seed, _SITE_STREAM, int(i)]), cfg.image_size, cfg.cell_radius, dtype
+        )
         for i, state, opt in zip(indices, states, optics)
     ]
 
@@ -50,13 +52,18 @@ def render_sites(design: ScreenDesign, workers: int = 1, chunk: int = 8) -> Iter
     starts = range(0, sites.height, chunk)
     if workers <= 1:
         for s in starts:
-            yield from _render_chunk(design.config, indices[s:s + chunk], states[s:s + chunk], optics[s:s + chunk])
+            yield from _render_chunk(
+                design.config, indices[s : s + chunk], states[s : s + chunk], optics[s : s + chunk]
+            )
         return
     with ProcessPoolExecutor(max_workers=workers) as pool:
         pending: deque[Future] = deque()
         for s in starts:
-            pending.append(pool.submit(_render_chunk, design.config, indices[s:s + chunk], states[s:s + chunk],
-                                       optics[s:s + chunk]))
+            pending.append(
+                pool.submit(
+                    _render_chunk, design.config, indices[s : s + chunk], states[s : s + chunk], optics[s : s + chunk]
+                )
+            )
             if len(pending) >= 4 * workers:
                 yield from pending.popleft().result()
         while pending:
@@ -64,29 +71,48 @@ def render_sites(design: ScreenDesign, workers: int = 1, chunk: int = 8) -> Iter
 
 
 def write_screen(
-    cfg: ScreenConfig, out_dir: str | Path, workers: int | None = None, overwrite: bool = False,
+    cfg: ScreenConfig,
+    out_dir: str | Path,
+    workers: int | None = None,
+    overwrite: bool = False,
     progress: bool = True,
 ) -> ScreenDesign:
     """Write OUT/shards/*.tar + manifest.parquet, OUT/truth/ and OUT/screen.json; return the design."""
     out_dir = Path(out_dir)
     if (out_dir / SCREEN_JSON).exists() and not overwrite:
-        raise ValueError(f"{out_dir} already holds a synthetic screen ({SCREEN_JSON}); "
-                         "pass overwrite=True / --overwrite")
+        raise ValueError(
+            f"{out_dir} already holds a synthetic screen ({SCREEN_JSON}); pass overwrite=True / --overwrite"
+        )
     (out_dir / SCREEN_JSON).unlink(missing_ok=True)
     workers = max(1, workers if workers is not None else (os.cpu_count() or 1))
     start = time.perf_counter()
     design = design_screen(cfg)
     write_truth(design, out_dir / "truth")
-    meta_columns = ["key", "experiment", "plate", "well", "site", "perturbation", "perturbation_type",
-                    "is_control", "cell_type"]
+    meta_columns = [
+        "key",
+        "experiment",
+        "plate",
+        "well",
+        "site",
+        "perturbation",
+        "perturbation_type",
+        "is_control",
+        "cell_type",
+    ]
     channels = list(CHANNELS)
-    with ShardWriter(out_dir / "shards", max_bytes=cfg.shard_max_mb * 2**20, prefix="synth",
-                     overwrite=overwrite) as writer:
+    with ShardWriter(
+        out_dir / "shards", max_bytes=cfg.shard_max_mb * 2**20, prefix="synth", overwrite=overwrite
+    ) as writer:
         images = render_sites(design, workers)
         rows = design.sites.select(meta_columns).iter_rows(named=True)
         # disable=None: no bar when stderr is not a terminal (a batch job's log), as everywhere
-        for meta, image in tqdm(zip(rows, images), total=design.sites.height, desc="synth: rendering sites",
-                                unit="site", disable=None if progress else True):
+        for meta, image in tqdm(
+            zip(rows, images),
+            total=design.sites.height,
+            desc="synth: rendering sites",
+            unit="site",
+            disable=None if progress else True,
+        ):
             writer.write(image, {**meta, "channels": channels})
     seconds = time.perf_counter() - start
     summary = {

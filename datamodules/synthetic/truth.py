@@ -3,6 +3,7 @@ phenotypes.parquet}. relationships.csv has the format of the real annotation fil
 (`entity1,entity2`, both orders of every pair, like CORUM.txt), so the evaluation scores a
 synthetic screen exactly as it scores a real one against CORUM or HuMAP.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

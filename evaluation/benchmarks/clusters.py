@@ -3,6 +3,7 @@
 As efaar_benchmarking.cluster_benchmark: complexes with >= min_genes genes in the map; the
 within-complex cosines (upper triangle) against complex-vs-rest cosines, two-sample KS test.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -20,8 +21,14 @@ if TYPE_CHECKING:
     from evaluation.config import EvalConfig
 
 MIN_CLUSTER_GENES = 10
-CLUSTER_SCHEMA = {"cluster": pl.String, "n_genes": pl.Int64, "within_mean": pl.Float64,
-                  "between_mean": pl.Float64, "ks_stat": pl.Float64, "ks_pvalue": pl.Float64}
+CLUSTER_SCHEMA = {
+    "cluster": pl.String,
+    "n_genes": pl.Int64,
+    "within_mean": pl.Float64,
+    "between_mean": pl.Float64,
+    "ks_stat": pl.Float64,
+    "ks_pvalue": pl.Float64,
+}
 
 
 def cluster_benchmark(
@@ -57,8 +64,11 @@ def _run(given: BenchmarkInput) -> pl.DataFrame | None:
     if given.prepared is None:
         return None
     cl = cluster_benchmark(given.genes, given.profiles, given.prepared, given.cfg.cluster_min_genes)
-    given.metric("cluster_significant_fraction", float((cl["ks_pvalue"] <= SIGNIFICANCE).mean()) if len(cl) else None,
-                 None if len(cl) else f"no complex has >= {given.cfg.cluster_min_genes} genes in the map")
+    given.metric(
+        "cluster_significant_fraction",
+        float((cl["ks_pvalue"] <= SIGNIFICANCE).mean()) if len(cl) else None,
+        None if len(cl) else f"no complex has >= {given.cfg.cluster_min_genes} genes in the map",
+    )
     return cl
 
 

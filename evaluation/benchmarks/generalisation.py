@@ -4,6 +4,7 @@ Leave-one-experiment-out k-nearest-neighbour classification (FAISS exact inner p
 vectors) of non-control wells, for each alignment: an embedding that encodes biology rather than
 batch gets the label right in a new experiment, and alignment should help, not hurt.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -13,8 +14,13 @@ from evaluation.align import align
 from evaluation.benchmarks.registry import Benchmark, BenchmarkInput, register_benchmark
 from evaluation.relate import knn, l2_normalised
 
-GENERALISATION_SCHEMA = {"alignment": pl.String, "held_out": pl.String, "accuracy": pl.Float64,
-                         "n_test": pl.Int64, "n_classes": pl.Int64}
+GENERALISATION_SCHEMA = {
+    "alignment": pl.String,
+    "held_out": pl.String,
+    "accuracy": pl.Float64,
+    "n_test": pl.Int64,
+    "n_classes": pl.Int64,
+}
 
 
 def knn_predict(train_codes: np.ndarray, neighbours: np.ndarray, k: int) -> np.ndarray:
@@ -45,8 +51,15 @@ def held_out_accuracy(
             continue
         _, neighbours = knn(unit[train], unit[test], k)
         predicted = knn_predict(codes[train], neighbours, k)
-        rows.append((None, held_out, float((predicted == codes[test]).mean()), int(test.sum()),
-                     int(len(np.unique(codes[test])))))
+        rows.append(
+            (
+                None,
+                held_out,
+                float((predicted == codes[test]).mean()),
+                int(test.sum()),
+                int(len(np.unique(codes[test]))),
+            )
+        )
     return pl.DataFrame(rows, schema=GENERALISATION_SCHEMA, orient="row")
 
 
@@ -63,8 +76,9 @@ def batch_generalisation(
     frames = []
     for method in dict.fromkeys(["none", *alignments]):
         aligned = align(method, features, is_control, batches)
-        frames.append(held_out_accuracy(labels, aligned, is_control, experiments, k)
-                      .with_columns(alignment=pl.lit(method)))
+        frames.append(
+            held_out_accuracy(labels, aligned, is_control, experiments, k).with_columns(alignment=pl.lit(method))
+        )
     return pl.concat(frames)
 
 
@@ -78,15 +92,21 @@ def _run(given: BenchmarkInput) -> pl.DataFrame:
         for method in methods:
             given.metric("knn_accuracy", None, f"a single {cfg.experiment_column}; nothing to hold out", method)
         return pl.DataFrame(schema=GENERALISATION_SCHEMA)
-    result = batch_generalisation(given.labels, given.features, given.is_control, experiments, cfg.alignment,
-                                  given.batches, cfg.knn_k)
+    result = batch_generalisation(
+        given.labels, given.features, given.is_control, experiments, cfg.alignment, given.batches, cfg.knn_k
+    )
     for method in methods:
         accuracies = result.filter(pl.col("alignment") == method)
         weighted = (accuracies["accuracy"] * accuracies["n_test"]).sum()
-        given.metric("knn_accuracy", weighted / accuracies["n_test"].sum() if len(accuracies) else None,
-                     None if len(accuracies) else "no held-out well has a perturbation seen elsewhere", method)
+        given.metric(
+            "knn_accuracy",
+            weighted / accuracies["n_test"].sum() if len(accuracies) else None,
+            None if len(accuracies) else "no held-out well has a perturbation seen elsewhere",
+            method,
+        )
     return result
 
 
-register_benchmark(Benchmark("generalisation", _run, table="generalisation", schema=GENERALISATION_SCHEMA,
-                             per_alignment=False))
+register_benchmark(
+    Benchmark("generalisation", _run, table="generalisation", schema=GENERALISATION_SCHEMA, per_alignment=False)
+)

@@ -4,6 +4,7 @@
 Array(Float32, K)) and OUT/truth/relationships.csv. A model's map can at best recover what was
 planted, so its recall is read against the recall of the latents under the same benchmark.
 """
+
 from __future__ import annotations
 
 from pathlib import Path

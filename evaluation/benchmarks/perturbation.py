@@ -8,6 +8,7 @@ The statistics themselves are efaar's: mean pairwise cosine between replicates (
 searchsorted_left(null, x)/len), and 2 x geomloss' energy loss = the V-statistic energy distance
 2E|X-Y| - E|X-X'| - E|Y-Y'| (p = 1 - searchsorted_right(null, x)/len).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -78,8 +79,11 @@ def _against_control_null(
         null = nulls[n]
         p = None if null is None else float(1 - np.searchsorted(null, stat, side=side) / len(null))
         rows.append((str(name), n, stat, p))
-    return pl.DataFrame(rows, schema={"perturbation": pl.String, "n_wells": pl.Int64,
-                                      column: pl.Float64, "p_value": pl.Float64}, orient="row")
+    return pl.DataFrame(
+        rows,
+        schema={"perturbation": pl.String, "n_wells": pl.Int64, column: pl.Float64, "p_value": pl.Float64},
+        orient="row",
+    )
 
 
 def consistency(
@@ -95,8 +99,15 @@ def consistency(
             return None
         return np.sort([mean_pairwise_cosine(controls[s]) for s in _control_sets(len(controls), n, n_null, rng)])
 
-    return _against_control_null(np.asarray(perturbations)[~is_control], unit[~is_control],
-                                 MIN_CONSISTENCY_REPLICATES, mean_pairwise_cosine, null_of, "consistency", "left")
+    return _against_control_null(
+        np.asarray(perturbations)[~is_control],
+        unit[~is_control],
+        MIN_CONSISTENCY_REPLICATES,
+        mean_pairwise_cosine,
+        null_of,
+        "consistency",
+        "left",
+    )
 
 
 def magnitude(
@@ -126,8 +137,15 @@ def magnitude(
             return None
         return np.sort([to_reference(pool[s]) for s in _control_sets(len(pool), n, n_null, rng)])
 
-    return _against_control_null(np.asarray(perturbations)[~is_control], np.asarray(features, np.float64)[~is_control],
-                                 MIN_MAGNITUDE_REPLICATES, to_reference, null_of, "energy_distance", "right")
+    return _against_control_null(
+        np.asarray(perturbations)[~is_control],
+        np.asarray(features, np.float64)[~is_control],
+        MIN_MAGNITUDE_REPLICATES,
+        to_reference,
+        null_of,
+        "energy_distance",
+        "right",
+    )
 
 
 def share_significant(p_values: pl.Series) -> tuple[float | None, str | None]:
@@ -146,8 +164,9 @@ def _consistency(given: BenchmarkInput) -> pl.DataFrame:
 
 
 def _magnitude(given: BenchmarkInput) -> pl.DataFrame:
-    m = magnitude(given.labels, given.features, given.is_control, n_null=max(given.cfg.n_null // 5, 20),
-                  seed=given.cfg.seed)
+    m = magnitude(
+        given.labels, given.features, given.is_control, n_null=max(given.cfg.n_null // 5, 20), seed=given.cfg.seed
+    )
     given.metric("magnitude", *share_significant(m["p_value"]))
     return m.rename({"p_value": "magnitude_p"})
 

@@ -14,6 +14,7 @@ exactly from the window; if a window ever missed, a histogram pass
 relocates it. No approximation: the result equals efaar's on the same float32 similarities.
 Memory is O(N*D + one block + window contents); nulls up to 2**24 pairs are simply held.
 """
+
 from __future__ import annotations
 
 import logging
@@ -107,12 +108,15 @@ def _sample_windows(unit: np.ndarray, ranks: list[int], n_null: int, seed: int =
     fractions = np.array([k / n_null for k in ranks])
     centre = np.quantile(grids, fractions)
     spread = np.quantile(grids, fractions, axis=1).std(axis=1) / np.sqrt(SAMPLE_GROUPS)
-    return {k: (float(c - WINDOW_SE * e) - EDGE_MARGIN, float(c + WINDOW_SE * e) + EDGE_MARGIN)
-            for k, c, e in zip(ranks, centre, spread)}
+    return {
+        k: (float(c - WINDOW_SE * e) - EDGE_MARGIN, float(c + WINDOW_SE * e) + EDGE_MARGIN)
+        for k, c, e in zip(ranks, centre, spread)
+    }
 
 
-def _select_pass(unit: np.ndarray, windows: dict[int, tuple[float, float]], query_pairs: np.ndarray | None,
-                 **kwargs) -> tuple[dict[int, float], np.ndarray | None]:
+def _select_pass(
+    unit: np.ndarray, windows: dict[int, tuple[float, float]], query_pairs: np.ndarray | None, **kwargs
+) -> tuple[dict[int, float], np.ndarray | None]:
     """One streamed pass: per window, count null values below it and keep those inside it; read the
     query pairs' values from the same blocks. Returns the order statistics it could pin down.
 
@@ -190,10 +194,20 @@ def null_order_statistics(
 
 def _unavailable(sources: list[str], thresholds, reason: str, n_pairs: dict[str, int], n_null: int) -> pl.DataFrame:
     rows = [
-        {"source": s, "threshold_low": lo, "threshold_high": hi, "recall": None,
-         "random_baseline": lo + 1 - hi, "n_pairs": n_pairs.get(s, 0), "n_null": n_null,
-         "null_low": None, "null_high": None, "reason": reason}
-        for s in sources for lo, hi in thresholds
+        {
+            "source": s,
+            "threshold_low": lo,
+            "threshold_high": hi,
+            "recall": None,
+            "random_baseline": lo + 1 - hi,
+            "n_pairs": n_pairs.get(s, 0),
+            "n_null": n_null,
+            "null_low": None,
+            "null_high": None,
+            "reason": reason,
+        }
+        for s in sources
+        for lo, hi in thresholds
     ]
     return pl.DataFrame(rows, schema=RECALL_SCHEMA)
 
@@ -215,8 +229,13 @@ def known_relationship_recall(
     n_null = n * (n - 1) // 2
     n_pairs = {s: len(p) for s, p in pairs_by_source.items()}
     if n < min_genes:
-        return _unavailable(list(pairs_by_source), thresholds,
-                            f"map has {n} perturbations; at least {min_genes} are needed", n_pairs, n_null)
+        return _unavailable(
+            list(pairs_by_source),
+            thresholds,
+            f"map has {n} perturbations; at least {min_genes} are needed",
+            n_pairs,
+            n_null,
+        )
     ranks = sorted({r for lo, hi in thresholds for r in rank_cutoffs(n_null, lo, hi)})
     all_pairs = np.concatenate([p for p in pairs_by_source.values()] + [np.zeros((0, 2), np.int64)])
     stats, values = null_order_statistics(l2_normalised(profiles), ranks, all_pairs.astype(np.int64), block_elements)
@@ -225,17 +244,28 @@ def known_relationship_recall(
         q = values[offset : offset + len(pairs)]
         offset += len(pairs)
         if len(q) == 0:
-            frames.append(_unavailable([source], thresholds,
-                                       "no annotated pair has both genes in the map", n_pairs, n_null))
+            frames.append(
+                _unavailable([source], thresholds, "no annotated pair has both genes in the map", n_pairs, n_null)
+            )
             continue
         rows = []
         for lo, hi in thresholds:
             k_low, l_high = rank_cutoffs(n_null, lo, hi)
             recalled = (q < stats[k_low]) | (q > stats[l_high])
-            rows.append({"source": source, "threshold_low": lo, "threshold_high": hi,
-                         "recall": float(recalled.mean()), "random_baseline": lo + 1 - hi,
-                         "n_pairs": len(q), "n_null": n_null, "null_low": stats[k_low],
-                         "null_high": stats[l_high], "reason": None})
+            rows.append(
+                {
+                    "source": source,
+                    "threshold_low": lo,
+                    "threshold_high": hi,
+                    "recall": float(recalled.mean()),
+                    "random_baseline": lo + 1 - hi,
+                    "n_pairs": len(q),
+                    "n_null": n_null,
+                    "null_low": stats[k_low],
+                    "null_high": stats[l_high],
+                    "reason": None,
+                }
+            )
         frames.append(pl.DataFrame(rows, schema=RECALL_SCHEMA))
     return pl.concat(frames) if frames else pl.DataFrame(schema=RECALL_SCHEMA)
 
@@ -246,19 +276,24 @@ def report_recall(metric: Callable[..., None], recall: pl.DataFrame, prefix: str
     for r in first.iter_rows(named=True):
         metric(f"{prefix}recall_{r['source']}", r["recall"], r["reason"])
     valid = first["recall"].drop_nulls() if len(first) else pl.Series([], dtype=pl.Float64)
-    metric(f"{prefix}recall_mean", valid.mean() if len(valid) else None,
-           None if len(valid) else "no annotation source could be scored")
+    metric(
+        f"{prefix}recall_mean",
+        valid.mean() if len(valid) else None,
+        None if len(valid) else "no annotation source could be scored",
+    )
 
 
 def _run(given: BenchmarkInput) -> pl.DataFrame | None:
     if not given.prepared:
         return None
     pairs = {name: pairs_in_map(rels, given.genes) for name, rels in given.prepared.items()}
-    recall = known_relationship_recall(given.genes, given.profiles, pairs, [tuple(t) for t in given.cfg.thresholds],
-                                       given.cfg.min_genes)
+    recall = known_relationship_recall(
+        given.genes, given.profiles, pairs, [tuple(t) for t in given.cfg.thresholds], given.cfg.min_genes
+    )
     report_recall(given.metric, recall)
     return recall
 
 
-register_benchmark(Benchmark("recall", _run, table="recall", schema=RECALL_SCHEMA,
-                             prepare=lambda cfg: load_sources(cfg.annotations)))
+register_benchmark(
+    Benchmark("recall", _run, table="recall", schema=RECALL_SCHEMA, prepare=lambda cfg: load_sources(cfg.annotations))
+)

@@ -6,6 +6,7 @@ benchmark the same `BenchmarkInput`; a benchmark reports scalars through `Benchm
 frame, which lands in the `EvalResult` table it names. A new benchmark is one function and one
 `register_benchmark` call (docs/ARCHITECTURE.md, "Add a benchmark").
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -43,8 +44,7 @@ class BenchmarkInput:
     prepared: Any = None  # what the benchmark's `prepare(cfg)` returned (annotations, clusters, ...)
     rows: list[MetricRow] = field(default_factory=list)
 
-    def metric(self, name: str, value: float | None, reason: str | None = None,
-               alignment: str | None = "") -> None:
+    def metric(self, name: str, value: float | None, reason: str | None = None, alignment: str | None = "") -> None:
         """Report one scalar; `alignment` defaults to this input's own."""
         where = self.alignment if alignment == "" else alignment
         if value is None and reason is None:

@@ -9,6 +9,7 @@ by comparison, vectorised over all (query, positive) pairs of a block of queries
 mAP per label = mean AP of its profiles; p-value as copairs: per profile a null of random APs
 with the same (n_pos, n_total), averaged over the label's profiles, p = (#null > mAP + 1)/(size+1).
 """
+
 from __future__ import annotations
 
 import logging
@@ -23,7 +24,6 @@ from evaluation.benchmarks.registry import Benchmark, BenchmarkInput, register_b
 from evaluation.relate import block_rows, cosine, l2_normalised
 
 log = logging.getLogger(__name__)
-
 
 
 def _per_query_ap(query_of_pair: np.ndarray, pos_sims: np.ndarray, higher: np.ndarray) -> np.ndarray:
@@ -82,11 +82,15 @@ def average_precision(
         out_ap.append(_per_query_ap(pair_r, pos_sims, higher))
     n_pos = group_size[codes[query_rows]] - 1
     n_neg = (n - group_size[codes[query_rows]]) if reference is None else np.full(len(query_rows), n_cols)
-    return pl.DataFrame({
-        "row": query_rows.astype(np.int64), "label": labels[query_rows].astype(str),
-        "average_precision": np.concatenate(out_ap) if out_ap else np.zeros(0),
-        "n_pos_pairs": n_pos.astype(np.int64), "n_total_pairs": (n_pos + n_neg).astype(np.int64),
-    })
+    return pl.DataFrame(
+        {
+            "row": query_rows.astype(np.int64),
+            "label": labels[query_rows].astype(str),
+            "average_precision": np.concatenate(out_ap) if out_ap else np.zeros(0),
+            "n_pos_pairs": n_pos.astype(np.int64),
+            "n_total_pairs": (n_pos + n_neg).astype(np.int64),
+        }
+    )
 
 
 def random_ap(n_pos: int, n_total: int, null_size: int, rng: np.random.Generator) -> np.ndarray:
@@ -105,9 +109,16 @@ def mean_average_precision(ap: pl.DataFrame, null_size: int = 10000, seed: int =
         score = float(group["average_precision"].mean())
         null = np.mean([nulls[c] for c in group.select("n_pos_pairs", "n_total_pairs").iter_rows()], axis=0)
         rows.append((label, len(group), score, float(((null > score).sum() + 1) / (null_size + 1))))
-    return pl.DataFrame(rows, schema={"label": pl.String, "n_profiles": pl.Int64,
-                                      "mean_average_precision": pl.Float64, "p_value": pl.Float64},
-                        orient="row").sort("label")
+    return pl.DataFrame(
+        rows,
+        schema={
+            "label": pl.String,
+            "n_profiles": pl.Int64,
+            "mean_average_precision": pl.Float64,
+            "p_value": pl.Float64,
+        },
+        orient="row",
+    ).sort("label")
 
 
 def _run(given: BenchmarkInput) -> pl.DataFrame | None:
@@ -118,10 +129,14 @@ def _run(given: BenchmarkInput) -> pl.DataFrame | None:
         given.metric("map", None, str(err))
         return None
     scores = mean_average_precision(ap, given.cfg.map_null_size, given.cfg.seed)
-    given.metric("map_mean", scores["mean_average_precision"].mean() if len(scores) else None,
-                 None if len(scores) else "no perturbation has two replicates")
-    given.metric("map_significant_fraction",
-                 *share_significant(scores["p_value"]) if len(scores) else (None, "no scores"))
+    given.metric(
+        "map_mean",
+        scores["mean_average_precision"].mean() if len(scores) else None,
+        None if len(scores) else "no perturbation has two replicates",
+    )
+    given.metric(
+        "map_significant_fraction", *share_significant(scores["p_value"]) if len(scores) else (None, "no scores")
+    )
     return scores
 
 

@@ -10,6 +10,7 @@ Examples:
   phenoscale config configs/experiments/demo_mae.yaml --section trainer
   phenoscale config configs/paper/camae_vit_s16_openphenom.yaml configs/experiments/tiny.yaml   # layered
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,9 +24,13 @@ HELP = "print the resolved experiment config (defaults <- CONFIG <- overrides)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("items", nargs="*", metavar="CONFIG|KEY=VALUE",
-                        help="experiment YAML file(s), merged in order (none: the defaults), then "
-                             "dotlist overrides, e.g. trainer.max_steps=100 optim.lr=3e-4")
+    parser.add_argument(
+        "items",
+        nargs="*",
+        metavar="CONFIG|KEY=VALUE",
+        help="experiment YAML file(s), merged in order (none: the defaults), then "
+        "dotlist overrides, e.g. trainer.max_steps=100 optim.lr=3e-4",
+    )
     parser.add_argument("--section", help="print only this section, e.g. trainer or data")
 
 
@@ -38,8 +43,7 @@ def run(args: argparse.Namespace) -> int:
     if args.section:
         node = OmegaConf.select(cfg, args.section)
         if node is None:
-            print(f"error: no section {args.section!r}; sections are {', '.join(cfg.keys())}",
-                  file=sys.stderr)
+            print(f"error: no section {args.section!r}; sections are {', '.join(cfg.keys())}", file=sys.stderr)
             return 2
         print(OmegaConf.to_yaml(node, resolve=True), end="")
     else:

@@ -28,6 +28,7 @@ Examples:
   torchrun --nproc_per_node 8 -m phenoscale.cli embed last.ckpt shards/ emb.parquet --block -2
   phenoscale embed last.ckpt shards/ emb.parquet --merge
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,23 +44,36 @@ HELP = "embed every site of SHARDS with CHECKPOINT -> embeddings parquet"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="phenoscale .ckpt, export folder, OpenPhenom weights or hf://org/repo")
-    parser.add_argument("shards", nargs="?",
-                        help="shard directory (with manifest.parquet) or a glob of its .tar files (not with --images)")
+    parser.add_argument(
+        "shards",
+        nargs="?",
+        help="shard directory (with manifest.parquet) or a glob of its .tar files (not with --images)",
+    )
     parser.add_argument("out", help="output parquet path, e.g. runs/<name>/embeddings/<shards>.parquet")
     parser.add_argument("--config", help="experiment YAML for the data settings (default: the run's config.yaml)")
     parser.add_argument("--pooling", choices=("mean", "cls", "channelwise"), help="default: the model's")
     parser.add_argument("--block", type=int, help="encoder block to embed from (negative counts from the end)")
     parser.add_argument("--batch-size", type=int, help="crops per batch (default: data.batch_size)")
     parser.add_argument("--num-workers", type=int, help="loader processes (default: data.num_workers)")
-    parser.add_argument("--images", help="embed raw images instead of shards: a site table, a Phenix folder or TIFF stacks")
+    parser.add_argument(
+        "--images", help="embed raw images instead of shards: a site table, a Phenix folder or TIFF stacks"
+    )
     parser.add_argument("--channel-map", help="--images: file channel number to stain, e.g. 1=Brightfield,2=ER")
-    parser.add_argument("--channels", help="stains to embed, in order, comma-separated (default: the model's, else all)")
+    parser.add_argument(
+        "--channels", help="stains to embed, in order, comma-separated (default: the model's, else all)"
+    )
     parser.add_argument("--allow-missing", action="store_true", help="--images: embed the channels present")
-    parser.add_argument("--merge", action="store_true",
-                        help="only concatenate the ranks' parts already in OUT.parts/ into OUT (CHECKPOINT is not loaded)")
-    parser.add_argument("--precision", default="32",
-                        help="32 (default), bf16 (bfloat16 autocast: faster only where the hardware has native bf16; "
-                             "TVN can amplify its rounding) or auto (bf16 where native, else 32)")
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="only concatenate the ranks' parts already in OUT.parts/ into OUT (CHECKPOINT is not loaded)",
+    )
+    parser.add_argument(
+        "--precision",
+        default="32",
+        help="32 (default), bf16 (bfloat16 autocast: faster only where the hardware has native bf16; "
+        "TVN can amplify its rounding) or auto (bf16 where native, else 32)",
+    )
 
 
 def data_config(args: argparse.Namespace, crop_size: int):
@@ -119,7 +133,16 @@ def embed_raw_images(model, args: argparse.Namespace, channels: list[str] | None
     from phenoscale.images import embed_images
 
     channel_map = parse_channel_map(args.channel_map) if args.channel_map else None
-    frame = embed_images(model, args.images, channel_map=channel_map, channels=channels, pooling=args.pooling,
-                         block=args.block, batch_size=args.batch_size or 64, workers=args.num_workers or 4,
-                         precision=args.precision, allow_missing=args.allow_missing)
+    frame = embed_images(
+        model,
+        args.images,
+        channel_map=channel_map,
+        channels=channels,
+        pooling=args.pooling,
+        block=args.block,
+        batch_size=args.batch_size or 64,
+        workers=args.num_workers or 4,
+        precision=args.precision,
+        allow_missing=args.allow_missing,
+    )
     return write_embeddings(frame, args.out)

@@ -11,6 +11,7 @@ Examples:
   phenoscale export runs/camae/checkpoints/last.ckpt exports/camae --encoder-only --push my-org/camae-vit-s16
   phenoscale export OpenPhenom/model.safetensors exports/openphenom --channels Brightfield,ER,AGP,Mito,DNA,RNA
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,10 +23,15 @@ HELP = "checkpoint -> model.safetensors + config.json + model card (optionally p
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="phenoscale .ckpt, export folder, OpenPhenom weights or hf://org/repo")
     parser.add_argument("out_dir", help="folder to write (created; existing model files are replaced)")
-    parser.add_argument("--encoder-only", action="store_true",
-                        help="only what embed() uses (no MAE decoder, no WSL heads): smaller, embeddings only")
+    parser.add_argument(
+        "--encoder-only",
+        action="store_true",
+        help="only what embed() uses (no MAE decoder, no WSL heads): smaller, embeddings only",
+    )
     parser.add_argument("--channels", help="stains in channel order, comma-separated (default: the run's)")
-    parser.add_argument("--metrics", help="a `phenoscale evaluate` metrics.json for the card (default: the run's newest)")
+    parser.add_argument(
+        "--metrics", help="a `phenoscale evaluate` metrics.json for the card (default: the run's newest)"
+    )
     parser.add_argument("--push", metavar="ORG/REPO", help="upload OUT_DIR to this Hugging Face Hub repo")
     parser.add_argument("--private", action="store_true", help="create the Hub repo private")
 
@@ -37,8 +43,14 @@ def run(args: argparse.Namespace) -> int:
 
     channels = [c.strip() for c in args.channels.split(",") if c.strip()] if args.channels else None
     try:
-        out = export_checkpoint(args.checkpoint, args.out_dir, encoder_only=args.encoder_only,
-                                channels=channels, metrics=args.metrics, hub_repo=args.push)
+        out = export_checkpoint(
+            args.checkpoint,
+            args.out_dir,
+            encoder_only=args.encoder_only,
+            channels=channels,
+            metrics=args.metrics,
+            hub_repo=args.push,
+        )
         print(f"[phenoscale] exported {args.checkpoint} to {out}")
         if args.push:
             print(f"[phenoscale] pushed: {push(out, args.push, private=args.private)}")

@@ -19,6 +19,7 @@ Examples (data.train_shards is required: a shard directory, e.g. from `phenoscal
   phenoscale config configs/experiments/demo_mae.yaml      # see every setting first
 See docs/runs.md for the run directory, launchers and resume behaviour.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,9 +33,13 @@ HELP = "train a model from an experiment config (resumes an existing run directo
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("items", nargs="+", metavar="CONFIG|KEY=VALUE",
-                        help="experiment YAML file(s), merged in order, e.g. configs/experiments/tiny.yaml, "
-                             "then dotlist overrides, e.g. trainer.max_steps=100 run.name=try2")
+    parser.add_argument(
+        "items",
+        nargs="+",
+        metavar="CONFIG|KEY=VALUE",
+        help="experiment YAML file(s), merged in order, e.g. configs/experiments/tiny.yaml, "
+        "then dotlist overrides, e.g. trainer.max_steps=100 run.name=try2",
+    )
 
 
 def run(args: argparse.Namespace) -> int:

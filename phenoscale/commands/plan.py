@@ -9,6 +9,7 @@ examples:
   phenoscale plan configs/paper/camae_vit_s16_openphenom.yaml --gpus 64 --gpu h100 --mfu 0.4 --crops 3.5B
   phenoscale plan --grid configs/scaling/paper.yaml          # the whole paper grid as one table
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,8 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", type=Path, nargs="?", help="experiment YAML (omit with --grid)")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
     parser.add_argument("--grid", type=Path, default=None, help="plan every model x budget of a scaling grid")
-    parser.add_argument("--crops", default=None,
-                        help="training crops, e.g. 3.5B (default: trainer.max_steps x effective batch)")
+    parser.add_argument(
+        "--crops", default=None, help="training crops, e.g. 3.5B (default: trainer.max_steps x effective batch)"
+    )
     parser.add_argument("--gpu", default=None, choices=sorted(GPU_PEAK_FLOPS), help="default h100 (grid: its own)")
     parser.add_argument("--gpus", type=int, default=None, help="GPUs in the job (default 8; grid: its own)")
     parser.add_argument("--mfu", type=float, default=None, help="model FLOPs utilisation to assume (default 0.4)")
@@ -56,8 +58,12 @@ def run(args: argparse.Namespace) -> int:
     base_hw = grid.hardware if grid else Hardware()
     hw = Hardware(args.gpu or base_hw.gpu, args.gpus or base_hw.gpus, args.mfu or base_hw.mfu)
     base_site = grid.site if grid else SiteFormat()
-    site = SiteFormat(args.in_chans if not grid else base_site.channels, args.site_side or base_site.side,
-                      args.site_bytes or base_site.bytes_per_pixel, base_site.crops_per_site)
+    site = SiteFormat(
+        args.in_chans if not grid else base_site.channels,
+        args.site_side or base_site.side,
+        args.site_bytes or base_site.bytes_per_pixel,
+        base_site.crops_per_site,
+    )
     rate, rate_source = measured_loader_rate()
 
     jobs = []  # (name, cfg, crops)
@@ -83,4 +89,3 @@ def run(args: argparse.Namespace) -> int:
     print(markdown_table(pl.DataFrame(rows)))
     print(f"\nassumptions: {assumptions(hw, site, rate, rate_source)}")
     return 0
-

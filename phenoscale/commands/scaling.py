@@ -10,6 +10,7 @@ examples:
   srun ... phenoscale scaling configs/scaling/paper.yaml --out /scratch/scaling --cell $SLURM_ARRAY_TASK_ID
   phenoscale scaling configs/scaling/paper.yaml --out /scratch/scaling --collect
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,7 +39,10 @@ def run(args: argparse.Namespace) -> int:
         return 0
     table = collect(args.out) if args.collect else run_grid(grid, args.out, args.cell)
     if table is not None:
-        print(markdown_table(table.select([c for c in ("model", "crops_seen", "train_flops", "recall_mean")
-                                           if c in table.columns])))
+        print(
+            markdown_table(
+                table.select([c for c in ("model", "crops_seen", "train_flops", "recall_mean") if c in table.columns])
+            )
+        )
         print(f"wrote {args.out / 'results.parquet'}, {args.out / 'results.md'}, {args.out / 'scaling.png'}")
     return 0

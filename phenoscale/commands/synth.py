@@ -26,6 +26,7 @@ examples:
   phenoscale synth runs/corum --modules-from ../shared/data/annotations/CORUM_clusters.tsv
   phenoscale synth /data/rxrx1-synth --preset rxrx1 --experiments 8 --workers 32
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,28 +49,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--experiments", type=int, help="number of experiments (demo 4, rxrx1 51)")
     parser.add_argument("--sites-per-well", type=int, help="fields of view per well (default 2)")
     parser.add_argument("--seed", type=int, help="random seed: the same seed writes the same bytes (default 0)")
-    parser.add_argument("--modules-from", type=Path,
-                        help="complex file 'name<TAB>space-separated genes' (e.g. CORUM_clusters.tsv): "
-                             "real complexes become the planted modules and the truth")
+    parser.add_argument(
+        "--modules-from",
+        type=Path,
+        help="complex file 'name<TAB>space-separated genes' (e.g. CORUM_clusters.tsv): "
+        "real complexes become the planted modules and the truth",
+    )
     parser.add_argument("--dtype", choices=["uint8", "uint16"], help="pixel depth (default uint8, like RxRx1)")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                        help="render processes (default: all cores)")
+    parser.add_argument(
+        "--workers", type=int, default=os.cpu_count() or 1, help="render processes (default: all cores)"
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace a screen already in OUT")
 
 
 def run(args: argparse.Namespace) -> int:
     try:
-        cfg = preset(args.preset, genes=args.genes, image_size=args.image_size, cell_radius=args.cell_radius,
-                     experiments=args.experiments, sites_per_well=args.sites_per_well, seed=args.seed,
-                     modules_from=str(args.modules_from) if args.modules_from else None, dtype=args.dtype)
+        cfg = preset(
+            args.preset,
+            genes=args.genes,
+            image_size=args.image_size,
+            cell_radius=args.cell_radius,
+            experiments=args.experiments,
+            sites_per_well=args.sites_per_well,
+            seed=args.seed,
+            modules_from=str(args.modules_from) if args.modules_from else None,
+            dtype=args.dtype,
+        )
         write_screen(cfg, args.out, workers=args.workers, overwrite=args.overwrite)
     except ValueError as err:  # bad input: one clear line, no traceback
         print(f"phenoscale synth: error: {err}", file=sys.stderr)
         return 2
     summary = json.loads((args.out / SCREEN_JSON).read_text())
     counts = summary["counts"]
-    print(f"wrote {counts['sites']} sites ({counts['genes']} genes, {counts['modules']} modules, "
-          f"{counts['relationship_pairs']} planted pairs, {counts['plates']} plates) to {args.out} "
-          f"in {summary['seconds']:.1f}s")
+    print(
+        f"wrote {counts['sites']} sites ({counts['genes']} genes, {counts['modules']} modules, "
+        f"{counts['relationship_pairs']} planted pairs, {counts['plates']} plates) to {args.out} "
+        f"in {summary['seconds']:.1f}s"
+    )
     return 0
-
