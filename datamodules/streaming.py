@@ -156,7 +156,8 @@ class ShardDataModule(L.LightningDataModule):
             raise ValueError(f"DataConfig.batch_size ({cfg.batch_size}) must be a multiple of "
                              f"crops_per_site ({cfg.crops_per_site})")
         self.cfg, self.seed = cfg, seed
-        self.transport = Transport(timeout=cfg.io_timeout, retries=cfg.io_retries)
+        self.transport = Transport(timeout=cfg.io_timeout, retries=cfg.io_retries,
+                                   read_ahead=cfg.io_read_ahead_mb * 2**20)
         self.train_files, self.train_manifest = resolve_shards(cfg.train_shards, cfg.verify_shards, cfg.manifest,
                                                                self.transport)
         if cfg.eval_shards is None or cfg.eval_shards == cfg.train_shards:
