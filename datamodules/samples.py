@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from datamodules.schema import ALLOWED_DTYPES
-from datamodules.transport import Transport, is_remote
+from datamodules.transport import Transport, is_remote, read_ahead
 
 log = logging.getLogger("datamodules")
 
@@ -119,6 +119,11 @@ def _mapped_members(path: str) -> Iterator[tuple[str, memoryview]]:
 
 
 def _streamed_members(url: str, transport: Transport) -> Iterator[tuple[str, bytes]]:
+    """(name, bytes) of a remote tar's files, fetched ahead of the caller (transport.read_ahead)."""
+    return read_ahead(lambda: _tar_stream_members(url, transport), transport.read_ahead)
+
+
+def _tar_stream_members(url: str, transport: Transport) -> Iterator[tuple[str, bytes]]:
     """(name, bytes) of a remote tar's files, read as a stream: one read per header and per member.
 
     Not webdataset's tar_file_iterator (tarfile's stream mode): that reads in 10 KB records and

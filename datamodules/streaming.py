@@ -165,7 +165,9 @@ class ShardDataModule(L.LightningDataModule):
                 f"DataConfig.batch_size ({cfg.batch_size}) must be a multiple of crops_per_site ({cfg.crops_per_site})"
             )
         self.cfg, self.seed = cfg, seed
-        self.transport = Transport(timeout=cfg.io_timeout, retries=cfg.io_retries)
+        self.transport = Transport(
+            timeout=cfg.io_timeout, retries=cfg.io_retries, read_ahead=cfg.io_read_ahead_mb * 2**20
+        )
         self.train_files, self.train_manifest = resolve_shards(
             cfg.train_shards, cfg.verify_shards, cfg.manifest, self.transport
         )

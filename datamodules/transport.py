@@ -8,15 +8,23 @@ nothing in the sample stream; after `retries` reopenings it is a ShardUnavailabl
 the URL. A source that ends early without an error (a truncated object) is not retried: the tar
 reader sees the short stream, and the sample reader counts it as a skip, like a truncated local
 file.
+
+Bytes are fetched by a background thread up to `read_ahead` bytes ahead of the consumer
+(`read_ahead`): a socket read releases the GIL, so the next members arrive while the current ones
+are cropped, instead of the loader alternating between waiting for the network and computing.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import http.client
 import logging
+import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -44,11 +52,13 @@ class ShardUnavailableError(RuntimeError):
 @dataclass(frozen=True)
 class Transport:
     """How remote bytes are fetched: `timeout` seconds per connect/read, `retries` reopenings
-    with backoff `backoff * 2**attempt` seconds (capped at 30) before giving up."""
+    with backoff `backoff * 2**attempt` seconds (capped at 30) before giving up, and up to
+    `read_ahead` bytes of a shard fetched ahead of its consumer (0: fetched when asked for)."""
 
     timeout: float = 60.0
     retries: int = 5
     backoff: float = 0.5
+    read_ahead: int = 64 * 2**20
 
     def open(self, url: str) -> RetryingStream:
         return RetryingStream(url, self)
@@ -135,6 +145,78 @@ class RetryingStream:
 
     def __str__(self) -> str:  # webdataset's tar iterator names the stream in its errors
         return self.url
+
+
+Member = tuple[str, bytes]
+
+
+def read_ahead(members: Callable[[], Iterator[Member]], budget: int) -> Iterator[Member]:
+    """The (name, bytes) items of `members()`, produced by a background thread that runs at most
+    `budget` bytes ahead of this iterator (always at least one item, however large).
+
+    The items and an error raised by the producer arrive in the producer's order, so the consumer
+    sees exactly what it would have read itself, at the same point. Closing this iterator (or
+    dropping it) stops the producer at its next item and closes `members()` in its thread, which
+    closes the stream; the consumer never waits for that.
+    """
+    if budget <= 0:
+        yield from members()
+        return
+    queue = _ReadAheadQueue(budget)
+    threading.Thread(target=queue.produce, args=(members,), daemon=True, name="phenoscale-read-ahead").start()
+    try:
+        yield from iter(queue.get, None)
+    finally:
+        queue.stop()
+
+
+class _ReadAheadQueue:
+    """The hand-over between read_ahead's producer thread and its consumer, bounded in bytes."""
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self.held = 0  # bytes queued, not yet taken by the consumer
+        self.items: collections.deque[Member | BaseException | None] = collections.deque()  # None: the end
+        self.stopped = False
+        self.changed = threading.Condition()
+
+    def produce(self, members: Callable[[], Iterator[Member]]) -> None:
+        end: BaseException | None = None
+        try:
+            with contextlib.closing(members()) as produced:
+                for name, data in produced:
+                    size = len(data)
+                    with self.changed:
+                        # one member over the budget still passes when nothing else is held
+                        self.changed.wait_for(
+                            lambda size=size: self.stopped or not self.held or self.held + size <= self.budget
+                        )
+                        if self.stopped:
+                            return
+                        self.items.append((name, data))
+                        self.held += size
+                        self.changed.notify_all()
+        except BaseException as err:  # handed to the consumer, which raises it where it would have
+            end = err
+        with self.changed:
+            self.items.append(end)
+            self.changed.notify_all()
+
+    def get(self) -> Member | None:
+        with self.changed:
+            self.changed.wait_for(lambda: self.items)
+            item = self.items.popleft()
+            if isinstance(item, tuple):
+                self.held -= len(item[1])
+                self.changed.notify_all()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def stop(self) -> None:
+        with self.changed:
+            self.stopped = True
+            self.changed.notify_all()
 
 
 def _open_at(url: str, offset: int, timeout: float) -> BinaryIO:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import http.server
 import logging
+import threading
 import time
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import pytest
 
 from benchmarks.harness import serve_directory
 from datamodules import build_datamodule
-from datamodules.transport import ShardUnavailableError
+from datamodules.transport import ShardUnavailableError, read_ahead
 from run_helpers import audit, run_cli, tiny_overrides, train_cmd
 from test_streaming import config, epoch_batches, same, write_toy_shards
 
@@ -126,6 +127,56 @@ def test_remote_input_errors_name_the_location(shards: Path) -> None:
             build_datamodule(config(f"{base}/shard-{{000000..000099}}.tar"))
         with pytest.raises(ShardUnavailableError, match="HTTP 404"):
             build_datamodule(config(f"{base}/elsewhere/shard-000000.tar"))
+
+
+class Members:
+    """A producer for read_ahead: `count` members of `size` bytes, then `error` if given; records
+    how many members it has handed over and whether it was closed."""
+
+    def __init__(self, count: int, size: int, error: Exception | None = None) -> None:
+        self.count, self.size, self.error = count, size, error
+        self.produced, self.closed = 0, threading.Event()
+
+    def __call__(self):
+        try:
+            for i in range(self.count):
+                yield f"m{i}", bytes([i]) * self.size
+                self.produced += 1
+            if self.error is not None:
+                raise self.error
+        finally:
+            self.closed.set()
+
+
+def wait_until(condition, seconds: float = 10) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return condition()
+
+
+@pytest.mark.parametrize("budget", [0, 1, 10**6])
+def test_read_ahead_hands_over_every_member_and_the_error_in_order(budget: int) -> None:
+    members = Members(5, 100, OSError("connection reset"))
+    got = []
+    with pytest.raises(OSError, match="connection reset"):
+        for name, data in read_ahead(members, budget):
+            got.append((name, data[0], len(data)))
+    assert got == [(f"m{i}", i, 100) for i in range(5)]  # a 100-byte member passes a 1-byte budget alone
+    assert members.closed.is_set()
+
+
+def test_read_ahead_stays_within_its_budget_and_stops_when_dropped() -> None:
+    members = Members(20, 100)
+    reader = read_ahead(members, 350)
+    assert next(reader)[0] == "m0"
+    # 3 members (300 bytes) fit in the queue; the producer holds the 5th until there is room
+    assert wait_until(lambda: members.produced == 4) and not wait_until(lambda: members.produced > 4, 0.3)
+    assert [next(reader)[0] for _ in range(2)] == ["m1", "m2"]
+    assert wait_until(lambda: members.produced == 6)
+    reader.close()
+    assert wait_until(members.closed.is_set)  # the producer closed its source in its own thread
+    assert members.produced == 6
 
 
 @pytest.mark.slow
