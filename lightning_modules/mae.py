@@ -7,8 +7,6 @@ nothing of the ViT is re-implemented. Submodule names (`encoder.vit_backbone`, `
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
@@ -118,15 +116,7 @@ class MaskedAutoencoderModule(PhenoModule):
     channel_agnostic: bool = False
     embedding_submodules = ("encoder",)
 
-    def __init__(
-        self,
-        model_cfg: dict[str, Any],
-        optim_cfg: dict[str, Any],
-        in_chans: int,
-        num_classes: int = 0,
-        total_steps: int = 1,
-    ) -> None:
-        super().__init__(model_cfg, optim_cfg, in_chans, num_classes, total_steps)
+    def build_layers(self) -> None:
         cfg = self.family_cfg
         extra = {"max_in_chans": cfg.max_in_chans} if self.channel_agnostic else {}
         backbone = self.create_backbone(**extra)
@@ -144,7 +134,7 @@ class MaskedAutoencoderModule(PhenoModule):
         self.grid = int(backbone.patch_embed.grid_size[0])
         self.decoder = self.build_decoder()
         self.encoder_decoder_proj = nn.Linear(self.encoder.embed_dim, cfg.decoder_dim)
-        pixels_per_token = self.patch_size**2 * (1 if self.channel_agnostic else in_chans)
+        pixels_per_token = self.patch_size**2 * (1 if self.channel_agnostic else self.in_chans)
         self.decoder_pred = nn.Linear(cfg.decoder_dim, pixels_per_token)
 
     def build_decoder(self) -> nn.Module:
