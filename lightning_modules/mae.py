@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from lightning_modules.backbones import is_channel_agnostic
 from lightning_modules.base import PhenoModule
 from lightning_modules.config import CAMAEConfig, MAEConfig
-from lightning_modules.decoders import CAMAEDecoder, MAEDecoder
+from lightning_modules.decoders import CAMAEDecoder, DecoderBlocks, MAEDecoder
 from lightning_modules.families import register_family
 from lightning_modules.losses import mae_loss, norm_pix
 from lightning_modules.standardize import self_standardize
@@ -140,6 +140,11 @@ class MaskedAutoencoderModule(PhenoModule):
     def build_decoder(self) -> nn.Module:
         raise NotImplementedError
 
+    def decoder_blocks(self) -> DecoderBlocks:
+        """The model.<family> decoder settings, as the decoders take them."""
+        cfg = self.family_cfg
+        return DecoderBlocks(cfg.decoder_dim, cfg.decoder_depth, cfg.decoder_heads)
+
     def forward(self, images: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, TokenMask]:
         """Raw images -> (pixel predictions (B, L, P), standardised pixel targets (B, L, P), mask)."""
         x = self_standardize(images)
@@ -195,8 +200,7 @@ class MAEModule(MaskedAutoencoderModule):
     """MAE: every token holds all channels of a patch; ViT decoder (reference MAEDecoder)."""
 
     def build_decoder(self) -> nn.Module:
-        cfg = self.family_cfg
-        return MAEDecoder(self.grid * self.grid, self.grid, cfg.decoder_dim, cfg.decoder_depth, cfg.decoder_heads)
+        return MAEDecoder(self.grid * self.grid, self.grid, self.decoder_blocks())
 
 
 @register_family(
@@ -217,13 +221,10 @@ class CAMAEModule(MaskedAutoencoderModule):
     channel_agnostic = True
 
     def build_decoder(self) -> nn.Module:
-        cfg = self.family_cfg
         return CAMAEDecoder(
             self.in_chans,
             self.grid * self.grid,
             self.grid,
-            cfg.decoder_dim,
-            cfg.decoder_depth,
-            cfg.decoder_heads,
-            cross_attention_heads=cfg.cross_attention_heads,
+            self.decoder_blocks(),
+            cross_attention_heads=self.family_cfg.cross_attention_heads,
         )
