@@ -26,20 +26,14 @@ import argparse
 import sys
 
 from phenoscale.callbacks import NonFiniteLossError
-from phenoscale.config import ConfigError, load_config, split_cli_args
+from phenoscale.config import ConfigError, add_config_items, load_config, split_cli_args
 from phenoscale.launch import LaunchMismatchError
 
 HELP = "train a model from an experiment config (resumes an existing run directory)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "items",
-        nargs="+",
-        metavar="CONFIG|KEY=VALUE",
-        help="experiment YAML file(s), merged in order, e.g. configs/experiments/tiny.yaml, "
-        "then dotlist overrides, e.g. trainer.max_steps=100 run.name=try2",
-    )
+    add_config_items(parser, required=True)
 
 
 def run(args: argparse.Namespace) -> int:
