@@ -9,7 +9,6 @@ because of `trainer.max_step` are the failure this prevents).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import os
@@ -268,19 +267,6 @@ def load_config(
             raise _friendly(err, source, family) from None
     _check_values(cfg)
     return cfg  # type: ignore[return-value]
-
-
-def add_config_items(parser: argparse.ArgumentParser, required: bool) -> None:
-    """The `CONFIG... KEY=VALUE...` positional (`args.items`, for `split_cli_args`) of every
-    command that resolves an experiment config, so `fit` and `config` read the same words."""
-    parser.add_argument(
-        "items",
-        nargs="+" if required else "*",
-        metavar="CONFIG|KEY=VALUE",
-        help="experiment YAML file(s), merged in order"
-        + ("" if required else " (none: the defaults)")
-        + ", e.g. configs/experiments/tiny.yaml, then dotlist overrides, e.g. trainer.max_steps=100 optim.lr=3e-4",
-    )
 
 
 def split_cli_args(items: Sequence[str]) -> tuple[list[str], list[str]]:

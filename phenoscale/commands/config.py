@@ -18,7 +18,8 @@ import sys
 
 from omegaconf import OmegaConf
 
-from phenoscale.config import ConfigError, add_config_items, load_config, split_cli_args, to_yaml
+from phenoscale.commands import add_config_items
+from phenoscale.config import ConfigError, load_config, split_cli_args, to_yaml
 
 HELP = "print the resolved experiment config (defaults <- CONFIG <- overrides)"
 

@@ -26,7 +26,8 @@ import argparse
 import sys
 
 from phenoscale.callbacks import NonFiniteLossError
-from phenoscale.config import ConfigError, add_config_items, load_config, split_cli_args
+from phenoscale.commands import add_config_items
+from phenoscale.config import ConfigError, load_config, split_cli_args
 from phenoscale.launch import LaunchMismatchError
 
 HELP = "train a model from an experiment config (resumes an existing run directory)"
