@@ -134,41 +134,51 @@ def run() -> list[Measurement]:
         **{f"gemm_peak_{name}_tflops": results[f"peak_{name}"] / 1e12 for name in names},
         "note": "GEMM peak measured in the same run under the same (shared, contended) CPU load",
     }
-    out = []
-    for name in names:
-        mfu = results[f"train_{name}_mfu"]
-        target = TARGETS.get(f"train_{name}_mfu")
-        out.append(
-            Measurement(
-                name=f"train_step_{name}",
-                value=results[f"train_{name}_crops_per_s"],
-                unit="crops/s",
-                baseline_name=f"GEMM-bound crops/s ({name} matmul peak / model FLOPs per crop)",
-                baseline_value=results[f"peak_{name}"] / train_flops,
-                ratio=mfu,
-                target=f"MFU >= {target}" if target else None,
-                met=(mfu >= target) if target else None,
-                extra={
-                    **common,
-                    "mfu": mfu,
-                    "reference_mfu": REFERENCE[f"train_{name}_mfu"],
-                    "reference_crops_per_s": REFERENCE[f"train_{name}_crops_per_s"],
-                },
-            )
-        )
-    mfu = results["embed_mfu"]
-    target = TARGETS.get(f"embed_{embed_name}_mfu")
-    out.append(
-        Measurement(
-            name=f"embed_{embed_name}",
-            value=results["embed_per_s"],
-            unit="embeddings/s",
-            baseline_name=f"GEMM-bound embeddings/s ({embed_name} matmul peak / model FLOPs per crop)",
-            baseline_value=results[f"peak_{embed_name}"] / embed_flops,
+
+    def gemm_bound(
+        kind: str, name: str, value: float, unit: str, precision: str, flops: float, mfu: float, extra: dict
+    ) -> Measurement:
+        """A throughput judged by its MFU: its ratio to the rate this precision's measured GEMM
+        peak would give for the model's FLOPs per crop (train and embed alike)."""
+        target = TARGETS.get(f"{kind}_{precision}_mfu")
+        return Measurement(
+            name=name,
+            value=value,
+            unit=unit,
+            baseline_name=f"GEMM-bound {unit} ({precision} matmul peak / model FLOPs per crop)",
+            baseline_value=results[f"peak_{precision}"] / flops,
             ratio=mfu,
             target=f"MFU >= {target}" if target else None,
             met=(mfu >= target) if target else None,
-            extra={**common, "mfu": mfu, "reference_mfu": REFERENCE.get(f"embed_{embed_name}_mfu")},
+            extra={**common, "mfu": mfu, **extra},
+        )
+
+    out = [
+        gemm_bound(
+            "train",
+            f"train_step_{name}",
+            results[f"train_{name}_crops_per_s"],
+            "crops/s",
+            name,
+            train_flops,
+            results[f"train_{name}_mfu"],
+            {
+                "reference_mfu": REFERENCE[f"train_{name}_mfu"],
+                "reference_crops_per_s": REFERENCE[f"train_{name}_crops_per_s"],
+            },
+        )
+        for name in names
+    ]
+    out.append(
+        gemm_bound(
+            "embed",
+            f"embed_{embed_name}",
+            results["embed_per_s"],
+            "embeddings/s",
+            embed_name,
+            embed_flops,
+            results["embed_mfu"],
+            {"reference_mfu": REFERENCE.get(f"embed_{embed_name}_mfu")},
         )
     )
     low = names[-1]

@@ -101,16 +101,14 @@ def bench_steps(tmp: Path) -> Measurement:
         ours, _ = build_trainer(cfg, detect_launch(), run_dir, 1, 1, datamodule)
         rates["phenoscale"].append(_steps_per_second(ours, cfg, datamodule))
     bare_rate, our_rate = max(rates["bare"]), max(rates["phenoscale"])
-    ratio = our_rate / bare_rate
-    return Measurement(
+    return Measurement.versus(
         "train_steps_per_cpu_s_phenoscale_trainer",
         our_rate,
         "steps/CPU-s",
-        baseline_name="bare lightning.Trainer",
-        baseline_value=bare_rate,
-        ratio=ratio,
-        target=">= 0.95x bare",
-        met=ratio >= 0.95,
+        "bare lightning.Trainer",
+        bare_rate,
+        at_least=0.95,
+        of="bare",
         extra={
             "model": "tiny.yaml CA-MAE (width 32, 2 blocks, 32px crops)",
             "steps": STEPS,
@@ -129,16 +127,15 @@ def bench_checkpoint(tmp: Path) -> Measurement:
     atomic, plain = AtomicCheckpointIO(), TorchCheckpointIO()
     t_atomic = best_time(lambda: atomic.save_checkpoint(state, tmp / "atomic.ckpt"), repeats=3)
     t_plain = best_time(lambda: plain.save_checkpoint(state, tmp / "plain.ckpt"), repeats=3)
-    ratio = t_plain / t_atomic
-    return Measurement(
+    return Measurement.versus(
         "checkpoint_write_s_atomic",
         t_atomic,
         "s",
-        baseline_name="TorchCheckpointIO (in place)",
-        baseline_value=t_plain,
-        ratio=ratio,
-        target=">= 0.5x (atomicity at most 2x)",
-        met=ratio >= 0.5,
+        "TorchCheckpointIO (in place)",
+        t_plain,
+        at_least=0.5,
+        of="(atomicity at most 2x)",
+        lower_is_better=True,
         extra={"megabytes": round((tmp / "atomic.ckpt").stat().st_size / 2**20, 1)},
     )
 

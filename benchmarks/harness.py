@@ -34,6 +34,35 @@ class Measurement:
     met: bool | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
+    @classmethod
+    def versus(
+        cls,
+        name: str,
+        value: float,
+        unit: str,
+        baseline_name: str,
+        baseline_value: float,
+        at_least: float,
+        of: str,
+        lower_is_better: bool = False,
+        extra: dict[str, Any] | None = None,
+    ) -> Measurement:
+        """A figure whose target is a ratio to its same-run baseline: met when the ratio (inverted
+        for times, so that > 1 still means better) is >= `at_least`; the target reads
+        ">= {at_least}x {of}", so the threshold is written once."""
+        ratio = baseline_value / value if lower_is_better else value / baseline_value
+        return cls(
+            name,
+            value,
+            unit,
+            baseline_name=baseline_name,
+            baseline_value=baseline_value,
+            ratio=ratio,
+            target=f">= {at_least:g}x {of}",
+            met=bool(ratio >= at_least),
+            extra=extra or {},
+        )
+
 
 def machine() -> dict[str, Any]:
     """What the numbers were measured on."""

@@ -23,7 +23,8 @@ class PhenoModule(L.LightningModule):
     The constructor takes plain dicts (not dataclasses) so `save_hyperparameters()` writes a
     checkpoint that rebuilds with `Module.load_from_checkpoint(path)` and safe (weights-only)
     unpickling. Subclasses are registered with `lightning_modules.families.register_family`,
-    which sets `family`.
+    which sets `family`, and create their layers in `build_layers` rather than overriding
+    `__init__`, so this one signature is what every checkpoint of every family is rebuilt with.
     """
 
     family: str = ""  # set by register_family
@@ -59,6 +60,14 @@ class PhenoModule(L.LightningModule):
         self.in_chans = in_chans
         self.num_classes = num_classes
         self.total_steps = total_steps
+        self.build_layers()
+
+    def build_layers(self) -> None:
+        """Create the family's layers (and check what it needs) from the configs set above.
+
+        A no-op here, not abstract, so that a plugin family which still overrides `__init__`
+        and builds its layers after `super().__init__(...)` keeps working.
+        """
 
     def create_backbone(self, **overrides: Any) -> torch.nn.Module:
         """timm.create_model(model.backbone) with the data's channels and no classifier head.

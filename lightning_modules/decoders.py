@@ -8,6 +8,7 @@ and return decoder tokens for every position (class token first).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -30,35 +31,44 @@ def unshuffle_with_mask_tokens(visible: Tensor, mask_token: Tensor, restore: Ten
     return torch.cat([visible[:, :1], gather_tokens(patches, restore)], dim=1)
 
 
-def _block_stack(dim: int, depth: int, num_heads: int, mlp_ratio: float, qkv_bias: bool) -> nn.Sequential:
-    return nn.Sequential(
-        *[
-            Block(dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, norm_layer=DecoderNorm, attn_layer=DecoderAttention)
-            for _ in range(depth)
-        ]
-    )
+@dataclass(frozen=True)
+class DecoderBlocks:
+    """Width and transformer blocks of an MAE decoder: the settings both decoders take alike."""
+
+    embed_dim: int = 512
+    depth: int = 8
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+
+    def stack(self) -> nn.Sequential:
+        """`depth` timm Blocks of width `embed_dim` (one decoder's, or one channel's, stack)."""
+        return nn.Sequential(
+            *[
+                Block(
+                    self.embed_dim,
+                    self.num_heads,
+                    self.mlp_ratio,
+                    qkv_bias=self.qkv_bias,
+                    norm_layer=DecoderNorm,
+                    attn_layer=DecoderAttention,
+                )
+                for _ in range(self.depth)
+            ]
+        )
 
 
 class MAEDecoder(nn.Module):
     """ViT decoder of the (non channel-agnostic) MAE: pos embed, `depth` blocks, final norm."""
 
-    def __init__(
-        self,
-        num_tokens: int,
-        grid: int,
-        embed_dim: int = 512,
-        depth: int = 8,
-        num_heads: int = 16,
-        mlp_ratio: float = 4.0,
-        qkv_bias: bool = True,
-    ) -> None:
+    def __init__(self, num_tokens: int, grid: int, blocks: DecoderBlocks = DecoderBlocks()) -> None:
         super().__init__()
         if num_tokens != grid * grid:
             raise ValueError(f"MAEDecoder expects grid² tokens, got {num_tokens} for grid {grid}")
-        self.embed_dim = embed_dim
+        embed_dim = self.embed_dim = blocks.embed_dim
         self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embeddings = nn.Parameter(sincos_2d_embedding(embed_dim, grid), requires_grad=False)
-        self.blocks = _block_stack(embed_dim, depth, num_heads, mlp_ratio, qkv_bias)
+        self.blocks = blocks.stack()
         self.norm = DecoderNorm(embed_dim)
 
     def forward(self, visible: Tensor, restore: Tensor) -> Tensor:
@@ -105,11 +115,7 @@ class CAMAEDecoder(nn.Module):
         num_modalities: int,
         tokens_per_modality: int,
         grid: int,
-        embed_dim: int = 512,
-        depth: int = 8,
-        num_heads: int = 16,
-        mlp_ratio: float = 4.0,
-        qkv_bias: bool = True,
+        blocks: DecoderBlocks = DecoderBlocks(),
         cross_attention_heads: int = 8,
     ) -> None:
         super().__init__()
@@ -117,7 +123,7 @@ class CAMAEDecoder(nn.Module):
             raise ValueError(f"tokens_per_modality {tokens_per_modality} != grid² ({grid}²)")
         self.num_modalities = num_modalities
         self.tokens_per_modality = tokens_per_modality
-        self.embed_dim = embed_dim
+        embed_dim = self.embed_dim = blocks.embed_dim
         self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         # kept for checkpoint compatibility: the class token's (zero) entry of the modality table
         self.placeholder = nn.Parameter(torch.zeros(1, 1, embed_dim), requires_grad=False)
@@ -128,10 +134,8 @@ class CAMAEDecoder(nn.Module):
             [nn.Parameter(torch.zeros(1, 1, embed_dim)) for _ in range(num_modalities)]
         )
         self.cross_attention = CrossAttention(embed_dim, cross_attention_heads)
-        self.mlp = Mlp(embed_dim, hidden_features=int(embed_dim * mlp_ratio))
-        self.decoders = nn.ModuleList(
-            [_block_stack(embed_dim, depth, num_heads, mlp_ratio, qkv_bias) for _ in range(num_modalities)]
-        )
+        self.mlp = Mlp(embed_dim, hidden_features=int(embed_dim * blocks.mlp_ratio))
+        self.decoders = nn.ModuleList([blocks.stack() for _ in range(num_modalities)])
         self.context_norm = DecoderNorm(embed_dim)
         self.query_norm = DecoderNorm(embed_dim)
         self.out_norm = DecoderNorm(embed_dim)

@@ -7,8 +7,6 @@ nothing of the ViT is re-implemented. Submodule names (`encoder.vit_backbone`, `
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
@@ -16,7 +14,7 @@ from torch import Tensor, nn
 from lightning_modules.backbones import is_channel_agnostic
 from lightning_modules.base import PhenoModule
 from lightning_modules.config import CAMAEConfig, MAEConfig
-from lightning_modules.decoders import CAMAEDecoder, MAEDecoder
+from lightning_modules.decoders import CAMAEDecoder, DecoderBlocks, MAEDecoder
 from lightning_modules.families import register_family
 from lightning_modules.losses import mae_loss, norm_pix
 from lightning_modules.standardize import self_standardize
@@ -118,15 +116,7 @@ class MaskedAutoencoderModule(PhenoModule):
     channel_agnostic: bool = False
     embedding_submodules = ("encoder",)
 
-    def __init__(
-        self,
-        model_cfg: dict[str, Any],
-        optim_cfg: dict[str, Any],
-        in_chans: int,
-        num_classes: int = 0,
-        total_steps: int = 1,
-    ) -> None:
-        super().__init__(model_cfg, optim_cfg, in_chans, num_classes, total_steps)
+    def build_layers(self) -> None:
         cfg = self.family_cfg
         extra = {"max_in_chans": cfg.max_in_chans} if self.channel_agnostic else {}
         backbone = self.create_backbone(**extra)
@@ -144,11 +134,16 @@ class MaskedAutoencoderModule(PhenoModule):
         self.grid = int(backbone.patch_embed.grid_size[0])
         self.decoder = self.build_decoder()
         self.encoder_decoder_proj = nn.Linear(self.encoder.embed_dim, cfg.decoder_dim)
-        pixels_per_token = self.patch_size**2 * (1 if self.channel_agnostic else in_chans)
+        pixels_per_token = self.patch_size**2 * (1 if self.channel_agnostic else self.in_chans)
         self.decoder_pred = nn.Linear(cfg.decoder_dim, pixels_per_token)
 
     def build_decoder(self) -> nn.Module:
         raise NotImplementedError
+
+    def decoder_blocks(self) -> DecoderBlocks:
+        """The model.<family> decoder settings, as the decoders take them."""
+        cfg = self.family_cfg
+        return DecoderBlocks(cfg.decoder_dim, cfg.decoder_depth, cfg.decoder_heads)
 
     def forward(self, images: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, TokenMask]:
         """Raw images -> (pixel predictions (B, L, P), standardised pixel targets (B, L, P), mask)."""
@@ -205,8 +200,7 @@ class MAEModule(MaskedAutoencoderModule):
     """MAE: every token holds all channels of a patch; ViT decoder (reference MAEDecoder)."""
 
     def build_decoder(self) -> nn.Module:
-        cfg = self.family_cfg
-        return MAEDecoder(self.grid * self.grid, self.grid, cfg.decoder_dim, cfg.decoder_depth, cfg.decoder_heads)
+        return MAEDecoder(self.grid * self.grid, self.grid, self.decoder_blocks())
 
 
 @register_family(
@@ -227,13 +221,10 @@ class CAMAEModule(MaskedAutoencoderModule):
     channel_agnostic = True
 
     def build_decoder(self) -> nn.Module:
-        cfg = self.family_cfg
         return CAMAEDecoder(
             self.in_chans,
             self.grid * self.grid,
             self.grid,
-            cfg.decoder_dim,
-            cfg.decoder_depth,
-            cfg.decoder_heads,
-            cross_attention_heads=cfg.cross_attention_heads,
+            self.decoder_blocks(),
+            cross_attention_heads=self.family_cfg.cross_attention_heads,
         )

@@ -7,8 +7,6 @@ softmax cross-entropy.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -50,15 +48,8 @@ class WSLModule(PhenoModule):
 
     embedding_submodules = ("backbone", "neck")
 
-    def __init__(
-        self,
-        model_cfg: dict[str, Any],
-        optim_cfg: dict[str, Any],
-        in_chans: int,
-        num_classes: int = 0,
-        total_steps: int = 1,
-    ) -> None:
-        super().__init__(model_cfg, optim_cfg, in_chans, num_classes, total_steps)
+    def build_layers(self) -> None:
+        num_classes = self.num_classes
         if num_classes < 2:
             raise ValueError(f"WSLModule needs num_classes >= 2 perturbation labels, got {num_classes}")
         cfg = self.family_cfg

@@ -160,28 +160,32 @@ def _slurm(environ: Mapping[str, str]) -> LaunchEnv:
     )
 
 
+def _torchelastic_launcher(
+    name: str, detect: Callable[[Mapping[str, str]], bool], devices_flag: str = "", nodes_flag: str = ""
+) -> Launcher:
+    """A launcher that starts processes through torchelastic: its variables say the job's shape."""
+    return Launcher(
+        name,
+        detect=detect,
+        read=partial(_torchelastic, launcher=name),
+        devices_from="LOCAL_WORLD_SIZE" + (f", from {devices_flag}" if devices_flag else ""),
+        nodes_from="WORLD_SIZE / LOCAL_WORLD_SIZE" + (f", from {nodes_flag}" if nodes_flag else ""),
+    )
+
+
 # `fabric run` calls torchrun after setting LT_CLI_USED and LT_* (--accelerator, --precision and
 # --strategy among them, which a Lightning Trainer would ignore: `phenoscale fit` honours them), so
 # it is tried before torchrun, whose variables (TORCHELASTIC_RUN_ID with RANK/LOCAL_RANK/WORLD_SIZE/
 # LOCAL_WORLD_SIZE/GROUP_RANK) it shares
 register_launcher(
-    Launcher(
+    _torchelastic_launcher(
         "fabric",
-        detect=lambda environ: _is_torchelastic(environ) and bool(environ.get("LT_CLI_USED")),
-        read=partial(_torchelastic, launcher="fabric"),
-        devices_from="LOCAL_WORLD_SIZE, from --devices",
-        nodes_from="WORLD_SIZE / LOCAL_WORLD_SIZE, from --num-nodes",
+        lambda environ: _is_torchelastic(environ) and bool(environ.get("LT_CLI_USED")),
+        "--devices",
+        "--num-nodes",
     )
 )
-register_launcher(
-    Launcher(
-        "torchrun",
-        detect=_is_torchelastic,
-        read=partial(_torchelastic, launcher="torchrun"),
-        devices_from="LOCAL_WORLD_SIZE",
-        nodes_from="WORLD_SIZE / LOCAL_WORLD_SIZE",
-    )
-)
+register_launcher(_torchelastic_launcher("torchrun", _is_torchelastic))
 # `srun` sets SLURM_NTASKS and friends; an interactive allocation (job name `bash`/`interactive`)
 # is not a launch, as in Lightning's SLURMEnvironment
 register_launcher(

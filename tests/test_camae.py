@@ -8,7 +8,7 @@ import torch
 
 from embed_contract import EmbedContract
 from lightning_modules import CAMAEModule, OptimConfig, self_standardize
-from lightning_modules.decoders import CAMAEDecoder, unshuffle_with_mask_tokens
+from lightning_modules.decoders import CAMAEDecoder, DecoderBlocks, unshuffle_with_mask_tokens
 from tiny_models import synthetic_crops, tiny_module
 
 
@@ -39,7 +39,9 @@ def reference_decoder_loop(decoder: CAMAEDecoder, x: torch.Tensor) -> torch.Tens
 
 def test_batched_cross_attention_decoder_equals_per_channel_loop():
     torch.manual_seed(0)
-    decoder = CAMAEDecoder(num_modalities=3, tokens_per_modality=4, grid=2, embed_dim=32, depth=2, num_heads=4)
+    decoder = CAMAEDecoder(
+        num_modalities=3, tokens_per_modality=4, grid=2, blocks=DecoderBlocks(embed_dim=32, depth=2, num_heads=4)
+    )
     for token in decoder.modality_tokens:  # zero-initialised in training; random here to test the tiling
         torch.nn.init.normal_(token)
     visible = torch.randn(2, 1 + 5, 32)

@@ -40,10 +40,9 @@ class PoolConfig:
 class PooledLinear(PhenoModule):
     """A toy family: per-channel means through one linear layer, trained to reconstruct them."""
 
-    def __init__(self, model_cfg, optim_cfg, in_chans, num_classes=0, total_steps=1) -> None:
-        super().__init__(model_cfg, optim_cfg, in_chans, num_classes, total_steps)
-        self.encode = nn.Linear(in_chans, self.family_cfg.width)
-        self.decode = nn.Linear(self.family_cfg.width, in_chans)
+    def build_layers(self) -> None:
+        self.encode = nn.Linear(self.in_chans, self.family_cfg.width)
+        self.decode = nn.Linear(self.family_cfg.width, self.in_chans)
 
     @property
     def trunk(self) -> nn.Module:

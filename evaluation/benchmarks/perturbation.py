@@ -53,17 +53,26 @@ def _against_control_null(
     treated: np.ndarray,
     min_replicates: int,
     statistic: Callable[[np.ndarray], float],
-    null_of: Callable[[int], np.ndarray | None],
+    null_pool: np.ndarray,
+    n_null: int,
+    rng: np.random.Generator,
     column: str,
     side: Literal["left", "right"],
 ) -> pl.DataFrame:
     """Per treated perturbation: its replicate count, `statistic(its rows)` and a p-value.
 
-    `null_of(n)` is the sorted statistic on random control sets of size n (None when there are
-    too few controls); it is drawn once per replicate count, in order of first use, so every
-    perturbation with n replicates is compared with the same null. p = 1 - searchsorted_side(null, x)/len,
+    The null for n replicates is the sorted statistic on `n_null` random sets of n rows of
+    `null_pool` (the control wells; none when there are fewer than n); it is drawn once per
+    replicate count, in order of first use, so every perturbation with n replicates is compared
+    with the same null. p = 1 - searchsorted_side(null, x)/len,
     `side` as in each statistic's efaar original (module docstring).
     """
+
+    def null_of(n: int) -> np.ndarray | None:
+        if n > len(null_pool):
+            return None
+        return np.sort([statistic(null_pool[s]) for s in _control_sets(len(null_pool), n, n_null, rng)])
+
     uniq, order, bounds = group_rows(perturbations)
     treated = treated[order]
     nulls: dict[int, np.ndarray | None] = {}
@@ -92,19 +101,14 @@ def consistency(
     """Per perturbation: `consistency` (mean replicate cosine) and `p_value` against the control null."""
     unit = l2_normalised(features)
     controls = unit[is_control]
-    rng = np.random.default_rng(seed)
-
-    def null_of(n: int) -> np.ndarray | None:
-        if n > len(controls):
-            return None
-        return np.sort([mean_pairwise_cosine(controls[s]) for s in _control_sets(len(controls), n, n_null, rng)])
-
     return _against_control_null(
         np.asarray(perturbations)[~is_control],
         unit[~is_control],
         MIN_CONSISTENCY_REPLICATES,
         mean_pairwise_cosine,
-        null_of,
+        controls,
+        n_null,
+        np.random.default_rng(seed),
         "consistency",
         "left",
     )
@@ -132,17 +136,14 @@ def magnitude(
     def to_reference(rows: np.ndarray) -> float:
         return energy_distance(rows, reference)
 
-    def null_of(n: int) -> np.ndarray | None:
-        if n > len(pool):
-            return None
-        return np.sort([to_reference(pool[s]) for s in _control_sets(len(pool), n, n_null, rng)])
-
     return _against_control_null(
         np.asarray(perturbations)[~is_control],
         np.asarray(features, np.float64)[~is_control],
         MIN_MAGNITUDE_REPLICATES,
         to_reference,
-        null_of,
+        pool,
+        n_null,
+        rng,
         "energy_distance",
         "right",
     )

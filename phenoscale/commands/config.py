@@ -18,19 +18,14 @@ import sys
 
 from omegaconf import OmegaConf
 
+from phenoscale.commands import add_config_items
 from phenoscale.config import ConfigError, load_config, split_cli_args, to_yaml
 
 HELP = "print the resolved experiment config (defaults <- CONFIG <- overrides)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "items",
-        nargs="*",
-        metavar="CONFIG|KEY=VALUE",
-        help="experiment YAML file(s), merged in order (none: the defaults), then "
-        "dotlist overrides, e.g. trainer.max_steps=100 optim.lr=3e-4",
-    )
+    add_config_items(parser, required=False)
     parser.add_argument("--section", help="print only this section, e.g. trainer or data")
 
 

@@ -37,13 +37,14 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from phenoscale.commands import add_checkpoint, stain_list
 from phenoscale.config import ConfigError, load_config
 
 HELP = "embed every site of SHARDS with CHECKPOINT -> embeddings parquet"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", help="phenoscale .ckpt, export folder, OpenPhenom weights or hf://org/repo")
+    add_checkpoint(parser)
     parser.add_argument(
         "shards",
         nargs="?",
@@ -60,7 +61,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--channel-map", help="--images: file channel number to stain, e.g. 1=Brightfield,2=ER")
     parser.add_argument(
-        "--channels", help="stains to embed, in order, comma-separated (default: the model's, else all)"
+        "--channels",
+        type=stain_list,
+        help="stains to embed, in order, comma-separated (default: the model's, else all)",
     )
     parser.add_argument("--allow-missing", action="store_true", help="--images: embed the channels present")
     parser.add_argument(
@@ -106,17 +109,16 @@ def run(args: argparse.Namespace) -> int:
             return 2
         print(f"[phenoscale] embeddings written to {written}")
         return 0
-    channels = [c.strip() for c in args.channels.split(",") if c.strip()] if args.channels else None
     try:
         if (args.images is None) == (args.shards is None):
             raise ValueError("give either SHARDS or --images SRC (not both)")
         check_embed_precision(args.precision)  # before the checkpoint load, which can take minutes
         model = lightning_modules.load_pretrained(args.checkpoint)
         if args.images is not None:
-            written = embed_raw_images(model, args, channels)
+            written = embed_raw_images(model, args, args.channels)
         else:
             data_cfg, seed = data_config(args, model.model_cfg.img_size)
-            data_cfg.channels = channels or data_cfg.channels or model.channel_names
+            data_cfg.channels = args.channels or data_cfg.channels or model.channel_names
             written = embed_model(model, data_cfg, args.out, args.pooling, args.block, seed, args.precision)
     except (ConfigError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

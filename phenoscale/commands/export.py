@@ -17,18 +17,22 @@ from __future__ import annotations
 import argparse
 import sys
 
+from phenoscale.commands import add_checkpoint, stain_list
+
 HELP = "checkpoint -> model.safetensors + config.json + model card (optionally pushed to the Hub)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", help="phenoscale .ckpt, export folder, OpenPhenom weights or hf://org/repo")
+    add_checkpoint(parser)
     parser.add_argument("out_dir", help="folder to write (created; existing model files are replaced)")
     parser.add_argument(
         "--encoder-only",
         action="store_true",
         help="only what embed() uses (no MAE decoder, no WSL heads): smaller, embeddings only",
     )
-    parser.add_argument("--channels", help="stains in channel order, comma-separated (default: the run's)")
+    parser.add_argument(
+        "--channels", type=stain_list, help="stains in channel order, comma-separated (default: the run's)"
+    )
     parser.add_argument(
         "--metrics", help="a `phenoscale evaluate` metrics.json for the card (default: the run's newest)"
     )
@@ -41,13 +45,12 @@ def run(args: argparse.Namespace) -> int:
     from phenoscale.config import ConfigError
     from phenoscale.exporting import export_checkpoint
 
-    channels = [c.strip() for c in args.channels.split(",") if c.strip()] if args.channels else None
     try:
         out = export_checkpoint(
             args.checkpoint,
             args.out_dir,
             encoder_only=args.encoder_only,
-            channels=channels,
+            channels=args.channels,
             metrics=args.metrics,
             hub_repo=args.push,
         )

@@ -26,6 +26,7 @@ import argparse
 import sys
 
 from phenoscale.callbacks import NonFiniteLossError
+from phenoscale.commands import add_config_items
 from phenoscale.config import ConfigError, load_config, split_cli_args
 from phenoscale.launch import LaunchMismatchError
 
@@ -33,13 +34,7 @@ HELP = "train a model from an experiment config (resumes an existing run directo
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "items",
-        nargs="+",
-        metavar="CONFIG|KEY=VALUE",
-        help="experiment YAML file(s), merged in order, e.g. configs/experiments/tiny.yaml, "
-        "then dotlist overrides, e.g. trainer.max_steps=100 run.name=try2",
-    )
+    add_config_items(parser, required=True)
 
 
 def run(args: argparse.Namespace) -> int:
