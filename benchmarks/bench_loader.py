@@ -23,7 +23,6 @@ import functools
 import http.server
 import json
 import os
-import resource
 import socket
 import subprocess
 import sys
@@ -152,8 +151,7 @@ def http_server(root: Path) -> Iterator[tuple[str, int]]:
 def process_cpu_seconds(pid: int | None = None) -> float:
     """User + system CPU seconds of this process (all threads) or of process `pid`."""
     if pid is None:
-        usage = resource.getrusage(resource.RUSAGE_SELF)
-        return usage.ru_utime + usage.ru_stime
+        return time.process_time()
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
@@ -197,8 +195,9 @@ def run() -> list[Measurement]:
             )
             loader = build_datamodule(cfg, seed=0).train_dataloader()
             cpu, server_cpu = process_cpu_seconds(), process_cpu_seconds(server) if server else 0.0
-            seconds = best_time(lambda: sum(batch["image"].shape[0] for batch in loader), repeats=3, warmup=1)
-            passes = 4  # warmup + repeats, each the same epoch of batches
+            repeats, warmup = 3, 1
+            seconds = best_time(lambda: sum(batch["image"].shape[0] for batch in loader), repeats, warmup)
+            passes = repeats + warmup  # each the same epoch of batches
             cpu = (process_cpu_seconds() - cpu) / passes
             server_cpu = (process_cpu_seconds(server) - server_cpu) / passes if server else 0.0
             return seconds, cpu, server_cpu
