@@ -66,6 +66,48 @@ class SiteSums:
         return (self.sums[block] / self.counts[:, None]).to(torch.float32).numpy()
 
 
+class _DenseSums:
+    """Float64 sums and counts over a dense range of manifest rows, grown by doubling.
+
+    One buffer for the whole pass rather than a small tensor kept per batch: kept tensors land in
+    the holes a batch's freed activations leave in glibc's heap, so the heap cannot reuse those
+    holes for the next batch and grows by about a batch's activations each time.
+    """
+
+    def __init__(self) -> None:
+        self.base = 0
+        self.sums: dict[int | None, torch.Tensor] = {}
+        self.counts = torch.zeros(0, dtype=torch.float64)
+
+    def add(self, rows: torch.Tensor, sums: dict[int | None, torch.Tensor], counts: torch.Tensor) -> None:
+        lo, hi = int(rows.min()), int(rows.max()) + 1
+        if not len(self.counts):
+            self.base = lo
+        if lo < self.base or hi - self.base > len(self.counts):
+            self._grow(min(lo, self.base), max(hi, self.base + len(self.counts)), sums)
+        at = rows - self.base
+        for b, values in sums.items():
+            self.sums[b].index_add_(0, at, values)
+        self.counts.index_add_(0, at, counts)
+
+    def _grow(self, lo: int, hi: int, like: dict[int | None, torch.Tensor]) -> None:
+        size = max(hi - lo, 2 * len(self.counts))
+        shift = self.base - lo
+
+        def moved(old: torch.Tensor, width: tuple[int, ...]) -> torch.Tensor:
+            new = torch.zeros((size, *width), dtype=torch.float64)
+            new[shift : shift + len(old)] = old
+            return new
+
+        self.sums = {b: moved(self.sums.get(b, v.new_zeros(0, *v.shape[1:])), v.shape[1:]) for b, v in like.items()}
+        self.counts = moved(self.counts, ())
+        self.base = lo
+
+    def result(self) -> SiteSums:
+        seen = torch.nonzero(self.counts).flatten()
+        return SiteSums(seen + self.base, {b: s[seen] for b, s in self.sums.items()}, self.counts[seen])
+
+
 @torch.no_grad()
 def rank_site_sums(
     model: Any,
@@ -78,10 +120,10 @@ def rank_site_sums(
 ) -> SiteSums:
     """SiteSums of the sites `loader` gives this rank, for each of `blocks` (default: [None]).
 
-    Memory follows the sites this rank sees (per-batch sums, combined at the end), not the manifest.
+    Memory follows the range of manifest rows this rank sees (a contiguous block), not the manifest.
     """
     blocks = blocks or [None]
-    batches: list[SiteSums] = []
+    acc = _DenseSums()
     total = len(loader) if hasattr(loader, "__len__") else None
     # disable=None: no bar when stderr is not a terminal (a batch job's log), like the training bar
     bar_off = None if progress else True
@@ -91,8 +133,8 @@ def rank_site_sums(
         for b in blocks:
             crops = embed_batch(model, batch["image"], device, bf16, pooling, b).double().cpu()
             sums[b] = torch.zeros(len(rows), crops.shape[1], dtype=torch.float64).index_add_(0, inverse, crops)
-        batches.append(SiteSums(rows, sums, torch.bincount(inverse, minlength=len(rows)).double()))
-    return SiteSums.combine(batches)
+        acc.add(rows, sums, torch.bincount(inverse, minlength=len(rows)).double())
+    return acc.result()
 
 
 def part_frame(

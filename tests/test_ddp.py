@@ -88,7 +88,7 @@ def test_embed_under_torchrun_equals_one_process(
             "--master_port",
             str(free_port()),
             "-m",
-            "phenoscale.cli",
+            "phenoscale",  # phenoscale/__main__.py
             "embed",
             str(checkpoint),
             str(shards),

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from datamodules import build_datamodule
-from evaluation.site_embedding import rank_site_sums
+from evaluation.site_embedding import SiteSums, rank_site_sums
 from phenoscale.cli import main
 from phenoscale.embedding import embed_model, merge_parts, parts_directory, site_embeddings, write_part
 from test_streaming import config, write_toy_shards
@@ -73,3 +73,31 @@ def test_a_missing_or_stale_part_is_named(setup, tmp_path: Path, monkeypatch: py
     (parts_directory(out) / "rank00000-of-00002.parquet").write_bytes(b"")
     with pytest.raises(ValueError, match=r"mixes parts of runs with \['00002', '00003'\] ranks"):
         merge_parts(out, manifest)
+
+
+class _MeanEmbedder:
+    """embed() = per-channel means of each crop: a model whose outputs are easy to sum by hand."""
+
+    def embed(self, images: torch.Tensor, pooling=None, block=None) -> torch.Tensor:
+        return images.float().mean(dim=(2, 3))
+
+
+def test_site_sums_of_batches_in_any_order_equal_their_combination() -> None:
+    """Rows arrive out of order, split over batches and with gaps (skipped sites): the running
+    sums grow to cover them and still equal SiteSums.combine of the per-batch sums."""
+    generator = torch.Generator().manual_seed(0)
+    site_rows = [[7, 7, 8], [3, 4], [12, 12], [8, 9], [2]]  # 8 split over two batches; 5, 6, 10, 11 skipped
+    batches = [
+        {"image": torch.rand(len(r), 3, 4, 4, generator=generator), "site_index": torch.tensor(r)} for r in site_rows
+    ]
+    sites = rank_site_sums(_MeanEmbedder(), batches, torch.device("cpu"), progress=False)
+    per_batch = []
+    for b in batches:
+        rows, inverse = torch.unique(b["site_index"], return_inverse=True)
+        crops = b["image"].mean(dim=(2, 3)).double()
+        sums = torch.zeros(len(rows), 3, dtype=torch.float64).index_add_(0, inverse, crops)
+        per_batch.append(SiteSums(rows, {None: sums}, torch.bincount(inverse).double()))
+    expected = SiteSums.combine(per_batch)
+    assert sites.rows.tolist() == [2, 3, 4, 7, 8, 9, 12]
+    assert sites.counts.tolist() == expected.counts.tolist() == [1, 1, 1, 2, 2, 1, 2]
+    torch.testing.assert_close(sites.sums[None], expected.sums[None], rtol=0, atol=1e-15)

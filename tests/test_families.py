@@ -147,7 +147,7 @@ def test_plugins_named_in_the_environment_are_imported_before_the_cli_parses(tmp
         "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]),
     }
     shown = subprocess.run(
-        [sys.executable, "-m", "phenoscale.cli", "shards", "--help"],
+        [sys.executable, "-m", "phenoscale", "shards", "--help"],
         env=env,
         capture_output=True,
         text=True,
@@ -156,6 +156,6 @@ def test_plugins_named_in_the_environment_are_imported_before_the_cli_parses(tmp
     assert "mylayout" in shown
     env["PHENOSCALE_PLUGINS"] = "no_such_plugin"
     failed = subprocess.run(
-        [sys.executable, "-m", "phenoscale.cli", "shards", "--help"], env=env, capture_output=True, text=True
+        [sys.executable, "-m", "phenoscale", "shards", "--help"], env=env, capture_output=True, text=True
     )
     assert failed.returncode != 0 and "phenoscale plugin 'no_such_plugin'" in failed.stderr
