@@ -246,18 +246,12 @@ class ShardDataModule(L.LightningDataModule):
             rank, _ = rank_and_world()
             self._stream = TrainStream(
                 self.train_files,
+                cfg,
                 seed=self.seed,
                 rank=rank,
                 transport=self.transport,
                 steps_per_epoch=self.steps_per_epoch,
-                batch_size=cfg.batch_size,
-                crops_per_site=cfg.crops_per_site,
-                crop_size=cfg.crop_size,
-                shuffle_buffer=cfg.shuffle_buffer,
                 sample_filter=self._sample_filter(),
-                augment=cfg.augment,
-                channel_permute=cfg.channel_permute,
-                label_key=cfg.label_key,
                 vocab=dict(self.vocab.iter_rows()),
                 bad=self._bad,
             )

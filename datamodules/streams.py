@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from datamodules.config import DataConfig
 from datamodules.samples import BadSampleError, RawSample, iter_shard, log_bad_sample, member_view, parse_sample
 from datamodules.transforms import fill_random_crops, tile_crops
 from datamodules.transport import Transport
@@ -82,33 +83,30 @@ class TrainStream(IterableDataset):
     def __init__(
         self,
         shards: list[str],
+        cfg: DataConfig,
         *,
         seed: int,
         rank: int,
         steps_per_epoch: int,
-        batch_size: int,
-        crops_per_site: int,
-        crop_size: int,
-        shuffle_buffer: int,
         sample_filter: SampleFilter,
-        augment: bool,
-        channel_permute: bool,
-        label_key: str,
         vocab: dict[str, int],
         bad: BadSampleCounter,
         transport: Transport | None = None,
     ) -> None:
+        """What a batch is (size, crops, augmentation, labels) is read from `cfg`; the rest is what
+        the DataModule derived from the shards and the run (rank, epoch length, label vocabulary)."""
         super().__init__()
         self.shards = shards  # local paths (memory-mapped) or remote locations (streamed through `transport`)
         self.transport = transport
         self.seed, self.rank = seed, rank
         self.steps_per_epoch = steps_per_epoch
-        self.batch_size, self.crops_per_site, self.crop_size = batch_size, crops_per_site, crop_size
-        self.sites_per_batch = batch_size // crops_per_site
-        self.shuffle_buffer = max(1, shuffle_buffer)
+        # plain attributes: read per sample, and `cfg` may be a DictConfig (slow attribute reads)
+        self.batch_size, self.crops_per_site, self.crop_size = cfg.batch_size, cfg.crops_per_site, cfg.crop_size
+        self.sites_per_batch = cfg.batch_size // cfg.crops_per_site
+        self.shuffle_buffer = max(1, cfg.shuffle_buffer)
         self.filter = sample_filter
-        self.augment, self.channel_permute = augment, channel_permute
-        self.label_key, self.vocab = label_key, vocab
+        self.augment, self.channel_permute = cfg.augment, cfg.channel_permute
+        self.label_key, self.vocab = cfg.label_key, vocab
         self.bad = bad
         # (epoch, first batch) of the next pass; shared memory so persistent workers see it too
         self.start = torch.zeros(2, dtype=torch.int64).share_memory_()

@@ -30,6 +30,8 @@ from typing import BinaryIO
 
 from webdataset.gopen import gopen
 
+from datamodules.config import DataConfig
+
 log = logging.getLogger("datamodules")
 
 #: fsspec protocols read through fsspec (install the `remote` extra: s3fs, gcsfs, adlfs)
@@ -55,10 +57,11 @@ class Transport:
     with backoff `backoff * 2**attempt` seconds (capped at 30) before giving up, and up to
     `read_ahead` bytes of a shard fetched ahead of its consumer (0: fetched when asked for)."""
 
-    timeout: float = 60.0
-    retries: int = 5
+    # the defaults of a DataConfig, so a reader made without one (Transport()) fetches the same way
+    timeout: float = DataConfig.io_timeout
+    retries: int = DataConfig.io_retries
     backoff: float = 0.5
-    read_ahead: int = 64 * 2**20
+    read_ahead: int = DataConfig.io_read_ahead_mb * 2**20
 
     def open(self, url: str) -> RetryingStream:
         return RetryingStream(url, self)

@@ -8,7 +8,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from lightning_modules.base import PhenoModule
-from lightning_modules.config import ModelConfig, OptimConfig, plain_dict
+from lightning_modules.config import ModelConfig, OptimConfig, family_name, plain_dict
 from lightning_modules.families import get_family
 
 
@@ -39,6 +39,6 @@ def build_module(
     """
     model = plain_dict(model_cfg)
     optim = as_plain_dict(optim_cfg, OptimConfig)
-    return get_family(model.get("family", ModelConfig.family)).module(
+    return get_family(family_name(model)).module(
         model, optim, in_chans=in_chans, num_classes=num_classes, total_steps=total_steps
     )

@@ -126,6 +126,11 @@ def plain_dict(cfg: Any) -> dict[str, Any]:
     return dict(cfg)
 
 
+def family_name(cfg: dict[str, Any]) -> str:
+    """The family a plain model config names; ModelConfig's default when it names none."""
+    return cfg.get("family", ModelConfig.family)
+
+
 def migrate_legacy_keys(cfg: dict[str, Any], family: str | None = None, source: str = "model config") -> dict[str, Any]:
     """Flat keys from before the per-family sections (`model.mask_ratio`) -> `model.<family>.<key>`.
 
@@ -133,7 +138,7 @@ def migrate_legacy_keys(cfg: dict[str, Any], family: str | None = None, source: 
     with its new name (a FutureWarning: shown to users by default). A flat key of another family
     (e.g. `wsl_hidden_dim` in an MAE config, harmless when configs were flat) is dropped with a warning.
     """
-    family = get_family(family or cfg.get("family", ModelConfig.family))
+    family = get_family(family or family_name(cfg))
     every_legacy = {key for f in (get_family(n) for n in family_names()) for key in f.legacy_keys}
     moved = {key for key in cfg if key in every_legacy}
     if not moved:
@@ -159,7 +164,7 @@ def migrate_legacy_keys(cfg: dict[str, Any], family: str | None = None, source: 
 
 def without_other_sections(cfg: dict[str, Any], family: str | None = None) -> dict[str, Any]:
     """`cfg` without the sections of registered families other than its own."""
-    family = family or cfg.get("family", ModelConfig.family)
+    family = family or family_name(cfg)
     return {k: v for k, v in cfg.items() if k == family or k not in family_names()}
 
 
@@ -171,7 +176,7 @@ def model_config_dict(cfg: Any) -> dict[str, Any]:
     configs/experiments/tiny.yaml does); an unknown key fails naming what is allowed.
     """
     raw = without_other_sections(migrate_legacy_keys(plain_dict(cfg)))
-    family = get_family(raw.get("family", ModelConfig.family))
+    family = get_family(family_name(raw))
     shared = {f.name for f in fields(ModelConfig)}
     unknown = sorted(set(raw) - shared - {family.name})
     if unknown:

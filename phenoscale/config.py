@@ -46,6 +46,16 @@ class LRRule(str, Enum):
 
 LOGGERS = ("csv", "tensorboard", "wandb", "mlflow")
 
+#: TrainerConfig fields handed to lightning.Trainer as they are, under the same name
+TRAINER_PASSTHROUGH = (
+    "max_steps",
+    "max_epochs",
+    "accumulate_grad_batches",
+    "gradient_clip_val",
+    "log_every_n_steps",
+    "deterministic",
+)
+
 #: lightning.Trainer arguments phenoscale sets itself (from the keys of TrainerConfig of the same
 #: name, or because the run directory, checkpoints and output depend on them): not for trainer.extra
 OWNED_TRAINER_ARGS = (
@@ -54,12 +64,7 @@ OWNED_TRAINER_ARGS = (
     "num_nodes",
     "strategy",
     "precision",
-    "max_steps",
-    "max_epochs",
-    "accumulate_grad_batches",
-    "gradient_clip_val",
-    "log_every_n_steps",
-    "deterministic",
+    *TRAINER_PASSTHROUGH,
     "num_sanity_val_steps",
     "enable_checkpointing",
     "default_root_dir",

@@ -34,7 +34,7 @@ from phenoscale.callbacks import (
     Throughput,
     instantiate_callbacks,
 )
-from phenoscale.config import ConfigError, plan_batch, require_complete, save_config, to_yaml
+from phenoscale.config import TRAINER_PASSTHROUGH, ConfigError, plan_batch, require_complete, save_config, to_yaml
 from phenoscale.launch import (
     NO_LAUNCHER,
     LaunchEnv,
@@ -177,13 +177,7 @@ def build_trainer(
         num_nodes=num_nodes,
         strategy=choice.strategy,
         precision=choice.precision,
-        max_steps=t.max_steps,
-        max_epochs=t.max_epochs,
-        accumulate_grad_batches=t.accumulate_grad_batches,
-        gradient_clip_val=t.gradient_clip_val,
-        log_every_n_steps=t.log_every_n_steps,
         num_sanity_val_steps=0,
-        deterministic=t.deterministic,
         enable_checkpointing=False,  # StepCheckpoint does it, atomically
         enable_progress_bar=bool(refresh),
         enable_model_summary=False,  # its FLOPs column needs an example input; fit logs counted FLOPs instead
@@ -192,6 +186,7 @@ def build_trainer(
         logger=build_loggers(cfg, run_dir, version, rank_zero=env.global_rank == 0),
         callbacks=callbacks + user_callbacks,
         plugins=plugins,
+        **{name: getattr(t, name) for name in TRAINER_PASSTHROUGH},
         **OmegaConf.to_container(t.extra, resolve=True),
     )
     return trainer, guard

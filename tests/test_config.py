@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import math
 from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
 from omegaconf import OmegaConf
 
 from phenoscale.cli import main
-from phenoscale.config import ConfigError, load_config, plan_batch, save_config
+from phenoscale.config import (
+    OWNED_TRAINER_ARGS,
+    TRAINER_PASSTHROUGH,
+    ConfigError,
+    TrainerConfig,
+    load_config,
+    plan_batch,
+    save_config,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENT_FILES = sorted(
@@ -78,6 +89,12 @@ def test_package_checks_run_before_anything_starts() -> None:
         load_config(None, ["max_steps"])
     with pytest.raises(ConfigError, match="does not exist"):
         load_config("configs/nope.yaml")
+
+
+def test_trainer_passthrough_names_trainer_config_fields_lightning_takes() -> None:
+    accepted = set(inspect.signature(pl.Trainer.__init__).parameters)
+    own = {f.name for f in dataclasses.fields(TrainerConfig)}
+    assert set(TRAINER_PASSTHROUGH) <= accepted & own & set(OWNED_TRAINER_ARGS)
 
 
 @pytest.mark.parametrize(("rule", "factor"), [("none", 1.0), ("linear", 2.0), ("sqrt", math.sqrt(2))])

@@ -38,19 +38,15 @@ class PoolConfig:
 
 @register_family("pool", config=PoolConfig, label="pooled linear", colour="#000000")
 class PooledLinear(PhenoModule):
-    """A toy family: per-channel means through one linear layer, trained to reconstruct them."""
+    """A toy family: per-channel means through one linear layer, trained to reconstruct them.
+    The least a family declares for embedding: one layer, which is all its trunk is."""
+
+    num_blocks = 1
+    trunk = property(lambda self: self.encode)
 
     def build_layers(self) -> None:
         self.encode = nn.Linear(self.in_chans, self.family_cfg.width)
         self.decode = nn.Linear(self.family_cfg.width, self.in_chans)
-
-    @property
-    def trunk(self) -> nn.Module:
-        return self.encode
-
-    @property
-    def num_blocks(self) -> int:
-        return 1
 
     def compute_losses(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         means = self_standardize(batch["image"]).mean(dim=(2, 3)) + batch["image"].float().mean(dim=(2, 3)) / 255

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import lightning as L
 import polars as pl
 import pytest
 import torch
@@ -21,7 +20,7 @@ import torch.distributed as dist
 from phenoscale.embedding import embed_model
 from phenoscale.workflow import eval_data_config
 from run_helpers import free_port
-from tiny_models import TINY_CNN, real_crops, tiny_module
+from tiny_models import TINY_CNN, bare_trainer, real_crops, tiny_module
 
 pytestmark = [
     pytest.mark.gpu,
@@ -77,17 +76,7 @@ def test_lightning_bf16_mixed_fit_on_cuda(shared_data, tmp_path, name):
     module = cuda_module(name).cpu()
     batch = {k: v.cpu() for k, v in cuda_batch(shared_data).items()}
     loader = torch.utils.data.DataLoader([{k: v[i] for k, v in batch.items()} for i in range(8)], batch_size=8)
-    trainer = L.Trainer(
-        max_steps=3,
-        accelerator="gpu",
-        devices=1,
-        precision="bf16-mixed",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-    )
+    trainer = bare_trainer(max_steps=3, accelerator="gpu", devices=1, precision="bf16-mixed", default_root_dir=tmp_path)
     trainer.fit(module, loader)
     assert trainer.global_step == 3 and torch.isfinite(trainer.callback_metrics["train/loss"])
     assert all(p.dtype == torch.float32 for p in module.parameters())  # master weights stay float32

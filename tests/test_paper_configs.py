@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 from lightning_modules import OptimConfig, build_module, training_flops_per_crop
 from lightning_modules.optim import build_scheduler, parameter_groups
 from phenoscale.config import load_config
-from tiny_models import synthetic_crops, tiny_module
+from tiny_models import bare_trainer, synthetic_crops, tiny_module
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER = REPO / "configs" / "paper"
@@ -163,13 +163,5 @@ def test_gradient_clipping_uses_the_optim_config():
     loader = torch.utils.data.DataLoader(
         [{"image": i, "label": torch.tensor(k % 4)} for k, i in enumerate(images)], batch_size=4
     )
-    L.Trainer(
-        max_steps=1,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[RecordNorm()],
-    ).fit(module, loader)
+    bare_trainer(max_steps=1, callbacks=[RecordNorm()]).fit(module, loader)
     assert norms[0].item() <= 1e-6 * 1.01

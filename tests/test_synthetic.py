@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import itertools
+import json
 import tarfile
 
 import numpy as np
@@ -366,6 +367,9 @@ def test_cli_writes_a_screen_and_rejects_bad_input(tmp_path, capsys):
     assert cli_main(args) == 0
     assert "wrote 192 sites (10 genes" in capsys.readouterr().out
     assert (out / "shards" / "manifest.parquet").is_file() and (out / "truth" / "phenotypes.parquet").is_file()
+    # every option named after a ScreenConfig field reached the config; the others kept the preset's value
+    saved = json.loads((out / SCREEN_JSON).read_text())["config"]
+    assert (saved["image_size"], saved["cell_radius"], saved["seed"], saved["controls_per_plate"]) == (40, 5.0, 3, 32)
     assert cli_main(args) == 2 and "already holds a synthetic screen" in capsys.readouterr().err
     assert cli_main([*args, "--overwrite"]) == 0
     assert cli_main(["synth", str(tmp_path / "x"), "--modules-from", str(tmp_path / "missing.tsv")]) == 2

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 
-import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -13,7 +12,7 @@ import torch.nn.functional as F
 from embed_contract import EmbedContract
 from lightning_modules import OptimConfig, self_standardize
 from lightning_modules.losses import ArcFaceHead
-from tiny_models import TINY_CNN, synthetic_crops, tiny_module
+from tiny_models import TINY_CNN, bare_trainer, synthetic_crops, tiny_module
 
 BACKBONES = {"resnet": TINY_CNN, "vit": dict(backbone="vit_small_patch16_256")}  # a tiny CNN and ViT, by timm name
 
@@ -86,15 +85,7 @@ def test_wsl_trains_on_backbone(tmp_path, kind):
     data = [{"image": img, "label": lab} for img, lab in zip(images, labels)]
     loader = torch.utils.data.DataLoader(data, batch_size=8)
     first = module.compute_losses({"image": images, "label": labels})["loss"].item()
-    trainer = L.Trainer(
-        max_steps=steps,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-    )
+    trainer = bare_trainer(max_steps=steps, default_root_dir=tmp_path)
     trainer.fit(module, loader)
     metrics = trainer.callback_metrics
     assert {"train/loss", "train/ce", "train/arcface", "train/acc"} <= set(metrics)

@@ -6,6 +6,7 @@ import functools
 import itertools
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import torch
 
@@ -61,6 +62,19 @@ def tiny_module(
         num_classes=num_classes,
         total_steps=total_steps,
     )
+
+
+def bare_trainer(**overrides: object) -> L.Trainer:
+    """A CPU Trainer without a run's extras (logger, checkpoints, progress bar, model summary):
+    enough to drive a module's training steps in a test."""
+    settings = dict(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    return L.Trainer(**{**settings, **overrides})
 
 
 def real_crops(shared_data: Path, n: int, size: int = 32, dtype: torch.dtype = torch.uint16) -> torch.Tensor:

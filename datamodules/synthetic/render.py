@@ -232,6 +232,7 @@ def render_site(
     image[ER] *= np.clip(1 + er_amp * bandpass_noise(rng, (size, size), 3.0 * mag), 0.05, None)
 
     # ---- puncta: mitochondria, nucleoli, Golgi
+    cells = _CellFrames(centres, rc, theta, ox, oy, rng)
     frag = np.exp(0.4 * z[_AX["mito_fragmentation"]])
     n_mito = rng.poisson(14 * frag * (rc / cell_radius) ** 2 * np.where(mitotic, 0.5, 1.0))
     owner = np.repeat(np.arange(n), n_mito)
@@ -242,88 +243,72 @@ def render_site(
     rr = r_in + t * (0.95 - r_in)
     mito_total = 3.0 * mag**2 / frag * np.exp(-0.25 * z[_AX["rna_mito_intensity"]])  # per cell: constant
     sa = np.sqrt(aspect[owner])  # stretch positions with the cell ellipse
-    _splat(
-        image[MITO],
-        rng,
-        centres,
-        rc,
-        theta,
-        owner,
-        ox[owner] + rr * np.cos(ang) * sa,
-        oy[owner] + rr * np.sin(ang) / sa,
-        sigma=0.9 * mag / np.sqrt(frag),
-        total=mito_total * bright[MITO, owner],
+    cells.spots(
+        image[MITO], owner, rr, ang, sigma=0.9 * mag / np.sqrt(frag), total=mito_total * bright[MITO, owner], stretch=sa
     )
     nucleoli_mean = 2.5 * np.exp(0.45 * z[_AX["nucleoli_count"]])
     n_nucleoli = rng.poisson(nucleoli_mean, n) * (~mitotic)
     owner = np.repeat(np.arange(n), n_nucleoli)
     ang = rng.uniform(0, 2 * np.pi, owner.size)
     rr = rn[owner] * 0.55 * np.sqrt(rng.random(owner.size))
-    _splat(
-        image[RNA],
-        rng,
-        centres,
-        rc,
-        theta,
-        owner,
-        ox[owner] + rr * np.cos(ang),
-        oy[owner] + rr * np.sin(ang),
-        sigma=0.8 * mag,
-        total=8.0 * mag**2 / nucleoli_mean * rna_gain,
-    )
+    cells.spots(image[RNA], owner, rr, ang, sigma=0.8 * mag, total=8.0 * mag**2 / nucleoli_mean * rna_gain)
     owner = np.flatnonzero(~mitotic)
     golgi = 0.22 * np.exp(0.4 * z[_AX["golgi_size"]])
     gang = off_dir[owner] + np.pi + rng.normal(0, 0.4, owner.size)  # opposite the nuclear offset
     gr = rn[owner] * 1.1
-    _splat(
-        image[MEMBRANE],
-        rng,
-        centres,
-        rc,
-        theta,
-        owner,
-        ox[owner] + gr * np.cos(gang),
-        oy[owner] + gr * np.sin(gang),
-        sigma=golgi * rc[owner],
-        total=0.37 * rc[owner] ** 2,
-    )
+    cells.spots(image[MEMBRANE], owner, gr, gang, sigma=golgi * rc[owner], total=0.37 * rc[owner] ** 2)
     return _acquire(image, optics, rng, dtype)
 
 
-def _splat(
-    target: np.ndarray,
-    rng: np.random.Generator,
-    centres: np.ndarray,
-    rc: np.ndarray,
-    theta: np.ndarray,
-    owner: np.ndarray,
-    u: np.ndarray,
-    v: np.ndarray,
-    sigma: float | np.ndarray,
-    total: float | np.ndarray,
-) -> None:
-    """Add Gaussian spots at positions (u along, v across the long axis; units of the owner's
-    radius, origin at its centre) of the cells `owner` to `target`; `total` is each spot's
-    integrated intensity (so a change of spot size alone leaves the mean intensity unchanged)."""
-    if owner.size == 0:
-        return
-    size = target.shape[0]
-    uu, vv = u * rc[owner], v * rc[owner]
-    c, s = np.cos(theta[owner]), np.sin(theta[owner])
-    py = centres[owner, 0] + uu * s + vv * c
-    px = centres[owner, 1] + uu * c - vv * s
-    sigma = np.broadcast_to(np.asarray(sigma, dtype=np.float64), owner.shape)
-    half = int(np.ceil(3 * sigma.max())) + 1
-    grid = np.arange(-half, half + 1)
-    iy, ix = np.round(py).astype(np.int64), np.round(px).astype(np.int64)
-    gy = (iy - py)[:, None, None] + grid[None, :, None]
-    gx = (ix - px)[:, None, None] + grid[None, None, :]
-    peak = np.broadcast_to(total, owner.shape) * np.exp(rng.normal(0, 0.2, owner.size)) / (2 * np.pi * sigma**2)
-    w = np.exp(-(gy**2 + gx**2) / (2 * sigma[:, None, None] ** 2)) * peak[:, None, None]
-    flat = np.mod(iy[:, None, None] + grid[None, :, None], size) * size + np.mod(
-        ix[:, None, None] + grid[None, None, :], size
-    )
-    target += np.bincount(flat.ravel(), weights=w.ravel(), minlength=size * size).reshape(size, size)
+@dataclass(frozen=True)
+class _CellFrames:
+    """The frame of every cell of a site, which its puncta are placed in: each punctum is given
+    only by its owner and its polar position around the owner's nucleus."""
+
+    centres: np.ndarray  # (n, 2) cell centres (y, x) in pixels
+    rc: np.ndarray  # (n,) cell radii in pixels: the unit of positions in a cell's frame
+    theta: np.ndarray  # (n,) angle of the long axis
+    ox: np.ndarray  # (n,) nucleus centre along the long axis, units of rc
+    oy: np.ndarray  # (n,) and across it
+    rng: np.random.Generator  # the site's stream: each spot's brightness varies
+
+    def spots(
+        self,
+        target: np.ndarray,
+        owner: np.ndarray,
+        r: np.ndarray,
+        angle: np.ndarray,
+        *,
+        sigma: float | np.ndarray,
+        total: float | np.ndarray,
+        stretch: float | np.ndarray = 1.0,
+    ) -> None:
+        """Add Gaussian spots of the cells `owner` to `target`, at distance `r` (units of the owner's
+        radius) and `angle` from its nucleus centre, the distance stretched by `stretch` along the
+        long axis and shrunk by it across; `total` is each spot's integrated intensity (so a change
+        of spot size alone leaves the mean intensity unchanged)."""
+        if owner.size == 0:
+            return
+        u = self.ox[owner] + r * np.cos(angle) * stretch
+        v = self.oy[owner] + r * np.sin(angle) / stretch
+        size = target.shape[0]
+        uu, vv = u * self.rc[owner], v * self.rc[owner]
+        c, s = np.cos(self.theta[owner]), np.sin(self.theta[owner])
+        py = self.centres[owner, 0] + uu * s + vv * c
+        px = self.centres[owner, 1] + uu * c - vv * s
+        sigma = np.broadcast_to(np.asarray(sigma, dtype=np.float64), owner.shape)
+        half = int(np.ceil(3 * sigma.max())) + 1
+        grid = np.arange(-half, half + 1)
+        iy, ix = np.round(py).astype(np.int64), np.round(px).astype(np.int64)
+        gy = (iy - py)[:, None, None] + grid[None, :, None]
+        gx = (ix - px)[:, None, None] + grid[None, None, :]
+        jitter = np.exp(self.rng.normal(0, 0.2, owner.size))
+        peak = np.broadcast_to(total, owner.shape) * jitter / (2 * np.pi * sigma**2)
+        w = np.exp(-(gy**2 + gx**2) / (2 * sigma[:, None, None] ** 2)) * peak[:, None, None]
+        flat = np.mod(iy[:, None, None] + grid[None, :, None], size) * size + np.mod(
+            ix[:, None, None] + grid[None, None, :], size
+        )
+        target += np.bincount(flat.ravel(), weights=w.ravel(), minlength=size * size).reshape(size, size)
 
 
 def _acquire(image: np.ndarray, optics: Optics, rng: np.random.Generator, dtype: np.dtype) -> np.ndarray:

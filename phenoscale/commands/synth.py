@@ -33,14 +33,16 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import fields
 from pathlib import Path
 
-from datamodules.synthetic import PRESETS, SCREEN_JSON, preset, write_screen
+from datamodules.synthetic import PRESETS, SCREEN_JSON, ScreenConfig, preset, write_screen
 
 HELP = "write a synthetic screen (planted gene modules, batch effects) as shards + ground truth"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options named after a ScreenConfig field (`--image-size` -> image_size) override the preset's value."""
     parser.add_argument("out", type=Path, help="output directory (shards/, truth/, screen.json)")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="demo", help="screen shape (default demo)")
     parser.add_argument("--genes", type=int, help="number of genes (preset: demo 200, tiny 24, rxrx1 1108)")
@@ -51,7 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, help="random seed: the same seed writes the same bytes (default 0)")
     parser.add_argument(
         "--modules-from",
-        type=Path,
+        type=lambda text: str(Path(text)),  # ScreenConfig (and screen.json) keep the path as normalised text
         help="complex file 'name<TAB>space-separated genes' (e.g. CORUM_clusters.tsv): "
         "real complexes become the planted modules and the truth",
     )
@@ -62,19 +64,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace a screen already in OUT")
 
 
+def screen_overrides(args: argparse.Namespace) -> dict[str, object]:
+    """The parsed options that name a ScreenConfig field (None: not given, the preset's value stays)."""
+    return {f.name: getattr(args, f.name) for f in fields(ScreenConfig) if hasattr(args, f.name)}
+
+
 def run(args: argparse.Namespace) -> int:
     try:
-        cfg = preset(
-            args.preset,
-            genes=args.genes,
-            image_size=args.image_size,
-            cell_radius=args.cell_radius,
-            experiments=args.experiments,
-            sites_per_well=args.sites_per_well,
-            seed=args.seed,
-            modules_from=str(args.modules_from) if args.modules_from else None,
-            dtype=args.dtype,
-        )
+        cfg = preset(args.preset, **screen_overrides(args))
         write_screen(cfg, args.out, workers=args.workers, overwrite=args.overwrite)
     except ValueError as err:  # bad input: one clear line, no traceback
         print(f"phenoscale synth: error: {err}", file=sys.stderr)
