@@ -26,7 +26,7 @@ import datamodules
 import lightning_modules
 from benchmarks.harness import Measurement, best_time
 from phenoscale.config import load_config
-from phenoscale.fitting import build_trainer
+from phenoscale.fitting import build_trainer, choose_device
 from phenoscale.launch import detect_launch
 from phenoscale.run import AtomicCheckpointIO, RunDir
 
@@ -98,7 +98,8 @@ def bench_steps(tmp: Path) -> Measurement:
         rates["bare"].append(_steps_per_second(bare, cfg, datamodule))
         run_dir = RunDir(tmp / f"run{repeat}").create()
         datamodule = datamodules.build_datamodule(OmegaConf.to_object(cfg.data), seed=0)
-        ours, _ = build_trainer(cfg, detect_launch(), run_dir, 1, 1, datamodule)
+        env = detect_launch()
+        ours, _ = build_trainer(cfg, env, run_dir, 1, 1, datamodule, choose_device(cfg.trainer, env), [])
         rates["phenoscale"].append(_steps_per_second(ours, cfg, datamodule))
     bare_rate, our_rate = max(rates["bare"]), max(rates["phenoscale"])
     return Measurement.versus(
