@@ -2,10 +2,11 @@
 EFAAR callback.
 
 Each rank embeds only the sites its evaluation loader gives it (a contiguous block of manifest
-rows) and keeps float64 sums for those sites alone, so memory per rank is O(its sites x D), not
-O(all sites x D); the ranks' results are then combined by whoever needs them: `phenoscale embed`
-writes one parquet part per rank and concatenates the parts in manifest order
-(phenoscale/embedding.py), the callback gathers the parts to rank 0 in one collective.
+rows) and keeps float64 sums over the span of rows it sees (grown by doubling, so at most twice
+that), so memory per rank is O(its sites x D), not O(all sites x D); the ranks' results are then
+combined by whoever needs them: `phenoscale embed` writes one parquet part per rank and
+concatenates the parts in manifest order (phenoscale/embedding.py), the callback gathers the
+parts to rank 0 in one collective.
 """
 
 from __future__ import annotations
@@ -79,16 +80,19 @@ class _DenseSums:
         self.sums: dict[int | None, torch.Tensor] = {}
         self.counts = torch.zeros(0, dtype=torch.float64)
 
-    def add(self, rows: torch.Tensor, sums: dict[int | None, torch.Tensor], counts: torch.Tensor) -> None:
+    def add(self, rows: torch.Tensor, crops: dict[int | None, torch.Tensor]) -> None:
+        """Add crop embeddings `crops[block]` (len(rows), D) to the sums of their sites `rows`."""
+        if not len(rows):
+            return
         lo, hi = int(rows.min()), int(rows.max()) + 1
         if not len(self.counts):
             self.base = lo
         if lo < self.base or hi - self.base > len(self.counts):
-            self._grow(min(lo, self.base), max(hi, self.base + len(self.counts)), sums)
+            self._grow(min(lo, self.base), max(hi, self.base + len(self.counts)), crops)
         at = rows - self.base
-        for b, values in sums.items():
-            self.sums[b].index_add_(0, at, values)
-        self.counts.index_add_(0, at, counts)
+        for b, values in crops.items():
+            self.sums[b].index_add_(0, at, values.double())
+        self.counts.index_add_(0, at, torch.ones(len(at), dtype=torch.float64))
 
     def _grow(self, lo: int, hi: int, like: dict[int | None, torch.Tensor]) -> None:
         size = max(hi - lo, 2 * len(self.counts))
@@ -128,12 +132,8 @@ def rank_site_sums(
     # disable=None: no bar when stderr is not a terminal (a batch job's log), like the training bar
     bar_off = None if progress else True
     for batch in tqdm(loader, total=total, desc="embed", unit="batch", disable=bar_off, leave=False):
-        rows, inverse = torch.unique(batch["site_index"].to(torch.int64), return_inverse=True)
-        sums = {}
-        for b in blocks:
-            crops = embed_batch(model, batch["image"], device, bf16, pooling, b).double().cpu()
-            sums[b] = torch.zeros(len(rows), crops.shape[1], dtype=torch.float64).index_add_(0, inverse, crops)
-        acc.add(rows, sums, torch.bincount(inverse, minlength=len(rows)).double())
+        crops = {b: embed_batch(model, batch["image"], device, bf16, pooling, b).cpu() for b in blocks}
+        acc.add(batch["site_index"].to(torch.int64), crops)
     return acc.result()
 
 
