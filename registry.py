@@ -22,9 +22,9 @@ class Registry(Generic[T]):
 
     `noun` names the concept in errors ("model family", "layout"); `origin(entry)` says who
     registered an entry (its module), so a collision between two plugins names both sides;
-    `same(old, new)` decides when registering under a taken name is the same entry again (a
-    no-op that keeps the newer object, e.g. a class re-created by a module reload) rather than
-    a collision.
+    `same(old, new)` decides when registering under a taken name is the same entry again (the
+    newer object then replaces the older silently, e.g. a class re-created by a module reload)
+    rather than a collision.
     """
 
     def __init__(

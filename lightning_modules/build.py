@@ -33,9 +33,8 @@ def build_module(
 ) -> PhenoModule:
     """The LightningModule of the registered family `model_cfg.family`, ready for a Trainer.
 
-    Only the family name is read here: the module validates the model config itself
-    (`model_config_dict` in PhenoModule.__init__), as it must when a checkpoint rebuilds it, so
-    the check (and any deprecation warning for flat keys) runs once.
+    Only the family name is read here: the model config is validated by PhenoModule.__init__
+    (`model_config_dict`), as it must be when a checkpoint rebuilds the module.
     """
     model = plain_dict(model_cfg)
     optim = as_plain_dict(optim_cfg, OptimConfig)

@@ -40,7 +40,9 @@ _FAMILIES: Registry[Family] = Registry(
     "model.family",
     origin=lambda f: f"{f.module.__module__}.{f.module.__qualname__}",
     # the same class again (a module reloaded, a plugin imported twice) is not a collision
-    same=lambda old, new: old.module.__qualname__ == new.module.__qualname__,
+    same=lambda old, new: (
+        (old.module.__module__, old.module.__qualname__) == (new.module.__module__, new.module.__qualname__)
+    ),
 )
 
 

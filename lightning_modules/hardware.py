@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from lightning_modules.config import check_one_of
+
 AUTO = "auto"
 #: embed() numerics: float32, bfloat16 autocast, or the hardware's choice
 EMBED_PRECISIONS = (AUTO, "32", "bf16")
@@ -153,8 +155,7 @@ def resolve_embed_precision(requested: str, device_type: str) -> str:
 
 def check_embed_precision(precision: str) -> None:
     """Raise ValueError unless `precision` is one of EMBED_PRECISIONS (callers check before loading weights)."""
-    if precision not in EMBED_PRECISIONS:
-        raise ValueError(f"precision must be one of {EMBED_PRECISIONS}, got {precision!r}")
+    check_one_of("precision", precision, EMBED_PRECISIONS)
 
 
 def configure_device(device_type: str) -> None:
