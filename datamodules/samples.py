@@ -94,7 +94,9 @@ def iter_shard(
     """
     key, members = None, {}
     try:
-        entries = _streamed_members(path, transport or Transport()) if is_remote(path) else _mapped_members(path)
+        entries = (
+            _streamed_members(path, transport or Transport.from_config()) if is_remote(path) else _mapped_members(path)
+        )
         for name, data in entries:
             member_key, _, ext = name.rsplit("/", 1)[-1].partition(".")
             if member_key != key:

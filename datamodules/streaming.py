@@ -57,7 +57,7 @@ def resolve_shards(
                 f"shard pattern {pattern!r} spans several directories {sorted(roots)}; "
                 "each shard directory has its own manifest"
             )
-    manifest, source = load_manifest(files, manifest_at, transport or Transport())
+    manifest, source = load_manifest(files, manifest_at, transport or Transport.from_config())
     names = [shard_name(f) for f in files]
     if len(set(names)) < len(names):
         raise ValueError(f"shard pattern {pattern!r} names the same shard file twice")
@@ -165,9 +165,7 @@ class ShardDataModule(L.LightningDataModule):
                 f"DataConfig.batch_size ({cfg.batch_size}) must be a multiple of crops_per_site ({cfg.crops_per_site})"
             )
         self.cfg, self.seed = cfg, seed
-        self.transport = Transport(
-            timeout=cfg.io_timeout, retries=cfg.io_retries, read_ahead=cfg.io_read_ahead_mb * 2**20
-        )
+        self.transport = Transport.from_config(cfg)
         self.train_files, self.train_manifest = resolve_shards(
             cfg.train_shards, cfg.verify_shards, cfg.manifest, self.transport
         )

@@ -100,7 +100,7 @@ class TrainStream(IterableDataset):
         self.transport = transport
         self.seed, self.rank = seed, rank
         self.steps_per_epoch = steps_per_epoch
-        # plain attributes: read per sample, and `cfg` may be a DictConfig (slow attribute reads)
+        # copied out of `cfg`: read per sample, where an attribute of our own is the cheapest read
         self.batch_size, self.crops_per_site, self.crop_size = cfg.batch_size, cfg.crops_per_site, cfg.crop_size
         self.sites_per_batch = cfg.batch_size // cfg.crops_per_site
         self.shuffle_buffer = max(1, cfg.shuffle_buffer)

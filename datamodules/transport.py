@@ -57,11 +57,15 @@ class Transport:
     with backoff `backoff * 2**attempt` seconds (capped at 30) before giving up, and up to
     `read_ahead` bytes of a shard fetched ahead of its consumer (0: fetched when asked for)."""
 
-    # the defaults of a DataConfig, so a reader made without one (Transport()) fetches the same way
-    timeout: float = DataConfig.io_timeout
-    retries: int = DataConfig.io_retries
+    timeout: float
+    retries: int
+    read_ahead: int
     backoff: float = 0.5
-    read_ahead: int = DataConfig.io_read_ahead_mb * 2**20
+
+    @classmethod
+    def from_config(cls, cfg: DataConfig | type[DataConfig] = DataConfig) -> Transport:
+        """The transport `cfg`'s io_* settings describe (default: DataConfig's defaults)."""
+        return cls(timeout=cfg.io_timeout, retries=cfg.io_retries, read_ahead=cfg.io_read_ahead_mb * 2**20)
 
     def open(self, url: str) -> RetryingStream:
         return RetryingStream(url, self)

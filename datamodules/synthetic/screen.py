@@ -105,7 +105,7 @@ def write_screen(
     ) as writer:
         images = render_sites(design, workers)
         rows = design.sites.select(meta_columns).iter_rows(named=True)
-        # disable=None: no bar when stderr is not a terminal (a batch job's log), as everywhere
+        # disable=None: no bar when stderr is not a terminal (a batch job's log), like the training bar
         for meta, image in tqdm(
             zip(rows, images),
             total=design.sites.height,
