@@ -5,8 +5,9 @@ same shard files, and (3) phenoscale reading the same shards over HTTP from 127.
 
 The HTTP server runs in its own process and sends files with sendfile(2) (`SendfileHandler`):
 the figure is about the client reader, and a real object store does not spend the loader
-machine's cores; Python's stock `http.server` copies every 64 KB through user space and took a
-third of a core of the two the loader shares. Besides wall-clock rates (the targets), the loader
+machine's cores; Python's stock `http.server` copies every 64 KB through user space in Python,
+which would take CPU from the loader it shares the machine with (its cost per crop is in
+results/loader.json as `server_cpu_ms_per_crop`). Besides wall-clock rates (the targets), the loader
 process's CPU time per crop (all its threads: the read-ahead thread too) and the server's are
 recorded, which a loaded shared machine disturbs much less than wall time.
 

@@ -42,15 +42,19 @@ class Measurement:
         unit: str,
         baseline_name: str,
         baseline_value: float,
-        at_least: float,
-        of: str,
+        at_least: float | None,
+        of: str = "",
         lower_is_better: bool = False,
         extra: dict[str, Any] | None = None,
     ) -> Measurement:
         """A figure whose target is a ratio to its same-run baseline: met when the ratio (inverted
-        for times, so that > 1 still means better) is >= `at_least`; the target reads
-        ">= {at_least}x {of}", so the threshold is written once."""
-        ratio = baseline_value / value if lower_is_better else value / baseline_value
+        for times and memory, so that > 1 still means better) is >= `at_least`; the target reads
+        ">= {at_least}x {of}", so the threshold is written once. `at_least=None`: the ratio is
+        only reported."""
+        if lower_is_better:
+            ratio = baseline_value / value if value else None
+        else:
+            ratio = value / baseline_value if baseline_value else None
         return cls(
             name,
             value,
@@ -58,8 +62,8 @@ class Measurement:
             baseline_name=baseline_name,
             baseline_value=baseline_value,
             ratio=ratio,
-            target=f">= {at_least:g}x {of}",
-            met=bool(ratio >= at_least),
+            target="report" if at_least is None else f">= {at_least:g}x {of}",
+            met=None if at_least is None or ratio is None else bool(ratio >= at_least),
             extra=extra or {},
         )
 
@@ -175,7 +179,7 @@ def write_table() -> Path:
 def serve_directory(root: Path, handler: type = http.server.SimpleHTTPRequestHandler) -> Iterator[str]:
     """`root` over HTTP on 127.0.0.1 (a free port, a background thread): yields the base URL.
 
-    Used to read shards "remotely" in the loader benchmark and the remote-shard tests.
+    Used by the remote-shard tests (the loader benchmark serves with sendfile instead).
     """
     quiet = type("Quiet", (handler,), {"log_message": lambda self, *args: None})
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(quiet, directory=str(root)))
