@@ -1,4 +1,4 @@
-"""Shared by test_fit / test_ddp / test_resume: real-pixel shards, free ports, CLI subprocesses."""
+"""Shared by the tests: site metadata, real-pixel shards, free ports, CLI subprocesses."""
 
 from __future__ import annotations
 
@@ -18,6 +18,23 @@ from real_field import PEDIATRIC_STAINS, pediatric_field
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "experiments" / "tiny.yaml"
 GENES = ["NT", "GENE_A", "GENE_B", "GENE_C"]
+
+
+def site_meta(key: str, channels: list[str], **fields) -> dict:
+    """ShardWriter metadata of one site: plausible values for every required key, `fields` replacing them."""
+    return {
+        "key": key,
+        "experiment": "exp1",
+        "plate": "P1",
+        "well": "C03",
+        "site": 1,
+        "perturbation": "TP53",
+        "perturbation_type": "gene",
+        "is_control": False,
+        "cell_type": "DAOY",
+        "channels": channels,
+        **fields,
+    }
 
 
 def write_real_shards(shared_data: Path, out: Path, sites: int = 16, size: int = 64) -> Path:

@@ -16,24 +16,9 @@ import webdataset as wds
 from datamodules import ShardWriter, read_manifest
 from datamodules.samples import iter_shard
 from real_field import pediatric_field
+from run_helpers import site_meta
 
 HUMAN = "images/cellprofiler_ExampleHuman"
-
-
-def meta(key: str, channels: list[str], **extra) -> dict:
-    return dict(
-        key=key,
-        experiment="exp1",
-        plate="P1",
-        well="C03",
-        site=1,
-        perturbation="TP53",
-        perturbation_type="gene",
-        is_control=False,
-        cell_type="DAOY",
-        channels=channels,
-        **extra,
-    )
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +34,8 @@ def human_field(shared_data: Path) -> np.ndarray:
 
 def test_round_trip_is_pixel_exact_uint16_and_uint8(tmp_path, phenix_field, human_field):
     with ShardWriter(tmp_path) as writer:
-        writer.write(phenix_field, meta("phenix", ["Brightfield", "ER", "AGP", "Mito", "DNA", "RNA"], dose=0.5))
-        writer.write(human_field, meta("human", ["DNA", "PH3", "Cell"]))
+        writer.write(phenix_field, site_meta("phenix", ["Brightfield", "ER", "AGP", "Mito", "DNA", "RNA"], dose=0.5))
+        writer.write(human_field, site_meta("human", ["DNA", "PH3", "Cell"]))
     manifest = read_manifest(tmp_path)
     assert manifest["key"].to_list() == ["phenix", "human"]
     assert manifest["dtype"].to_list() == ["uint16", "uint8"]
@@ -72,7 +57,7 @@ def test_size_limit_splits_shards_and_manifest_points_to_them(tmp_path, human_fi
     site_bytes = human_field.nbytes  # ~786 kB
     with ShardWriter(tmp_path, max_bytes=int(2.5 * site_bytes)) as writer:
         for i in range(5):
-            writer.write(human_field, meta(f"s{i}", ["DNA", "PH3", "Cell"]))
+            writer.write(human_field, site_meta(f"s{i}", ["DNA", "PH3", "Cell"]))
     manifest = read_manifest(tmp_path)
     shards = sorted(p.name for p in tmp_path.glob("*.tar"))
     assert shards == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
@@ -97,7 +82,7 @@ def test_size_limit_splits_shards_and_manifest_points_to_them(tmp_path, human_fi
     ],
 )
 def test_bad_metadata_raises_naming_the_key(tmp_path, change, message):
-    m = meta("site1", ["a", "b", "c"])
+    m = site_meta("site1", ["a", "b", "c"])
     change(m)
     with ShardWriter(tmp_path) as writer, pytest.raises(ValueError, match=message):
         writer.write(np.zeros((3, 8, 8), np.uint8), m)
@@ -106,12 +91,12 @@ def test_bad_metadata_raises_naming_the_key(tmp_path, change, message):
 def test_bad_images_and_duplicate_keys_raise(tmp_path):
     with ShardWriter(tmp_path) as writer:
         with pytest.raises(ValueError, match="dtype float32 not allowed"):
-            writer.write(np.zeros((3, 8, 8), np.float32), meta("a", ["x", "y", "z"]))
+            writer.write(np.zeros((3, 8, 8), np.float32), site_meta("a", ["x", "y", "z"]))
         with pytest.raises(ValueError, match="C x H x W"):
-            writer.write(np.zeros((8, 8), np.uint8), meta("a", ["x"]))
-        writer.write(np.zeros((3, 8, 8), np.uint8), meta("a", ["x", "y", "z"]))
+            writer.write(np.zeros((8, 8), np.uint8), site_meta("a", ["x"]))
+        writer.write(np.zeros((3, 8, 8), np.uint8), site_meta("a", ["x", "y", "z"]))
         with pytest.raises(ValueError, match="duplicate key"):
-            writer.write(np.zeros((3, 8, 8), np.uint8), meta("a", ["x", "y", "z"]))
+            writer.write(np.zeros((3, 8, 8), np.uint8), site_meta("a", ["x", "y", "z"]))
     assert read_manifest(tmp_path).height == 1
 
 
@@ -120,7 +105,7 @@ def test_crash_leaves_only_complete_shards_and_no_manifest(tmp_path):
     with pytest.raises(RuntimeError, match="boom"):
         with ShardWriter(tmp_path, max_bytes=image.nbytes * 2 + 8192) as writer:
             for i in range(5):
-                writer.write(image, meta(f"s{i}", ["a", "b", "c"]))
+                writer.write(image, site_meta(f"s{i}", ["a", "b", "c"]))
             raise RuntimeError("boom")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["shard-000000.tar", "shard-000001.tar"]
     for shard in tmp_path.glob("*.tar"):  # complete, readable tars
@@ -132,18 +117,18 @@ def test_crash_leaves_only_complete_shards_and_no_manifest(tmp_path):
 def test_stale_temp_files_are_removed_and_existing_shards_protected(tmp_path):
     (tmp_path / ".shard-000003.tar.tmp").write_bytes(b"half written")
     with ShardWriter(tmp_path) as writer:
-        writer.write(np.zeros((1, 4, 4), np.uint8), meta("a", ["x"]))
+        writer.write(np.zeros((1, 4, 4), np.uint8), site_meta("a", ["x"]))
     assert not list(tmp_path.glob(".*"))
     with pytest.raises(ValueError, match="already holds shards"):
         ShardWriter(tmp_path)
     with ShardWriter(tmp_path, overwrite=True) as writer:
-        writer.write(np.zeros((1, 4, 4), np.uint8), meta("b", ["x"]))
+        writer.write(np.zeros((1, 4, 4), np.uint8), site_meta("b", ["x"]))
     assert read_manifest(tmp_path)["key"].to_list() == ["b"]
 
 
 def test_read_manifest_rejects_missing_shards(tmp_path):
     with ShardWriter(tmp_path) as writer:
-        writer.write(np.zeros((1, 4, 4), np.uint8), meta("a", ["x"]))
+        writer.write(np.zeros((1, 4, 4), np.uint8), site_meta("a", ["x"]))
     (tmp_path / "shard-000000.tar").unlink()
     with pytest.raises(ValueError, match="lists shards that do not exist"):
         read_manifest(tmp_path)
@@ -153,7 +138,7 @@ def test_npy_bytes_are_standard(tmp_path):
     """The .npy member is a plain numpy file any tool can read (np.load, no pickle)."""
     image = np.arange(2 * 3 * 5, dtype=np.uint16).reshape(2, 3, 5)
     with ShardWriter(tmp_path) as writer:
-        writer.write(image, meta("a", ["x", "y"]))
+        writer.write(image, site_meta("a", ["x", "y"]))
     with tarfile.open(tmp_path / "shard-000000.tar") as tar:
         loaded = np.load(io.BytesIO(tar.extractfile("a.npy").read()), allow_pickle=False)
     np.testing.assert_array_equal(loaded, image)

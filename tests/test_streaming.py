@@ -19,6 +19,7 @@ import torch.multiprocessing as mp
 from datamodules import DataConfig, ShardWriter, StreamEpochCallback, build_datamodule, read_manifest
 from datamodules.transforms import copy_dihedral, dihedral, fill_random_crops, tile_origins
 from real_field import PEDIATRIC_STAINS, pediatric_field
+from run_helpers import site_meta
 
 N_SITES, SIZE = 24, 40
 
@@ -36,17 +37,15 @@ def write_toy_shards(
             image[0] = i
             writer.write(
                 image,
-                dict(
-                    key=f"site{i:03d}",
+                site_meta(
+                    f"site{i:03d}",
+                    ["DNA", "ER", "RNA"],
                     experiment="e1",
                     plate=f"P{i % 2}",
                     well=f"A{i:02d}",
-                    site=1,
                     perturbation="NTC" if i % 5 == 0 else f"GENE{i % 5}",
-                    perturbation_type="gene",
                     is_control=i % 5 == 0,
                     cell_type="toy",
-                    channels=["DNA", "ER", "RNA"],
                 ),
             )
     return out
@@ -189,17 +188,15 @@ def test_channel_subset_and_permutation(tmp_path):
             image = np.stack([np.full((24, 24), 10 * (c + 1), np.uint8) for c in range(3)])
             writer.write(
                 image,
-                dict(
-                    key=f"k{i}",
+                site_meta(
+                    f"k{i}",
+                    ["DNA", "ER", "RNA"],
                     experiment="e",
                     plate="p",
                     well="A01",
                     site=i,
                     perturbation="x",
-                    perturbation_type="gene",
-                    is_control=False,
                     cell_type="c",
-                    channels=["DNA", "ER", "RNA"],
                 ),
             )
     dm = build_datamodule(config(tmp_path / "s", channels=["RNA", "DNA"], in_chans=2, augment=False), seed=0)
@@ -223,17 +220,16 @@ def test_label_key_column_with_missing_values_gives_minus_one(tmp_path):
         for i in range(4):
             writer.write(
                 np.full((1, 16, 16), i, np.uint8),
-                dict(
-                    key=f"k{i}",
+                site_meta(
+                    f"k{i}",
+                    ["DNA"],
                     experiment="e",
                     plate="p",
                     well="A01",
                     site=i,
                     perturbation="x",
                     perturbation_type="sirna",
-                    is_control=False,
                     cell_type="c",
-                    channels=["DNA"],
                     sirna_id=None if i == 3 else 10 + i % 2,
                 ),
             )
@@ -271,17 +267,15 @@ def test_eval_tiles_are_pixel_exact_on_the_real_field(tmp_path, shared_data):
     with ShardWriter(tmp_path / "s") as writer:
         writer.write(
             planes,
-            dict(
-                key="C03_3",
+            site_meta(
+                "C03_3",
+                PEDIATRIC_STAINS,
                 experiment="BR00143976",
                 plate="BR00143976",
-                well="C03",
                 site=3,
                 perturbation="DAOY",
                 perturbation_type="control",
                 is_control=True,
-                cell_type="DAOY",
-                channels=PEDIATRIC_STAINS,
             ),
         )
     dm = build_datamodule(config(tmp_path / "s", crop_size=256, batch_size=16, crops_per_site=4), seed=0)
