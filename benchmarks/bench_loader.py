@@ -20,8 +20,6 @@ Files are read once before timing, so every path reads from the page cache.
 from __future__ import annotations
 
 import contextlib
-import functools
-import http.server
 import json
 import os
 import socket
@@ -103,30 +101,14 @@ def webdataset_batches(pattern: str, steps: int) -> int:
     return crops
 
 
-class SendfileHandler(http.server.SimpleHTTPRequestHandler):
-    """http.server's file handler with the body sent by the kernel (sendfile), not copied in Python."""
-
-    def copyfile(self, source, outputfile) -> None:
-        outputfile.flush()
-        self.connection.sendfile(source)
-
-    def log_message(self, *args) -> None:
-        pass
-
-
-def serve(root: str, port: int) -> None:
-    """The benchmark's HTTP server process (http_server starts it)."""
-    handler = functools.partial(SendfileHandler, directory=root)
-    http.server.ThreadingHTTPServer(("127.0.0.1", port), handler).serve_forever()
-
-
 @contextlib.contextmanager
 def http_server(root: Path) -> Iterator[tuple[str, int]]:
-    """`serve` over `root` on 127.0.0.1 in its own process; yields the base URL and its pid."""
+    """`harness.serve` over `root` on 127.0.0.1 in its own process; yields the base URL and its pid."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    code = "import sys; from benchmarks.bench_loader import serve; serve(sys.argv[1], int(sys.argv[2]))"
+    # only the standard library in the server process: benchmarks.harness, not this module (torch, numpy)
+    code = "import sys; from benchmarks.harness import serve; serve(sys.argv[1], int(sys.argv[2]))"
     server = subprocess.Popen(
         [sys.executable, "-c", code, str(root), str(port)],
         cwd=Path(__file__).parents[1],

@@ -175,6 +175,23 @@ def write_table() -> Path:
     return out
 
 
+class SendfileHandler(http.server.SimpleHTTPRequestHandler):
+    """http.server's file handler with the body sent by the kernel (sendfile), not copied in Python."""
+
+    def copyfile(self, source, outputfile) -> None:
+        outputfile.flush()
+        self.connection.sendfile(source)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def serve(root: str, port: int) -> None:
+    """The loader benchmark's HTTP server process (bench_loader.http_server starts it)."""
+    handler = functools.partial(SendfileHandler, directory=root)
+    http.server.ThreadingHTTPServer(("127.0.0.1", port), handler).serve_forever()
+
+
 @contextlib.contextmanager
 def serve_directory(root: Path, handler: type = http.server.SimpleHTTPRequestHandler) -> Iterator[str]:
     """`root` over HTTP on 127.0.0.1 (a free port, a background thread): yields the base URL.
