@@ -113,7 +113,6 @@ def run() -> list[Measurement]:
         seconds = best_time(train_step_fn(module, optimizer, images, bf16), repeats=2 if bf16 else 1)
         results[f"peak_{name}"] = peak
         results[f"train_{name}_crops_per_s"] = BATCH / seconds
-        results[f"train_{name}_mfu"] = train_flops * BATCH / seconds / peak
     module.eval()
 
     def embed() -> None:
@@ -122,7 +121,6 @@ def run() -> list[Measurement]:
 
     seconds = best_time(embed, repeats=2)
     results["embed_per_s"] = BATCH / seconds
-    results["embed_mfu"] = embed_flops * BATCH / seconds / results[f"peak_{embed_name}"]
     memory = {name: child_peak_memory_gb(threads, name == "bf16") for name in names}
 
     common = {
@@ -135,22 +133,16 @@ def run() -> list[Measurement]:
         "note": "GEMM peak measured in the same run under the same (shared, contended) CPU load",
     }
 
-    def gemm_bound(
-        kind: str, name: str, value: float, unit: str, precision: str, flops: float, mfu: float, extra: dict
-    ) -> Measurement:
-        """A throughput judged by its MFU: its ratio to the rate this precision's measured GEMM
-        peak would give for the model's FLOPs per crop (train and embed alike)."""
-        target = TARGETS.get(f"{kind}_{precision}_mfu")
-        return Measurement(
-            name=name,
-            value=value,
-            unit=unit,
+    def gemm_bound(kind: str, name: str, value: float, unit: str, precision: str, flops: float, extra: dict):
+        return Measurement.against_gemm_peak(
+            name,
+            value,
+            unit,
+            peak=results[f"peak_{precision}"],
+            flops_per_item=flops,
             baseline_name=f"GEMM-bound {unit} ({precision} matmul peak / model FLOPs per crop)",
-            baseline_value=results[f"peak_{precision}"] / flops,
-            ratio=mfu,
-            target=f"MFU >= {target}" if target else None,
-            met=(mfu >= target) if target else None,
-            extra={**common, "mfu": mfu, **extra},
+            target_mfu=TARGETS.get(f"{kind}_{precision}_mfu"),
+            extra={**common, **extra},
         )
 
     out = [
@@ -161,7 +153,6 @@ def run() -> list[Measurement]:
             "crops/s",
             name,
             train_flops,
-            results[f"train_{name}_mfu"],
             {
                 "reference_mfu": REFERENCE[f"train_{name}_mfu"],
                 "reference_crops_per_s": REFERENCE[f"train_{name}_crops_per_s"],
@@ -177,7 +168,6 @@ def run() -> list[Measurement]:
             "embeddings/s",
             embed_name,
             embed_flops,
-            results["embed_mfu"],
             {"reference_mfu": REFERENCE.get(f"embed_{embed_name}_mfu")},
         )
     )

@@ -163,15 +163,14 @@ def as_measurements(row: dict[str, Any], peak: float) -> list[Measurement]:
     for kind, what in (("train", "bf16-mixed training step"), ("embed", "bf16 embedding")):
         flops = row[f"{kind}_gflops_per_crop"] * 1e9
         out.append(
-            Measurement(
-                name=f"{label}: {what}",
-                value=row[f"{kind}_crops_per_s"],
-                unit="crops/s",
+            Measurement.against_gemm_peak(
+                f"{label}: {what}",
+                row[f"{kind}_crops_per_s"],
+                "crops/s",
+                peak=peak,
+                flops_per_item=flops,
                 baseline_name="GEMM-bound crops/s (measured dense bf16 GEMM peak / model FLOPs per crop)",
-                baseline_value=peak / flops,
-                ratio=row[f"{kind}_mfu"],
-                target=f"MFU >= {TARGETS[kind + '_mfu']}",
-                met=row[f"{kind}_mfu"] >= TARGETS[kind + "_mfu"],
+                target_mfu=TARGETS[kind + "_mfu"],
                 extra={**row, "gemm_peak_bf16_tflops": peak / 1e12},
             )
         )

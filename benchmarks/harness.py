@@ -67,6 +67,35 @@ class Measurement:
             extra=extra or {},
         )
 
+    @classmethod
+    def against_gemm_peak(
+        cls,
+        name: str,
+        value: float,
+        unit: str,
+        *,
+        peak: float,
+        flops_per_item: float,
+        baseline_name: str,
+        target_mfu: float | None,
+        extra: dict[str, Any],
+    ) -> Measurement:
+        """A throughput judged by its MFU: its ratio to the rate the measured GEMM `peak` (FLOP/s)
+        would give for `flops_per_item`; the extra records the MFU beside the rest."""
+        baseline = peak / flops_per_item
+        mfu = value / baseline
+        return cls(
+            name,
+            value,
+            unit,
+            baseline_name=baseline_name,
+            baseline_value=baseline,
+            ratio=mfu,
+            target=f"MFU >= {target_mfu}" if target_mfu else None,
+            met=bool(mfu >= target_mfu) if target_mfu else None,
+            extra={**extra, "mfu": mfu},
+        )
+
 
 def machine() -> dict[str, Any]:
     """What the numbers were measured on."""
