@@ -155,8 +155,12 @@ def build_trainer(
     checkpoint = StepCheckpoint(run_dir, t.checkpoint_every_n_steps, t.keep_checkpoints)
     guard = StopGuard(checkpoint)
     refresh = progress_bar_refresh_rate(t)
+    # the audit line of a batch is written before any checkpoint that includes the batch, so a
+    # kill -9 between the two never leaves a checkpoint ahead of the audit
+    audit = [BatchAudit(run_dir.logs / "batches")] if t.audit_batches else []
     callbacks: list[pl.Callback] = [
-        guard,  # first: a non-finite loss must stop before the checkpoint callback runs
+        *audit,
+        guard,  # before the checkpoint callback: a non-finite loss must stop before it saves
         checkpoint,
         # rates over one logging interval of batches (+1: n intervals need n + 1 timestamps)
         Throughput(window=t.log_every_n_steps * t.accumulate_grad_batches + 1, peak_flops=t.peak_flops),
@@ -164,8 +168,6 @@ def build_trainer(
         TQDMProgressBar(refresh_rate=refresh) if refresh else ProgressLog(t.log_every_n_steps),
         datamodules.StreamEpochCallback(datamodule),
     ]
-    if t.audit_batches:
-        callbacks.append(BatchAudit(run_dir.logs / "batches"))
     if t.evaluate:  # EFAAR on data.eval_shards (default: the training shards) every eval.every_n_epochs
         efaar = EFAARCallback(datamodule, OmegaConf.to_object(cfg.eval))
         callbacks += [efaar, EvalReport(efaar, run_dir.reports)]

@@ -211,6 +211,31 @@ def test_preemption_signal_checkpoints_and_stops_in_process(screen: Path, tmp_pa
     assert signal.getsignal(signum) is signal.SIG_DFL  # handlers restored after training
 
 
+def test_every_checkpoint_finds_its_batches_already_audited(
+    screen: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A kill -9 between writing a checkpoint and the audit line of its last batch would leave the
+    checkpoint ahead of the audit (seen once in CI); so at each save the audit already holds the step."""
+    run_dir = tmp_path / "run"
+    audit_file = run_dir / "logs" / "batches" / "rank0.tsv"
+    audited_at_save: dict[int, int] = {}
+    save = AtomicCheckpointIO.save_checkpoint
+
+    def recording_save(self, checkpoint: dict, path, storage_options=None) -> None:
+        rows = audit_file.read_text().splitlines() if audit_file.is_file() else []
+        audited_at_save[checkpoint["global_step"]] = int(rows[-1].split("\t")[0]) if rows else 0
+        save(self, checkpoint, path, storage_options)
+
+    monkeypatch.setattr(AtomicCheckpointIO, "save_checkpoint", recording_save)
+    code = main(
+        fit_args(
+            screen, run_dir, "trainer.max_steps=4", "trainer.checkpoint_every_n_steps=2", "trainer.audit_batches=true"
+        )
+    )
+    assert code == 0
+    assert audited_at_save == {2: 2, 4: 4}
+
+
 def test_trainer_compile_and_auto_precision(screen: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """trainer.compile=true fits torch.compile(module) (Lightning unwraps it for checkpoints); the
     compiler itself is stubbed: compiling on CPU takes minutes, the GPU check times the real one.
