@@ -41,7 +41,7 @@ from datamodules.shards import decode_npy
 from datamodules.transforms import dihedral, fill_random_crops
 
 SITES, CROP, CROPS_PER_SITE, BATCH = 48, 256, 4, 32
-STEPS = SITES * CROPS_PER_SITE // BATCH * 2  # each site about twice per timed pass
+STEPS = SITES * CROPS_PER_SITE // BATCH * 8  # each site about 8 times per timed pass: long enough to average
 PHENIX = "data/images/pediatric_cancer_atlas_BR00143976_C03_f03"
 
 
@@ -189,7 +189,7 @@ def run() -> list[Measurement]:
         wds_seconds = best_time(lambda: webdataset_batches(str(root / "shards" / braces), STEPS), repeats=3, warmup=1)
         with http_server(root / "shards") as (base, server):
             http_seconds, http_cpu, server_cpu = loader_seconds(f"{base}/{braces}", server)
-        png_steps = max(4, STEPS // 4)  # the baseline is slow: time fewer batches
+        png_steps = max(4, STEPS // 16)  # the baseline is slow: time fewer batches
         png_seconds = best_time(lambda: png_batches(files, png_steps), repeats=2, warmup=1)
 
     shard_rate = STEPS * BATCH / shard_seconds

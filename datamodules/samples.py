@@ -13,13 +13,13 @@ import json
 import logging
 import mmap
 import tarfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
 from datamodules.schema import ALLOWED_DTYPES
-from datamodules.transport import Transport, is_remote, read_ahead
+from datamodules.transport import ReadAhead, Transport, is_remote
 
 log = logging.getLogger("datamodules")
 
@@ -82,22 +82,28 @@ def parse_sample(
     return RawSample(key, shard, meta, npy, offset, tuple(int(s) for s in shape), dtype)
 
 
+#: a shard's (file name, bytes) in stored order
+Entries = Iterator[tuple[str, bytes | memoryview]]
+
+
 def iter_shard(
-    path: str, min_size: int, on_bad: Callable[[str, str, str], None], transport: Transport | None = None
+    path: str,
+    min_size: int,
+    on_bad: Callable[[str, str, str], None],
+    transport: Transport | None = None,
+    entries: Entries | None = None,
 ) -> Iterator[RawSample]:
     """Checked samples of one tar, in stored order; bad samples and a broken tail go to `on_bad`.
 
     A local shard is memory-mapped and samples are views into it: no copy of the pixels is made
     before cropping, and the page cache is shared by all workers reading the same shard. A URL
     or `pipe:` shard is read as one forward tar stream (`transport` says how, datamodules.transport);
-    an unreachable one raises ShardUnavailableError rather than being skipped.
+    an unreachable one raises ShardUnavailableError rather than being skipped. `entries` are the
+    shard's files when shard_entries opened it already (iter_shards does, to fetch ahead).
     """
     key, members = None, {}
     try:
-        entries = (
-            _streamed_members(path, transport or Transport.from_config()) if is_remote(path) else _mapped_members(path)
-        )
-        for name, data in entries:
+        for name, data in entries if entries is not None else shard_entries(path, transport):
             member_key, _, ext = name.rsplit("/", 1)[-1].partition(".")
             if member_key != key:
                 if key is not None:
@@ -110,6 +116,63 @@ def iter_shard(
         on_bad(path, key or "?", f"shard unreadable from here on ({err})")
 
 
+def iter_shards(
+    paths: Iterable[str], min_size: int, on_bad: Callable[[str, str, str], None], transport: Transport | None = None
+) -> Iterator[tuple[str, Iterator[RawSample]]]:
+    """(path, its samples as iter_shard reads them) for each of `paths`, in order.
+
+    A remote shard is opened as soon as the one before it has delivered its first sample, so two
+    arrive at once (each up to the transport's read-ahead budget): the reader does not stall on
+    every new connection, and two connections keep it fed where one alone is slower than the
+    cropping (a TCP window still opening, an object store's rate per connection). Each shard's
+    samples must be used up or dropped before the next pair is asked for.
+    """
+    paths = iter(paths)
+    current = _open_next(paths, transport)
+    while current is not None:
+        path, entries = current
+        following = _Following(paths, transport)
+        yield path, following.while_reading(iter_shard(path, min_size, on_bad, entries=entries))
+        current = following.take()
+
+
+def shard_entries(path: str, transport: Transport | None = None) -> Entries:
+    """The (name, bytes) files of one shard: views into the mapped file (local, read when asked
+    for), or for a remote shard a ReadAhead that starts fetching now."""
+    if is_remote(path):
+        transport = transport or Transport.from_config()
+        return ReadAhead(lambda: _tar_stream_members(path, transport), transport.read_ahead)
+    return _mapped_members(path)
+
+
+def _open_next(paths: Iterator[str], transport: Transport | None) -> tuple[str, Entries] | None:
+    path = next(paths, None)
+    return None if path is None else (path, shard_entries(path, transport))
+
+
+class _Following:
+    """The shard after the one being read, opened once that one has started (iter_shards)."""
+
+    def __init__(self, paths: Iterator[str], transport: Transport | None) -> None:
+        self.paths, self.transport = paths, transport
+        self.opened = False
+        self.shard: tuple[str, Entries] | None = None
+
+    def open(self) -> None:
+        if not self.opened:
+            self.opened = True
+            self.shard = _open_next(self.paths, self.transport)
+
+    def while_reading(self, samples: Iterator[RawSample]) -> Iterator[RawSample]:
+        for sample in samples:
+            yield sample
+            self.open()  # once this shard has delivered a sample: it had a head start
+
+    def take(self) -> tuple[str, Entries] | None:
+        self.open()
+        return self.shard
+
+
 def _mapped_members(path: str) -> Iterator[tuple[str, memoryview]]:
     """(name, bytes) of a local tar's files: views into the mapped file."""
     with open(path, "rb") as raw, tarfile.open(fileobj=raw, mode="r:") as tar:
@@ -118,11 +181,6 @@ def _mapped_members(path: str) -> Iterator[tuple[str, memoryview]]:
             if info.isfile():
                 yield info.name, member_view(view, info)
             tar.members.clear()  # sequential pass: do not keep every TarInfo of a 1 GB shard
-
-
-def _streamed_members(url: str, transport: Transport) -> Iterator[tuple[str, bytes]]:
-    """(name, bytes) of a remote tar's files, fetched ahead of the caller (transport.read_ahead)."""
-    return read_ahead(lambda: _tar_stream_members(url, transport), transport.read_ahead)
 
 
 def _tar_stream_members(url: str, transport: Transport) -> Iterator[tuple[str, bytes]]:

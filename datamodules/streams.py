@@ -12,6 +12,7 @@ batch n can fast-forward by reading, not decoding, the batches before n.
 
 from __future__ import annotations
 
+import itertools
 import math
 import mmap
 import tarfile
@@ -22,7 +23,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from datamodules.config import DataConfig
-from datamodules.samples import BadSampleError, RawSample, iter_shard, log_bad_sample, member_view, parse_sample
+from datamodules.samples import BadSampleError, RawSample, iter_shards, log_bad_sample, member_view, parse_sample
 from datamodules.transforms import fill_random_crops, tile_crops
 from datamodules.transport import Transport
 
@@ -135,8 +136,8 @@ class TrainStream(IterableDataset):
                 quota -= 1
             t += 1
 
-    def _checked_samples(self, shard: str) -> Iterator[tuple[RawSample, np.ndarray | None]]:
-        for sample in iter_shard(shard, self.crop_size, self.bad, self.transport):
+    def _checked(self, shard: str, samples: Iterator[RawSample]) -> Iterator[tuple[RawSample, np.ndarray | None]]:
+        for sample in samples:
             try:
                 yield sample, self.filter.indices(sample)
             except BadSampleError as err:
@@ -144,13 +145,16 @@ class TrainStream(IterableDataset):
 
     def _sites(self, epoch: int, stream_id: int) -> Iterator[tuple[RawSample, np.ndarray | None]]:
         """Checked samples of resampled shards through a shuffle buffer, endlessly."""
+        # which shards, from a generator of its own: the next shard is known (and fetched, if
+        # remote) while this one is read, whatever the shuffle below has drawn
+        order = np.random.default_rng([self.seed, epoch, self.rank, stream_id, 2])
         rng = np.random.default_rng([self.seed, epoch, self.rank, stream_id, 0])
+        resampled = (self.shards[int(order.integers(len(self.shards)))] for _ in itertools.count())
         buffer: list[tuple[RawSample, np.ndarray | None]] = []
         empty: set[str] = set()
-        while True:
-            shard = self.shards[int(rng.integers(len(self.shards)))]
+        for shard, samples in iter_shards(resampled, self.crop_size, self.bad, self.transport):
             found = False
-            for item in self._checked_samples(shard):
+            for item in self._checked(shard, samples):
                 found = True
                 if len(buffer) < self.shuffle_buffer:
                     buffer.append(item)
@@ -240,10 +244,11 @@ class EvalStream(IterableDataset):
 
     def _streamed(self) -> Iterator[dict[str, torch.Tensor]]:
         worker, workers = _worker()
-        for shard in list(self.by_shard)[worker::workers]:
+        mine = list(self.by_shard)[worker::workers]
+        for shard, samples in iter_shards(mine, self.crop_size, self.bad, self.transport):
             wanted = dict(self.by_shard[shard])
             group: list[tuple[int, RawSample]] = []
-            for sample in iter_shard(shard, self.crop_size, self.bad, self.transport):
+            for sample in samples:
                 row = wanted.pop(sample.key, None)
                 if row is None:
                     continue  # another rank's site, or one the manifest leaves out

@@ -10,7 +10,7 @@ reader sees the short stream, and the sample reader counts it as a skip, like a 
 file.
 
 Bytes are fetched by a background thread up to `read_ahead` bytes ahead of the consumer
-(`read_ahead`): a socket read releases the GIL, so the next members arrive while the current ones
+(`ReadAhead`): a socket read releases the GIL, so the next members arrive while the current ones
 are cropped, instead of the loader alternating between waiting for the network and computing.
 """
 
@@ -157,28 +157,55 @@ class RetryingStream:
 Member = tuple[str, bytes]
 
 
-def read_ahead(members: Callable[[], Iterator[Member]], budget: int) -> Iterator[Member]:
-    """The (name, bytes) items of `members()`, produced by a background thread that runs at most
-    `budget` bytes ahead of this iterator (always at least one item, however large).
+class ReadAhead(Iterator[Member]):
+    """The (name, bytes) items of `members()`, produced by a background thread that starts at once
+    and runs at most `budget` bytes ahead of the consumer (always at least one item, however large).
 
     The items and an error raised by the producer arrive in the producer's order, so the consumer
-    sees exactly what it would have read itself, at the same point. Closing this iterator (or
-    dropping it) stops the producer at its next item and closes `members()` in its thread, which
-    closes the stream; the consumer never waits for that.
+    sees exactly what it would have read itself, at the same point. close(), or dropping the
+    object, stops the producer at its next item and closes `members()` in its thread, which closes
+    the stream; the consumer never waits for that. With `budget` <= 0 there is no thread:
+    `members()` is read when asked.
     """
-    if budget <= 0:
-        yield from members()
-        return
-    queue = _ReadAheadQueue(budget)
-    threading.Thread(target=queue.produce, args=(members,), daemon=True, name="phenoscale-read-ahead").start()
-    try:
-        yield from iter(queue.get, None)
-    finally:
-        queue.stop()
+
+    def __init__(self, members: Callable[[], Iterator[Member]], budget: int) -> None:
+        self._direct: Iterator[Member] | None = None
+        self._queue: _ReadAheadQueue | None = None
+        self._finished = False
+        if budget <= 0:
+            self._direct = members()
+            return
+        self._queue = _ReadAheadQueue(budget)
+        # the thread holds the queue, not this object, so dropping the reader reaches __del__
+        threading.Thread(target=self._queue.produce, args=(members,), daemon=True, name="phenoscale-read-ahead").start()
+
+    def __next__(self) -> Member:
+        if self._direct is not None:
+            return next(self._direct)
+        if self._finished:  # the producer's end or error was handed over already
+            raise StopIteration
+        try:
+            item = self._queue.get()
+        except BaseException:
+            self._finished = True
+            raise
+        if item is None:
+            self._finished = True
+            raise StopIteration
+        return item
+
+    def close(self) -> None:
+        if self._queue is not None:
+            self._queue.stop()
+        if self._direct is not None:
+            self._direct.close()
+
+    def __del__(self) -> None:
+        self.close()
 
 
 class _ReadAheadQueue:
-    """The hand-over between read_ahead's producer thread and its consumer, bounded in bytes."""
+    """The hand-over between ReadAhead's producer thread and its consumer, bounded in bytes."""
 
     def __init__(self, budget: int) -> None:
         self.budget = budget
