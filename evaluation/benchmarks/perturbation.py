@@ -12,6 +12,7 @@ searchsorted_left(null, x)/len), and 2 x geomloss' energy loss = the V-statistic
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -48,30 +49,37 @@ def _control_sets(n_controls: int, size: int, n_null: int, rng: np.random.Genera
     return [rng.choice(n_controls, size, replace=False) for _ in range(n_null)]
 
 
+@dataclass(frozen=True)
+class _Statistic:
+    """A per-perturbation statistic tested against a control null: its output column, the fewest
+    replicates it is defined for, and the searchsorted side of its efaar original's p-value."""
+
+    column: str
+    min_replicates: int
+    side: Literal["left", "right"]
+    of: Callable[[np.ndarray], float]
+
+
 def _against_control_null(
+    statistic: _Statistic,
     perturbations: np.ndarray,
     treated: np.ndarray,
-    min_replicates: int,
-    statistic: Callable[[np.ndarray], float],
     null_pool: np.ndarray,
     n_null: int,
     rng: np.random.Generator,
-    column: str,
-    side: Literal["left", "right"],
 ) -> pl.DataFrame:
-    """Per treated perturbation: its replicate count, `statistic(its rows)` and a p-value.
+    """Per treated perturbation: its replicate count, `statistic.of(its rows)` and a p-value.
 
     The null for n replicates is the sorted statistic on `n_null` random sets of n rows of
     `null_pool` (the control wells; none when there are fewer than n); it is drawn once per
     replicate count, in order of first use, so every perturbation with n replicates is compared
-    with the same null. p = 1 - searchsorted_side(null, x)/len,
-    `side` as in each statistic's efaar original (module docstring).
+    with the same null. p = 1 - searchsorted_side(null, x)/len (module docstring).
     """
 
     def null_of(n: int) -> np.ndarray | None:
         if n > len(null_pool):
             return None
-        return np.sort([statistic(null_pool[s]) for s in _control_sets(len(null_pool), n, n_null, rng)])
+        return np.sort([statistic.of(null_pool[s]) for s in _control_sets(len(null_pool), n, n_null, rng)])
 
     uniq, order, bounds = group_rows(perturbations)
     treated = treated[order]
@@ -79,18 +87,18 @@ def _against_control_null(
     rows = []
     for name, a, b in zip(uniq, bounds[:-1], bounds[1:]):
         n = int(b - a)
-        if n < min_replicates:
+        if n < statistic.min_replicates:
             rows.append((str(name), n, None, None))
             continue
         if n not in nulls:
             nulls[n] = null_of(n)
-        stat = statistic(treated[a:b])
+        stat = statistic.of(treated[a:b])
         null = nulls[n]
-        p = None if null is None else float(1 - np.searchsorted(null, stat, side=side) / len(null))
+        p = None if null is None else float(1 - np.searchsorted(null, stat, side=statistic.side) / len(null))
         rows.append((str(name), n, stat, p))
     return pl.DataFrame(
         rows,
-        schema={"perturbation": pl.String, "n_wells": pl.Int64, column: pl.Float64, "p_value": pl.Float64},
+        schema={"perturbation": pl.String, "n_wells": pl.Int64, statistic.column: pl.Float64, "p_value": pl.Float64},
         orient="row",
     )
 
@@ -100,18 +108,10 @@ def consistency(
 ) -> pl.DataFrame:
     """Per perturbation: `consistency` (mean replicate cosine) and `p_value` against the control null."""
     unit = l2_normalised(features)
-    controls = unit[is_control]
-    return _against_control_null(
-        np.asarray(perturbations)[~is_control],
-        unit[~is_control],
-        MIN_CONSISTENCY_REPLICATES,
-        mean_pairwise_cosine,
-        controls,
-        n_null,
-        np.random.default_rng(seed),
-        "consistency",
-        "left",
-    )
+    names = np.asarray(perturbations)[~is_control]
+    statistic = _Statistic("consistency", MIN_CONSISTENCY_REPLICATES, "left", mean_pairwise_cosine)
+    rng = np.random.default_rng(seed)
+    return _against_control_null(statistic, names, unit[~is_control], unit[is_control], n_null, rng)
 
 
 def magnitude(
@@ -139,17 +139,9 @@ def magnitude(
     def to_reference(rows: np.ndarray) -> float:  # energy_distance(rows, reference)
         return 2 * _mean_distance(rows, reference) - _mean_distance(rows, rows) - reference_spread
 
-    return _against_control_null(
-        np.asarray(perturbations)[~is_control],
-        features[~is_control],
-        MIN_MAGNITUDE_REPLICATES,
-        to_reference,
-        pool,
-        n_null,
-        rng,
-        "energy_distance",
-        "right",
-    )
+    names = np.asarray(perturbations)[~is_control]
+    statistic = _Statistic("energy_distance", MIN_MAGNITUDE_REPLICATES, "right", to_reference)
+    return _against_control_null(statistic, names, features[~is_control], pool, n_null, rng)
 
 
 def share_significant(p_values: pl.Series) -> tuple[float | None, str | None]:
