@@ -13,6 +13,7 @@ import json
 import logging
 import mmap
 import tarfile
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
@@ -141,7 +142,7 @@ def shard_entries(path: str, transport: Transport | None = None) -> Entries:
     for), or for a remote shard a ReadAhead that starts fetching now."""
     if is_remote(path):
         transport = transport or Transport.from_config()
-        return ReadAhead(lambda: _tar_stream_members(path, transport), transport.read_ahead)
+        return ReadAhead(lambda cancelled: _tar_stream_members(path, transport, cancelled), transport.read_ahead)
     return _mapped_members(path)
 
 
@@ -183,14 +184,14 @@ def _mapped_members(path: str) -> Iterator[tuple[str, memoryview]]:
             tar.members.clear()  # sequential pass: do not keep every TarInfo of a 1 GB shard
 
 
-def _tar_stream_members(url: str, transport: Transport) -> Iterator[tuple[str, bytes]]:
+def _tar_stream_members(url: str, transport: Transport, cancelled: threading.Event) -> Iterator[tuple[str, bytes]]:
     """(name, bytes) of a remote tar's files, read as a stream: one read per header and per member.
 
     Not webdataset's tar_file_iterator (tarfile's stream mode): that reads in 10 KB records and
     copies each member twice, which halved the HTTP loader's throughput (benchmarks/bench_loader.py).
     Handles ustar, pax (`path`) and GNU long-name headers; a short read is a tarfile.ReadError.
     """
-    with transport.open(url) as stream:
+    with transport.open(url, cancelled) as stream:
         long_name: str | None = None
         while True:
             header = stream.read(tarfile.BLOCKSIZE)

@@ -21,7 +21,6 @@ import contextlib
 import http.client
 import logging
 import threading
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -67,8 +66,8 @@ class Transport:
         """The transport `cfg`'s io_* settings describe (default: DataConfig's defaults)."""
         return cls(timeout=cfg.io_timeout, retries=cfg.io_retries, read_ahead=cfg.io_read_ahead_mb * 2**20)
 
-    def open(self, url: str) -> RetryingStream:
-        return RetryingStream(url, self)
+    def open(self, url: str, cancelled: threading.Event | None = None) -> RetryingStream:
+        return RetryingStream(url, self, cancelled)
 
     def read_bytes(self, url: str) -> bytes:
         """The whole object at `url` (a manifest), with the same retries as a shard."""
@@ -78,10 +77,15 @@ class Transport:
 
 
 class RetryingStream:
-    """A read-only forward stream over `url` that survives transient failures (module docstring)."""
+    """A read-only forward stream over `url` that survives transient failures (module docstring).
 
-    def __init__(self, url: str, transport: Transport) -> None:
+    `cancelled`, once set, ends a backoff at once with ShardUnavailableError: a reader that was
+    dropped (ReadAhead.close) does not keep retrying, and logging retries, behind the run's back.
+    """
+
+    def __init__(self, url: str, transport: Transport, cancelled: threading.Event | None = None) -> None:
         self.url, self.transport = url, transport
+        self.cancelled = cancelled or threading.Event()
         self.position = 0
         self._raw: BinaryIO | None = None
         self._failures = 0  # since the stream last got past the byte where it failed
@@ -98,6 +102,8 @@ class RetryingStream:
                         f"{self.url}: unreachable after {self.transport.retries} retries "
                         f"at byte {self.position} ({error})"
                     ) from None
+                if self.cancelled.is_set():
+                    raise ShardUnavailableError(f"{self.url}: not retried, its reader was closed")
                 delay = min(30.0, self.transport.backoff * 2 ** (self._failures - 1))
                 log.warning(
                     "retrying %s at byte %d in %.1fs (%d of %d): %s",
@@ -108,7 +114,8 @@ class RetryingStream:
                     self.transport.retries,
                     error,
                 )
-                time.sleep(delay)
+                if self.cancelled.wait(delay):
+                    raise ShardUnavailableError(f"{self.url}: not retried, its reader was closed")
             try:
                 self._raw = _open_at(self.url, self.position, self.transport.timeout)
                 return
@@ -158,22 +165,23 @@ Member = tuple[str, bytes]
 
 
 class ReadAhead(Iterator[Member]):
-    """The (name, bytes) items of `members()`, produced by a background thread that starts at once
+    """The (name, bytes) items of `members(cancelled)`, produced by a background thread that starts at once
     and runs at most `budget` bytes ahead of the consumer (always at least one item, however large).
 
     The items and an error raised by the producer arrive in the producer's order, so the consumer
     sees exactly what it would have read itself, at the same point. close(), or dropping the
     object, stops the producer at its next item and closes `members()` in its thread, which closes
-    the stream; the consumer never waits for that. With `budget` <= 0 there is no thread:
-    `members()` is read when asked.
+    the stream; the consumer never waits for that. close() also sets the `cancelled` event handed
+    to `members`, which a RetryingStream waiting out a backoff obeys at once. With `budget` <= 0
+    there is no thread: `members` is read when asked.
     """
 
-    def __init__(self, members: Callable[[], Iterator[Member]], budget: int) -> None:
+    def __init__(self, members: Callable[[threading.Event], Iterator[Member]], budget: int) -> None:
         self._direct: Iterator[Member] | None = None
         self._queue: _ReadAheadQueue | None = None
         self._finished = False
         if budget <= 0:
-            self._direct = members()
+            self._direct = members(threading.Event())  # read in the caller's thread: nothing to cancel
             return
         self._queue = _ReadAheadQueue(budget)
         # the thread holds the queue, not this object, so dropping the reader reaches __del__
@@ -212,12 +220,13 @@ class _ReadAheadQueue:
         self.held = 0  # bytes queued, not yet taken by the consumer
         self.items: collections.deque[Member | BaseException | None] = collections.deque()  # None: the end
         self.stopped = False
+        self.cancelled = threading.Event()  # = stopped, for a producer blocked outside the queue
         self.changed = threading.Condition()
 
-    def produce(self, members: Callable[[], Iterator[Member]]) -> None:
+    def produce(self, members: Callable[[threading.Event], Iterator[Member]]) -> None:
         end: BaseException | None = None
         try:
-            with contextlib.closing(members()) as produced:
+            with contextlib.closing(members(self.cancelled)) as produced:
                 for name, data in produced:
                     size = len(data)
                     with self.changed:
@@ -248,6 +257,7 @@ class _ReadAheadQueue:
         return item
 
     def stop(self) -> None:
+        self.cancelled.set()
         with self.changed:
             self.stopped = True
             self.changed.notify_all()

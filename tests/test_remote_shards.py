@@ -8,6 +8,7 @@ import collections
 import http.server
 import logging
 import re
+import socket
 import threading
 import time
 from pathlib import Path
@@ -16,7 +17,7 @@ import pytest
 
 from benchmarks.harness import serve_directory
 from datamodules import build_datamodule
-from datamodules.samples import iter_shard, iter_shards
+from datamodules.samples import iter_shard, iter_shards, shard_entries
 from datamodules.transport import ReadAhead, ShardUnavailableError, Transport
 from run_helpers import audit, run_cli, tiny_overrides, train_cmd
 from test_streaming import config, epoch_batches, same, write_toy_shards
@@ -142,7 +143,7 @@ class Members:
         self.count, self.size, self.error = count, size, error
         self.produced, self.closed = 0, threading.Event()
 
-    def __call__(self):
+    def __call__(self, cancelled: threading.Event):
         try:
             for i in range(self.count):
                 yield f"m{i}", bytes([i]) * self.size
@@ -182,6 +183,21 @@ def test_read_ahead_stays_within_its_budget_and_stops_when_dropped() -> None:
     reader.close()
     assert wait_until(members.closed.is_set)  # the producer closed its source in its own thread
     assert members.produced == 6
+
+
+def test_a_closed_reader_stops_retrying_at_once(caplog: pytest.LogCaptureFixture) -> None:
+    """A shard dropped by its reader (the epoch ended, another shard failed) must not keep retrying
+    and logging behind the run: close() ends the producer's backoff."""
+    with socket.socket() as sock:  # a port nothing listens on: every connect is refused
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    transport = Transport(timeout=1, retries=5, read_ahead=2**20, backoff=0.5)
+    with caplog.at_level(logging.WARNING, logger="datamodules"):
+        reader = shard_entries(f"http://127.0.0.1:{port}/shard-000000.tar", transport)
+        assert wait_until(lambda: "retrying" in caplog.text)  # waiting out its first 0.5 s backoff
+        reader.close()
+        time.sleep(2.0)  # without the cancel: 2 more retries by now (after the 0.5 and 1 s backoffs)
+    assert caplog.text.count("retrying") == 1
 
 
 def test_the_next_remote_shard_arrives_while_the_current_one_is_still_read(shards: Path, tmp_path: Path) -> None:
