@@ -219,8 +219,7 @@ class _ReadAheadQueue:
         self.budget = budget
         self.held = 0  # bytes queued, not yet taken by the consumer
         self.items: collections.deque[Member | BaseException | None] = collections.deque()  # None: the end
-        self.stopped = False
-        self.cancelled = threading.Event()  # = stopped, for a producer blocked outside the queue
+        self.cancelled = threading.Event()  # set by stop(); also seen by a producer blocked outside the queue
         self.changed = threading.Condition()
 
     def produce(self, members: Callable[[threading.Event], Iterator[Member]]) -> None:
@@ -230,11 +229,8 @@ class _ReadAheadQueue:
                 for name, data in produced:
                     size = len(data)
                     with self.changed:
-                        # one member over the budget still passes when nothing else is held
-                        self.changed.wait_for(
-                            lambda size=size: self.stopped or not self.held or self.held + size <= self.budget
-                        )
-                        if self.stopped:
+                        self.changed.wait_for(lambda size=size: self._may_queue(size))
+                        if self.cancelled.is_set():
                             return
                         self.items.append((name, data))
                         self.held += size
@@ -244,6 +240,10 @@ class _ReadAheadQueue:
         with self.changed:
             self.items.append(end)
             self.changed.notify_all()
+
+    def _may_queue(self, size: int) -> bool:
+        """Stopped, or room for `size` bytes (one member over the budget passes when nothing else is held)."""
+        return self.cancelled.is_set() or not self.held or self.held + size <= self.budget
 
     def get(self) -> Member | None:
         with self.changed:
@@ -257,9 +257,8 @@ class _ReadAheadQueue:
         return item
 
     def stop(self) -> None:
-        self.cancelled.set()
         with self.changed:
-            self.stopped = True
+            self.cancelled.set()
             self.changed.notify_all()
 
 
