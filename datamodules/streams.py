@@ -217,6 +217,11 @@ class EvalStream(IterableDataset):
         for row, shard, key in sites:
             self.by_shard.setdefault(shard, {})[key] = row
 
+    @property
+    def rows(self) -> range:
+        """The manifest rows this stream's sites cover (one contiguous block per rank)."""
+        return range(self.sites[0][0], self.sites[-1][0] + 1) if self.sites else range(0)
+
     def __len__(self) -> int:
         if self.transport is None:
             return math.ceil(len(self.sites) / self.sites_per_batch)

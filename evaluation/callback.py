@@ -76,14 +76,11 @@ class EFAARCallback(L.Callback):
         was_training = pl_module.training
         pl_module.eval()
         try:
-            return rank_site_sums(
-                pl_module,
-                self.datamodule.eval_dataloader(),
-                pl_module.device,
-                self.cfg.pooling,
-                blocks,
-                progress=progress,
-            )
+            loader = self.datamodule.eval_dataloader()
+            # a phenoscale EvalStream says its manifest rows (sums sized once); other loaders: grown
+            rows = getattr(getattr(loader, "dataset", None), "rows", None)
+            device, pooling = pl_module.device, self.cfg.pooling
+            return rank_site_sums(pl_module, loader, device, pooling, blocks, progress=progress, rows=rows)
         finally:
             pl_module.train(was_training)
 

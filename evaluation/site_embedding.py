@@ -2,7 +2,8 @@
 EFAAR callback.
 
 Each rank embeds only the sites its evaluation loader gives it (a contiguous block of manifest
-rows) and keeps float64 sums over the span of rows it sees (grown by doubling, so at most twice
+rows) and keeps float64 sums over the span of rows it sees: allocated once at that span when the
+caller knows it (`rows`, e.g. the evaluation stream's), else grown by doubling (at most twice
 that), so memory per rank is O(its sites x D), not O(all sites x D); the ranks' results are then
 combined by whoever needs them: `phenoscale embed` writes one parquet part per rank and
 concatenates the parts in manifest order (phenoscale/embedding.py), the callback gathers the
@@ -75,7 +76,8 @@ class _DenseSums:
     holes for the next batch and grows by about a batch's activations each time.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, expected: range | None = None) -> None:
+        self.expected = expected  # the rows the loader will give, when known: sized once, never moved
         self.base = 0
         self.sums: dict[int | None, torch.Tensor] = {}
         self.counts = torch.zeros(0, dtype=torch.float64)
@@ -86,6 +88,8 @@ class _DenseSums:
             return
         lo, hi = int(rows.min()), int(rows.max()) + 1
         if not len(self.counts):
+            if self.expected:
+                lo, hi = min(lo, self.expected.start), max(hi, self.expected.stop)
             self.base = lo
         if lo < self.base or hi - self.base > len(self.counts):
             self._grow(min(lo, self.base), max(hi, self.base + len(self.counts)), crops)
@@ -109,6 +113,8 @@ class _DenseSums:
 
     def result(self) -> SiteSums:
         seen = torch.nonzero(self.counts).flatten()
+        if len(seen) == len(self.counts):  # every row of the buffer seen (a sized one, usually): no copy
+            return SiteSums(seen + self.base, self.sums, self.counts)
         return SiteSums(seen + self.base, {b: s[seen] for b, s in self.sums.items()}, self.counts[seen])
 
 
@@ -121,13 +127,15 @@ def rank_site_sums(
     blocks: list[int | None] | None = None,
     bf16: bool = False,
     progress: bool = True,
+    rows: range | None = None,
 ) -> SiteSums:
     """SiteSums of the sites `loader` gives this rank, for each of `blocks` (default: [None]).
 
-    Memory follows the range of manifest rows this rank sees (a contiguous block), not the manifest.
+    Memory follows the range of manifest rows this rank sees (a contiguous block), not the manifest;
+    `rows`, the manifest rows the loader will give when known, sizes the sums once at exactly that.
     """
     blocks = blocks or [None]
-    acc = _DenseSums()
+    acc = _DenseSums(rows)
     total = len(loader) if hasattr(loader, "__len__") else None
     # disable=None: no bar when stderr is not a terminal (a batch job's log), like the training bar
     bar_off = None if progress else True

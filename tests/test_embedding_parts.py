@@ -37,8 +37,10 @@ def write_rank_parts(model, cfg, out: Path, ranks: list[int], monkeypatch: pytes
     for rank in ranks:
         monkeypatch.setenv("RANK", str(rank))
         dm = build_datamodule(cfg)
-        sites = rank_site_sums(model, dm.eval_dataloader(), torch.device("cpu"), progress=False)
+        loader = dm.eval_dataloader()
+        sites = rank_site_sums(model, loader, torch.device("cpu"), progress=False, rows=loader.dataset.rows)
         assert len(sites.rows) == dm.manifest.height // RANKS  # a rank holds its own sites only
+        assert sites.rows.tolist() == list(loader.dataset.rows)  # the block the stream announced
         write_part(out, dm.manifest, sites, None, rank, RANKS)
     monkeypatch.delenv("RANK")
     monkeypatch.delenv("WORLD_SIZE")
@@ -82,15 +84,19 @@ class _MeanEmbedder:
         return images.float().mean(dim=(2, 3))
 
 
-def test_site_sums_of_batches_in_any_order_equal_their_combination() -> None:
+@pytest.mark.parametrize(
+    "rows", [None, range(2, 13), range(0, 20), range(5, 9)], ids=["unknown", "exact", "wider", "narrower"]
+)
+def test_site_sums_of_batches_in_any_order_equal_their_combination(rows: range | None) -> None:
     """Rows arrive out of order, split over batches and with gaps (skipped sites): the running
-    sums grow to cover them and still equal SiteSums.combine of the per-batch sums."""
+    sums (sized from `rows` when given, right or wrong) grow to cover them and still equal
+    SiteSums.combine of the per-batch sums."""
     generator = torch.Generator().manual_seed(0)
     site_rows = [[7, 7, 8], [3, 4], [12, 12], [8, 9], [2]]  # 8 split over two batches; 5, 6, 10, 11 skipped
     batches = [
         {"image": torch.rand(len(r), 3, 4, 4, generator=generator), "site_index": torch.tensor(r)} for r in site_rows
     ]
-    sites = rank_site_sums(_MeanEmbedder(), batches, torch.device("cpu"), progress=False)
+    sites = rank_site_sums(_MeanEmbedder(), batches, torch.device("cpu"), progress=False, rows=rows)
     per_batch = []
     for b in batches:
         rows, inverse = torch.unique(b["site_index"], return_inverse=True)
