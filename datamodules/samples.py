@@ -14,7 +14,7 @@ import logging
 import mmap
 import tarfile
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -83,8 +83,8 @@ def parse_sample(
     return RawSample(key, shard, meta, npy, offset, tuple(int(s) for s in shape), dtype)
 
 
-#: a shard's (file name, bytes) in stored order
-Entries = Iterator[tuple[str, bytes | memoryview]]
+#: a shard's (file name, bytes) in stored order; closed once read (a generator or a ReadAhead)
+Entries = Generator[tuple[str, bytes | memoryview], None, None] | ReadAhead
 
 
 def iter_shard(
@@ -104,7 +104,8 @@ def iter_shard(
     """
     key, members = None, {}
     try:
-        for name, data in entries if entries is not None else shard_entries(path, transport):
+        entries = entries if entries is not None else shard_entries(path, transport)
+        for name, data in entries:
             member_key, _, ext = name.rsplit("/", 1)[-1].partition(".")
             if member_key != key:
                 if key is not None:
@@ -115,6 +116,9 @@ def iter_shard(
             yield from _checked(key, path, members, min_size, on_bad)
     except (tarfile.TarError, OSError, EOFError, ValueError) as err:
         on_bad(path, key or "?", f"shard unreadable from here on ({err})")
+    finally:  # read to the end, failed or dropped: a remote shard's producer stops now, not when collected
+        if entries is not None:
+            entries.close()
 
 
 def iter_shards(
@@ -122,11 +126,12 @@ def iter_shards(
 ) -> Iterator[tuple[str, Iterator[RawSample]]]:
     """(path, its samples as iter_shard reads them) for each of `paths`, in order.
 
-    A remote shard is opened as soon as the one before it has delivered its first sample, so two
+    A remote shard is opened when the reader asks for the second sample of the one before it, so two
     arrive at once (each up to the transport's read-ahead budget): the reader does not stall on
     every new connection, and two connections keep it fed where one alone is slower than the
     cropping (a TCP window still opening, an object store's rate per connection). Each shard's
-    samples must be used up or dropped before the next pair is asked for.
+    samples must be used up before the next pair is asked for; dropping them ends the sequence
+    (the shard fetched ahead is closed with them).
     """
     paths = iter(paths)
     current = _open_next(paths, transport)
@@ -165,16 +170,21 @@ class _Following:
             self.shard = _open_next(self.paths, self.transport)
 
     def while_reading(self, samples: Iterator[RawSample]) -> Iterator[RawSample]:
-        for sample in samples:
-            yield sample
-            self.open()  # once this shard has delivered a sample: it had a head start
+        try:
+            for sample in samples:
+                yield sample
+                self.open()  # once this shard has delivered a sample: it had a head start
+        except BaseException:  # the run stops (an unreachable store) or the reader let go: not wanted
+            if self.shard is not None:
+                self.shard[1].close()
+            raise
 
     def take(self) -> tuple[str, Entries] | None:
         self.open()
         return self.shard
 
 
-def _mapped_members(path: str) -> Iterator[tuple[str, memoryview]]:
+def _mapped_members(path: str) -> Generator[tuple[str, memoryview], None, None]:
     """(name, bytes) of a local tar's files: views into the mapped file."""
     with open(path, "rb") as raw, tarfile.open(fileobj=raw, mode="r:") as tar:
         view = memoryview(mmap.mmap(raw.fileno(), 0, access=mmap.ACCESS_READ))
@@ -193,7 +203,7 @@ def _tar_stream_members(url: str, transport: Transport, cancelled: threading.Eve
     """
     with transport.open(url, cancelled) as stream:
         long_name: str | None = None
-        while True:
+        while not cancelled.is_set():  # a closed reader: no more members fetched for nobody
             header = stream.read(tarfile.BLOCKSIZE)
             if not header or header == tarfile.NUL * tarfile.BLOCKSIZE:
                 return  # end of archive (a tar may end without its two zero blocks)

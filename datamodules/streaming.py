@@ -35,6 +35,10 @@ from datamodules.transport import Transport, is_remote
 
 log = logging.getLogger("datamodules")
 
+#: how a training stream is drawn from its seeds; 2 (2026-12-04): shard order from its own RNG
+#: (TrainStream._sites). A resume from a checkpoint of another order warns that the data differs.
+STREAM_ORDER = 2
+
 
 def resolve_shards(
     pattern: str, verify: bool = True, manifest_at: str | None = None, transport: Transport | None = None
@@ -286,10 +290,16 @@ class ShardDataModule(L.LightningDataModule):
     def _stream_identity(self) -> dict[str, int]:
         """What, beside the position, determines the batches: resuming with other values is allowed
         (e.g. more nodes) but continues a different stream."""
-        return {"seed": self.seed, "num_workers": self.cfg.num_workers, "world_size": rank_and_world()[1]}
+        return {
+            "seed": self.seed,
+            "num_workers": self.cfg.num_workers,
+            "world_size": rank_and_world()[1],
+            "stream_order": STREAM_ORDER,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        changed = {k: (state[k], v) for k, v in self._stream_identity().items() if k in state and state[k] != v}
+        saved = {"stream_order": 1, **state}  # checkpoints from before the key drew shards the first way
+        changed = {k: (saved[k], v) for k, v in self._stream_identity().items() if k in saved and saved[k] != v}
         if changed:
             log.warning(
                 "resuming with a different %s (saved, now): the data stream continues differently from the "

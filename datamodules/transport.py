@@ -190,19 +190,18 @@ class ReadAhead(Iterator[Member]):
     def __next__(self) -> Member:
         if self._direct is not None:
             return next(self._direct)
-        if self._finished:  # the producer's end or error was handed over already
+        if self._finished:  # the producer's end or error was handed over, or the reader was closed
             raise StopIteration
-        try:
-            item = self._queue.get()
-        except BaseException:
-            self._finished = True
-            raise
+        item = self._queue.get()
+        if isinstance(item, tuple):
+            return item
+        self._finished = True
         if item is None:
-            self._finished = True
             raise StopIteration
-        return item
+        raise item  # the producer's error, where the consumer would have met it
 
     def close(self) -> None:
+        self._finished = True
         if self._queue is not None:
             self._queue.stop()
         if self._direct is not None:
@@ -245,15 +244,14 @@ class _ReadAheadQueue:
         """Stopped, or room for `size` bytes (one member over the budget passes when nothing else is held)."""
         return self.cancelled.is_set() or not self.held or self.held + size <= self.budget
 
-    def get(self) -> Member | None:
+    def get(self) -> Member | BaseException | None:
+        """The next item: a member, the producer's error, or None at the end."""
         with self.changed:
             self.changed.wait_for(lambda: self.items)
             item = self.items.popleft()
             if isinstance(item, tuple):
                 self.held -= len(item[1])
                 self.changed.notify_all()
-        if isinstance(item, BaseException):
-            raise item
         return item
 
     def stop(self) -> None:

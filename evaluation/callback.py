@@ -79,6 +79,7 @@ class EFAARCallback(L.Callback):
             loader = self.datamodule.eval_dataloader()
             # a phenoscale EvalStream says its manifest rows (sums sized once); other loaders: grown
             rows = getattr(getattr(loader, "dataset", None), "rows", None)
+            rows = rows if isinstance(rows, range) else None
             device, pooling = pl_module.device, self.cfg.pooling
             return rank_site_sums(pl_module, loader, device, pooling, blocks, progress=progress, rows=rows)
         finally:

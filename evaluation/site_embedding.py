@@ -69,7 +69,8 @@ class SiteSums:
 
 
 class _DenseSums:
-    """Float64 sums and counts over a dense range of manifest rows, grown by doubling.
+    """Float64 sums and counts over a dense range of manifest rows: sized once from `expected`
+    when the loader's rows are known, grown by doubling to cover any row outside it.
 
     One buffer for the whole pass rather than a small tensor kept per batch: kept tensors land in
     the holes a batch's freed activations leave in glibc's heap, so the heap cannot reuse those
@@ -77,7 +78,7 @@ class _DenseSums:
     """
 
     def __init__(self, expected: range | None = None) -> None:
-        self.expected = expected  # the rows the loader will give, when known: sized once, never moved
+        self.expected = expected  # the rows the loader will give, when known: the first allocation's span
         self.base = 0
         self.sums: dict[int | None, torch.Tensor] = {}
         self.counts = torch.zeros(0, dtype=torch.float64)

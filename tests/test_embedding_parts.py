@@ -85,7 +85,7 @@ class _MeanEmbedder:
 
 
 @pytest.mark.parametrize(
-    "rows", [None, range(2, 13), range(0, 20), range(5, 9)], ids=["unknown", "exact", "wider", "narrower"]
+    "rows", [None, range(2, 13), range(0, 20), range(5, 9)], ids=["unknown", "span", "wider", "narrower"]
 )
 def test_site_sums_of_batches_in_any_order_equal_their_combination(rows: range | None) -> None:
     """Rows arrive out of order, split over batches and with gaps (skipped sites): the running
@@ -107,3 +107,16 @@ def test_site_sums_of_batches_in_any_order_equal_their_combination(rows: range |
     assert sites.rows.tolist() == [2, 3, 4, 7, 8, 9, 12]
     assert sites.counts.tolist() == expected.counts.tolist() == [1, 1, 1, 2, 2, 1, 2]
     torch.testing.assert_close(sites.sums[None], expected.sums[None], rtol=0, atol=1e-15)
+
+
+def test_sums_sized_from_the_rows_are_handed_over_whole() -> None:
+    """Every row of a sized buffer seen: the result is the buffer itself, exactly rows x D float64
+    (what the EFAAR callback's gather pickles), not a doubled buffer or a copy beside it."""
+    rows = [[3, 3, 4], [5, 6], [6, 7, 8]]
+    batches = [{"image": torch.rand(len(r), 3, 4, 4), "site_index": torch.tensor(r)} for r in rows]
+    sites = rank_site_sums(_MeanEmbedder(), batches, torch.device("cpu"), progress=False, rows=range(3, 9))
+    assert sites.rows.tolist() == [3, 4, 5, 6, 7, 8]
+    assert sites.sums[None].untyped_storage().nbytes() == 6 * 3 * 8
+    assert sites.counts.tolist() == [2, 1, 1, 2, 1, 1]
+    unsized = rank_site_sums(_MeanEmbedder(), batches, torch.device("cpu"), progress=False)
+    torch.testing.assert_close(unsized.sums[None], sites.sums[None], rtol=0, atol=0)

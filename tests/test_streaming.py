@@ -17,6 +17,7 @@ import torch
 import torch.multiprocessing as mp
 
 from datamodules import DataConfig, ShardWriter, StreamEpochCallback, build_datamodule, read_manifest
+from datamodules.streaming import STREAM_ORDER
 from datamodules.transforms import copy_dihedral, dihedral, fill_random_crops, tile_origins
 from real_field import PEDIATRIC_STAINS, pediatric_field
 from run_helpers import site_meta
@@ -133,7 +134,14 @@ def test_resume_from_state_dict_continues_exactly(shards, workers):
         if len(head) == 5:
             break
     state = interrupted.state_dict()
-    assert state == {"epoch": 0, "batches": 5, "seed": 5, "num_workers": workers, "world_size": 1}
+    assert state == {
+        "epoch": 0,
+        "batches": 5,
+        "seed": 5,
+        "num_workers": workers,
+        "world_size": 1,
+        "stream_order": STREAM_ORDER,
+    }
 
     resumed = build_datamodule(config(shards, num_workers=workers), seed=5)
     resumed.load_state_dict(state)
@@ -147,8 +155,9 @@ def test_resume_from_state_dict_continues_exactly(shards, workers):
 def test_resume_into_a_shorter_epoch_starts_the_next_one(shards, caplog):
     dm = build_datamodule(config(shards, steps_per_epoch=4), seed=5)
     with caplog.at_level(logging.WARNING, logger="datamodules"):
+        # a checkpoint from before stream_order was saved: its shards were drawn the first way
         dm.load_state_dict({"epoch": 2, "batches": 9, "seed": 5, "num_workers": 0, "world_size": 2})
-    assert "world_size" in caplog.text
+    assert "'world_size': (2, 1)" in caplog.text and f"'stream_order': (1, {STREAM_ORDER})" in caplog.text
     assert dm.state_dict()["epoch"] == 3 and dm.state_dict()["batches"] == 0
     fresh = build_datamodule(config(shards, steps_per_epoch=4), seed=5)
     fresh.set_epoch(3)
