@@ -17,7 +17,7 @@ class DataConfig:
     manifest: Optional[str] = None  # None: manifest.parquet beside the shards (same directory or URL prefix)
     io_timeout: float = 60.0  # seconds per connect/read of a remote shard before a retry
     io_retries: int = 5  # reopenings (exponential backoff) of a failing remote shard before the run stops
-    io_read_ahead_mb: int = 64  # MB of a remote shard fetched by a background thread ahead of the reader (0: none)
+    io_read_ahead_mb: int = 64  # MB fetched ahead of the reader per remote shard in flight (two per worker; 0: none)
     # what a batch is
     crop_size: int = 256
     crops_per_site: int = 4  # random crops per decoded site (amortises the decode); divides batch_size
