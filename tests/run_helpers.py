@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+import pytest
 from lightning.pytorch import Callback
 
 from datamodules import ShardWriter
@@ -105,6 +106,11 @@ def run_cli(args: list[str], timeout: float = 240, env: dict[str, str] | None = 
 
 def train_cmd(*args: str) -> list[str]:
     return [sys.executable, str(REPO / "train.py"), str(TINY), *args]
+
+
+def fail_on_bad(shard: str, key: str, reason: str) -> None:
+    """An `on_bad` for sample readers in tests where no sample may be bad: fails naming it."""
+    pytest.fail(f"bad sample {key} in {shard}: {reason}")
 
 
 def audit(run_dir: Path, rank: int = 0) -> pl.DataFrame:

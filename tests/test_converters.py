@@ -16,6 +16,7 @@ from datamodules.converters import jump_sites, parse_channel_map, read_site, rxr
 from datamodules.samples import iter_shard
 from phenoscale.cli import main as cli
 from real_field import PEDIATRIC_FIELD, PEDIATRIC_STAINS, pediatric_field
+from run_helpers import fail_on_bad
 
 CPJUMP1 = "images/jump_cpjump1_BR00117006_A01_f01"
 HUMAN = "images/cellprofiler_ExampleHuman"
@@ -23,7 +24,7 @@ HUMAN = "images/cellprofiler_ExampleHuman"
 
 def shard_images(out: Path) -> dict[str, np.ndarray]:
     """Every sample's pixels, read back through the training reader."""
-    return {s.key: s.image() for shard in sorted(out.glob("*.tar")) for s in iter_shard(str(shard), 1, pytest.fail)}
+    return {s.key: s.image() for shard in sorted(out.glob("*.tar")) for s in iter_shard(str(shard), 1, fail_on_bad)}
 
 
 @pytest.fixture(scope="module")

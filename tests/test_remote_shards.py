@@ -19,7 +19,7 @@ from benchmarks.harness import serve_directory
 from datamodules import build_datamodule
 from datamodules.samples import iter_shard, iter_shards, shard_entries
 from datamodules.transport import ReadAhead, ShardUnavailableError, Transport
-from run_helpers import audit, run_cli, tiny_overrides, train_cmd
+from run_helpers import audit, fail_on_bad, run_cli, tiny_overrides, train_cmd
 from test_streaming import config, epoch_batches, same, write_toy_shards
 
 
@@ -212,9 +212,8 @@ def test_a_failing_shard_stops_the_fetch_of_the_next_one_at_once(shards: Path) -
     # half of the first shard, then the command fails: a read error, and with no retries left, fatal
     broken = f"pipe:head -c {first.stat().st_size // 2} {first}; exit 3"
     tiny_budget = Transport(timeout=10, retries=0, read_ahead=1)  # each producer blocks after one member
-    on_bad = lambda *bad: pytest.fail(str(bad))  # noqa: E731
     with pytest.raises(ShardUnavailableError, match="exit 3") as failure:
-        for _, samples in iter_shards([broken, f"pipe:cat {second}"], 1, on_bad, tiny_budget):
+        for _, samples in iter_shards([broken, f"pipe:cat {second}"], 1, fail_on_bad, tiny_budget):
             for _ in samples:
                 pass
     assert failure.value.__traceback__ is not None  # the frames are still referenced here
@@ -225,13 +224,12 @@ def test_the_next_remote_shard_arrives_while_the_current_one_is_still_read(shard
     """iter_shards opens shard k+1 once shard k has delivered a sample, before its samples are used
     up: a new connection's latency (and an object store's time to first byte) is hidden behind cropping."""
     files = sorted(shards.glob("*.tar"))[:2]
-    on_bad = lambda *bad: pytest.fail(str(bad))  # noqa: E731
-    expected = [[s.key for s in iter_shard(str(f), 1, on_bad)] for f in files]
+    expected = [[s.key for s in iter_shard(str(f), 1, fail_on_bad)] for f in files]
     assert len(expected[0]) >= 2
     urls = [f"pipe:touch {tmp_path}/opened-{i} && cat {f}" for i, f in enumerate(files)]
     opened_before_the_end = None
     got = []
-    for path, samples in iter_shards(urls, 1, on_bad, Transport(timeout=10, retries=0, read_ahead=2**30)):
+    for path, samples in iter_shards(urls, 1, fail_on_bad, Transport(timeout=10, retries=0, read_ahead=2**30)):
         got.append([])
         for sample in samples:
             got[-1].append(sample.key)

@@ -16,7 +16,7 @@ import webdataset as wds
 from datamodules import ShardWriter, read_manifest
 from datamodules.samples import iter_shard
 from real_field import pediatric_field
-from run_helpers import site_meta
+from run_helpers import fail_on_bad, site_meta
 
 HUMAN = "images/cellprofiler_ExampleHuman"
 
@@ -49,7 +49,7 @@ def test_round_trip_is_pixel_exact_uint16_and_uint8(tmp_path, phenix_field, huma
     np.testing.assert_array_equal(samples["human"]["npy"], human_field)
     assert samples["human"]["json"]["channels"] == ["DNA", "PH3", "Cell"]
     # our own reader: the same pixels
-    ours = {s.key: s.image() for s in iter_shard(str(tmp_path / "shard-000000.tar"), 1, pytest.fail)}
+    ours = {s.key: s.image() for s in iter_shard(str(tmp_path / "shard-000000.tar"), 1, fail_on_bad)}
     np.testing.assert_array_equal(ours["phenix"], phenix_field)
 
 
