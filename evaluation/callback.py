@@ -76,12 +76,14 @@ class EFAARCallback(L.Callback):
         was_training = pl_module.training
         pl_module.eval()
         try:
-            loader = self.datamodule.eval_dataloader()
-            # a phenoscale EvalStream says its manifest rows (sums sized once); other loaders: grown
-            rows = getattr(getattr(loader, "dataset", None), "rows", None)
-            rows = rows if isinstance(rows, range) else None
-            device, pooling = pl_module.device, self.cfg.pooling
-            return rank_site_sums(pl_module, loader, device, pooling, blocks, progress=progress, rows=rows)
+            return rank_site_sums(
+                pl_module,
+                self.datamodule.eval_dataloader(),
+                pl_module.device,
+                self.cfg.pooling,
+                blocks,
+                progress=progress,
+            )
         finally:
             pl_module.train(was_training)
 

@@ -2,8 +2,8 @@
 EFAAR callback.
 
 Each rank embeds only the sites its evaluation loader gives it (a contiguous block of manifest
-rows) and keeps float64 sums over the span of rows it sees: allocated once at that span when the
-caller knows it (`rows`, e.g. the evaluation stream's), else grown by doubling (at most twice
+rows) and keeps float64 sums over the span of rows it sees: allocated once at that span when it is
+known (the evaluation stream's `rows`), else grown by doubling (at most twice
 that), so memory per rank is O(its sites x D), not O(all sites x D); the ranks' results are then
 combined by whoever needs them: `phenoscale embed` writes one parquet part per rank and
 concatenates the parts in manifest order (phenoscale/embedding.py), the callback gathers the
@@ -133,10 +133,13 @@ def rank_site_sums(
     """SiteSums of the sites `loader` gives this rank, for each of `blocks` (default: [None]).
 
     Memory follows the range of manifest rows this rank sees (a contiguous block), not the manifest;
-    `rows`, the manifest rows the loader will give when known, sizes the sums once at exactly that.
+    the manifest rows the loader will give, when known, size the sums once at exactly that: `rows`,
+    else the `rows` range its dataset announces (a phenoscale EvalStream does), else grown as seen.
     """
     blocks = blocks or [None]
-    acc = _DenseSums(rows)
+    if rows is None:
+        rows = getattr(getattr(loader, "dataset", None), "rows", None)
+    acc = _DenseSums(rows if isinstance(rows, range) else None)
     total = len(loader) if hasattr(loader, "__len__") else None
     # disable=None: no bar when stderr is not a terminal (a batch job's log), like the training bar
     bar_off = None if progress else True

@@ -101,9 +101,9 @@ def embed_model(
         model = model.to(device).eval()
         datamodule = datamodules.build_datamodule(data_cfg, seed=seed)
         manifest: pl.DataFrame = datamodule.manifest
-        loader = datamodule.eval_dataloader()
-        progress = env.global_rank == 0
-        sites = rank_site_sums(model, loader, device, pooling, [block], bf16, progress, rows=loader.dataset.rows)
+        sites = rank_site_sums(
+            model, datamodule.eval_dataloader(), device, pooling, [block], bf16, progress=env.global_rank == 0
+        )
         write_part(out, manifest, sites, block, env.global_rank, env.world_size)
         if dist.is_initialized():
             dist.barrier()  # every part is on disk before rank 0 reads them

@@ -4,6 +4,7 @@ part; merging the parts gives exactly the one-process file, and a missing or sta
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import polars as pl
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 from datamodules import build_datamodule
+from evaluation import site_embedding
 from evaluation.site_embedding import SiteSums, rank_site_sums
 from phenoscale.cli import main
 from phenoscale.embedding import embed_model, merge_parts, parts_directory, site_embeddings, write_part
@@ -38,7 +40,7 @@ def write_rank_parts(model, cfg, out: Path, ranks: list[int], monkeypatch: pytes
         monkeypatch.setenv("RANK", str(rank))
         dm = build_datamodule(cfg)
         loader = dm.eval_dataloader()
-        sites = rank_site_sums(model, loader, torch.device("cpu"), progress=False, rows=loader.dataset.rows)
+        sites = rank_site_sums(model, loader, torch.device("cpu"), progress=False)
         assert len(sites.rows) == dm.manifest.height // RANKS  # a rank holds its own sites only
         assert sites.rows.tolist() == list(loader.dataset.rows)  # the block the stream announced
         write_part(out, dm.manifest, sites, None, rank, RANKS)
@@ -109,14 +111,33 @@ def test_site_sums_of_batches_in_any_order_equal_their_combination(rows: range |
     torch.testing.assert_close(sites.sums[None], expected.sums[None], rtol=0, atol=1e-15)
 
 
-def test_sums_sized_from_the_rows_are_handed_over_whole() -> None:
-    """Every row of a sized buffer seen: the result is the buffer itself, exactly rows x D float64
-    (what the EFAAR callback's gather pickles), not a doubled buffer or a copy beside it."""
+class _AnnouncedBatches(list):
+    """Batches whose `dataset` announces the manifest rows they cover, like a DataLoader over an EvalStream."""
+
+    def __init__(self, batches: list[dict[str, torch.Tensor]], rows: range) -> None:
+        super().__init__(batches)
+        self.dataset = SimpleNamespace(rows=rows)
+
+
+def test_the_loaders_announced_rows_size_the_sums_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A loader whose dataset announces its rows (an EvalStream) gets one buffer of exactly that
+    span, handed over as the result without a copy (what the EFAAR callback's gather pickles)."""
+    made: list[site_embedding._DenseSums] = []
+
+    class Recording(site_embedding._DenseSums):
+        def __init__(self, expected: range | None = None) -> None:
+            super().__init__(expected)
+            made.append(self)
+
+    monkeypatch.setattr(site_embedding, "_DenseSums", Recording)
     rows = [[3, 3, 4], [5, 6], [6, 7, 8]]
     batches = [{"image": torch.rand(len(r), 3, 4, 4), "site_index": torch.tensor(r)} for r in rows]
-    sites = rank_site_sums(_MeanEmbedder(), batches, torch.device("cpu"), progress=False, rows=range(3, 9))
-    assert sites.rows.tolist() == [3, 4, 5, 6, 7, 8]
-    assert sites.sums[None].untyped_storage().nbytes() == 6 * 3 * 8
+    sites = rank_site_sums(
+        _MeanEmbedder(), _AnnouncedBatches(batches, range(3, 9)), torch.device("cpu"), progress=False
+    )
+    (acc,) = made
+    assert acc.expected == range(3, 9) and len(acc.counts) == 6  # sized once, never grown
+    assert sites.sums[None] is acc.sums[None] and sites.rows.tolist() == [3, 4, 5, 6, 7, 8]
     assert sites.counts.tolist() == [2, 1, 1, 2, 1, 1]
     unsized = rank_site_sums(_MeanEmbedder(), batches, torch.device("cpu"), progress=False)
     torch.testing.assert_close(unsized.sums[None], sites.sums[None], rtol=0, atol=0)
