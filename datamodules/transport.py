@@ -38,6 +38,7 @@ FSSPEC_SCHEMES = ("s3://", "gs://", "gcs://", "az://", "abfs://")
 HTTP_SCHEMES = ("http://", "https://")
 REMOTE_PREFIXES = (*HTTP_SCHEMES, *FSSPEC_SCHEMES, "pipe:")
 _DISCARD_CHUNK = 1 << 20
+_ANSWERS = {FileNotFoundError: "not found", PermissionError: "access denied", IsADirectoryError: "not an object"}
 
 
 def is_remote(location: str) -> bool:
@@ -123,6 +124,9 @@ class RetryingStream:
                 if err.code < 500 and err.code not in (408, 429):
                     raise ShardUnavailableError(f"{self.url}: HTTP {err.code} {err.reason}") from None
                 error = err
+            except (FileNotFoundError, PermissionError, IsADirectoryError) as err:
+                # an object store's answer (fsspec maps 404 / 403 to these), which no retry changes
+                raise ShardUnavailableError(f"{self.url}: {_ANSWERS[type(err)]} ({err})") from None
             except (OSError, http.client.HTTPException) as err:
                 error = err
 
@@ -271,11 +275,12 @@ def _open_at(url: str, offset: int, timeout: float) -> BinaryIO:
     if url.startswith(FSSPEC_SCHEMES):
         try:
             import fsspec
-        except ImportError:
+
+            stream = fsspec.open(url, "rb").open()
+        except ImportError as err:  # fsspec itself, or the store's backend (s3fs, gcsfs, adlfs)
             raise ShardUnavailableError(
-                f"{url}: reading object stores needs fsspec and its backend (pip install 'phenoscale[remote]')"
+                f"{url}: reading object stores needs fsspec and its backend: pip install 'phenoscale[remote]' ({err})"
             ) from None
-        stream = fsspec.open(url, "rb").open()
         stream.seek(offset)
         return stream
     if url.startswith("pipe:"):

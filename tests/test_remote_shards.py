@@ -1,6 +1,7 @@
-"""Shards from URLs: http:// from 127.0.0.1 and `pipe:` commands give the same training batches,
-resume and evaluation as the local directory; a failing server is retried, then named, never a
-hang; a truncated remote shard is a counted skip."""
+"""Shards from URLs: http:// from 127.0.0.1, s3:// from an S3 server on 127.0.0.1 (moto, read
+through fsspec and s3fs as a bucket would be) and `pipe:` commands give the same training
+batches, resume and evaluation as the local directory; a failing server is retried, then named,
+never a hang; a missing object fails at once; a truncated remote shard is a counted skip."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import re
 import socket
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -45,14 +47,45 @@ def shards(tmp_path: Path) -> Path:
     return write_toy_shards(tmp_path / "shards")
 
 
+@pytest.fixture(scope="module")
+def s3() -> Iterator[Callable[[Path], str]]:
+    """An S3 endpoint on 127.0.0.1 (moto's server), found by boto through AWS_ENDPOINT_URL as a real
+    bucket's would be through its region; yields `upload(dir) -> s3://bucket/<dir name>`."""
+    from moto.server import ThreadedMotoServer
+    from s3fs import S3FileSystem
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    with pytest.MonkeyPatch.context() as env:  # also seen by DataLoader workers and CLI subprocesses
+        for name, value in {
+            "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+            "AWS_ACCESS_KEY_ID": "phenoscale-test",
+            "AWS_SECRET_ACCESS_KEY": "phenoscale-test",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }.items():
+            env.setenv(name, value)
+        fs = S3FileSystem(skip_instance_cache=True)
+        fs.mkdir("phenoscale-test")
+
+        def upload(directory: Path) -> str:
+            fs.put(f"{directory}/", f"phenoscale-test/{directory.parent.name}/", recursive=True)
+            return f"s3://phenoscale-test/{directory.parent.name}"
+
+        yield upload
+    server.stop()
+
+
 @pytest.mark.parametrize("workers", [0, 2])
-def test_http_and_pipe_match_the_local_directory(shards: Path, workers: int) -> None:
+def test_http_s3_and_pipe_match_the_local_directory(shards: Path, workers: int, s3: Callable[[Path], str]) -> None:
     local = build_datamodule(config(shards, steps_per_epoch=12, num_workers=workers), seed=3)
     reference, tiles = epoch_batches(local.train_dataloader()), eval_tiles(local)
     assert len(tiles) == local.manifest.height
     with serve_directory(shards) as base:
         sources = {
             "http": (brace_pattern(shards, base), None),
+            "s3": (brace_pattern(shards, s3(shards)), None),
             "pipe": (brace_pattern(shards, f"pipe:cat {shards}"), None),
             "http, data.manifest": (brace_pattern(shards, base), str(shards / "manifest.parquet")),
         }
@@ -133,6 +166,19 @@ def test_remote_input_errors_name_the_location(shards: Path) -> None:
             build_datamodule(config(f"{base}/shard-{{000000..000099}}.tar"))
         with pytest.raises(ShardUnavailableError, match="HTTP 404"):
             build_datamodule(config(f"{base}/elsewhere/shard-000000.tar"))
+
+
+def test_a_missing_object_fails_at_once_naming_it(shards: Path, s3: Callable[[Path], str]) -> None:
+    """A store's "no such key / bucket" is an answer, not a network failure: no retries, no backoff."""
+    bucket = s3(shards)
+    transport = Transport(timeout=10, retries=5, read_ahead=2**20, backoff=2.0)  # retrying would take > 60 s
+    start = time.monotonic()
+    for missing in (f"{bucket}/shard-000099.tar", "s3://no-such-bucket/shard-000000.tar"):
+        with pytest.raises(ShardUnavailableError, match=rf"{re.escape(missing)}: not found"):
+            list(iter_shard(missing, 1, fail_on_bad, transport))
+    with pytest.raises(ShardUnavailableError, match=r"elsewhere/manifest.parquet: not found"):
+        build_datamodule(config(f"{bucket}/elsewhere/shard-000000.tar"))
+    assert time.monotonic() - start < 30
 
 
 class Members:
@@ -243,17 +289,20 @@ def test_the_next_remote_shard_arrives_while_the_current_one_is_still_read(shard
 
 
 @pytest.mark.slow
-def test_tiny_fit_from_http_and_pipe_sees_the_local_batches(screen: Path, tmp_path: Path) -> None:
+def test_tiny_fit_from_http_s3_and_pipe_sees_the_local_batches(
+    screen: Path, tmp_path: Path, s3: Callable[[Path], str]
+) -> None:
     shards = screen / "shards"
     checksums = {}
     with serve_directory(shards) as base:
         for name, source in (
             ("local", shards),
             ("http", brace_pattern(shards, base)),
+            ("s3", brace_pattern(shards, s3(shards))),
             ("pipe", brace_pattern(shards, f"pipe:cat {shards}")),
         ):
             done = run_cli(train_cmd(*tiny_overrides(source, tmp_path / name, "trainer.max_steps=6")))
             assert done.returncode == 0, done.stderr[-3000:]
             checksums[name] = audit(tmp_path / name)["checksum"].to_list()
     assert len(checksums["local"]) == 6
-    assert checksums["http"] == checksums["local"] and checksums["pipe"] == checksums["local"]
+    assert checksums["http"] == checksums["s3"] == checksums["pipe"] == checksums["local"]
