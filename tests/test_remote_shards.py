@@ -10,6 +10,7 @@ import http.server
 import logging
 import re
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -179,6 +180,12 @@ def test_a_missing_object_fails_at_once_naming_it(shards: Path, s3: Callable[[Pa
     with pytest.raises(ShardUnavailableError, match=r"elsewhere/manifest.parquet: not found"):
         build_datamodule(config(f"{bucket}/elsewhere/shard-000000.tar"))
     assert time.monotonic() - start < 30
+
+
+def test_a_store_without_its_backend_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "adlfs", None)  # as if not installed (an import of it fails)
+    with pytest.raises(ShardUnavailableError, match=r"az://c/shard-000000.tar: .*pip install 'phenoscale\[remote\]'"):
+        Transport(timeout=1, retries=0, read_ahead=0).open("az://c/shard-000000.tar")
 
 
 class Members:
