@@ -126,7 +126,8 @@ class RetryingStream:
                 error = err
             except (FileNotFoundError, PermissionError, IsADirectoryError) as err:
                 # an object store's answer (fsspec maps 404 / 403 to these), which no retry changes
-                raise ShardUnavailableError(f"{self.url}: {_ANSWERS[type(err)]} ({err})") from None
+                answer = next(text for kind, text in _ANSWERS.items() if isinstance(err, kind))
+                raise ShardUnavailableError(f"{self.url}: {answer} ({err})") from None
             except (OSError, http.client.HTTPException) as err:
                 error = err
 

@@ -51,7 +51,8 @@ def shards(tmp_path: Path) -> Path:
 @pytest.fixture(scope="module")
 def s3() -> Iterator[Callable[[Path], str]]:
     """An S3 endpoint on 127.0.0.1 (moto's server), found by boto through AWS_ENDPOINT_URL as a real
-    bucket's would be through its region; yields `upload(dir) -> s3://bucket/<dir name>`."""
+        bucket's would be through its region; yields `upload(dir) -> s3://bucket/<dir's parent's name>`
+    (each test's tmp_path: a prefix of its own)."""
     from moto.server import ThreadedMotoServer
     from s3fs import S3FileSystem
 
