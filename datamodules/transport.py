@@ -39,6 +39,9 @@ HTTP_SCHEMES = ("http://", "https://")
 REMOTE_PREFIXES = (*HTTP_SCHEMES, *FSSPEC_SCHEMES, "pipe:")
 _DISCARD_CHUNK = 1 << 20
 _ANSWERS = {FileNotFoundError: "not found", PermissionError: "access denied", IsADirectoryError: "not an object"}
+#: words in the names of the SDKs' credential errors (botocore's NoCredentialsError,
+#: google.auth's DefaultCredentialsError, azure's ClientAuthenticationError)
+_CREDENTIAL_WORDS = ("Credential", "Authentication")
 
 
 def is_remote(location: str) -> bool:
@@ -91,6 +94,10 @@ class RetryingStream:
         self._raw: BinaryIO | None = None
         self._failures = 0  # since the stream last got past the byte where it failed
         self._failed_at = -1
+        # what a failed open or read raises: an object store's SDK has its own exception types for
+        # a lost connection (botocore's EndpointConnectionError, aiohttp's ClientError, azure's
+        # ServiceRequestError), none an OSError, so through fsspec any Exception is retried
+        self._transient = (Exception,) if url.startswith(FSSPEC_SCHEMES) else (OSError, http.client.HTTPException)
         self._open(None)
 
     def _open(self, error: BaseException | None) -> None:
@@ -120,22 +127,23 @@ class RetryingStream:
             try:
                 self._raw = _open_at(self.url, self.position, self.transport.timeout)
                 return
+            except ShardUnavailableError:  # already final (a missing fsspec backend)
+                raise
             except urllib.error.HTTPError as err:
                 if err.code < 500 and err.code not in (408, 429):
                     raise ShardUnavailableError(f"{self.url}: HTTP {err.code} {err.reason}") from None
                 error = err
-            except (FileNotFoundError, PermissionError, IsADirectoryError) as err:
-                # an object store's answer (fsspec maps 404 / 403 to these), which no retry changes
-                answer = next(text for kind, text in _ANSWERS.items() if isinstance(err, kind))
-                raise ShardUnavailableError(f"{self.url}: {answer} ({err})") from None
-            except (OSError, http.client.HTTPException) as err:
+            except self._transient as err:
+                answer = _final_answer(err)
+                if answer is not None:
+                    raise ShardUnavailableError(f"{self.url}: {answer} ({err})") from None
                 error = err
 
     def read(self, size: int = -1) -> bytes:
         while True:
             try:
                 data = self._raw.read(size)
-            except (OSError, http.client.HTTPException) as err:
+            except self._transient as err:
                 self._close_raw()
                 self._failed_at = self.position
                 self._open(err)
@@ -150,8 +158,8 @@ class RetryingStream:
         if raw is not None:
             try:
                 raw.close()
-            except (OSError, http.client.HTTPException):
-                pass  # a failed pipe's exit status: the reopen (or the caller) reports the failure
+            except self._transient:
+                pass  # a failed pipe's exit status, a dead store: the reopen (or the caller) reports the failure
 
     def close(self) -> None:
         self._close_raw()
@@ -263,6 +271,17 @@ class _ReadAheadQueue:
         with self.changed:
             self.cancelled.set()
             self.changed.notify_all()
+
+
+def _final_answer(err: Exception) -> str | None:
+    """What a failed open says for good, which no retry changes (fsspec maps a store's 404 / 403 to
+    FileNotFoundError / PermissionError; missing credentials are the SDK's own error), else None."""
+    for kind, text in _ANSWERS.items():
+        if isinstance(err, kind):
+            return text
+    if any(word in cls.__name__ for cls in type(err).__mro__ for word in _CREDENTIAL_WORDS):
+        return "no usable credentials"
+    return None
 
 
 def _open_at(url: str, offset: int, timeout: float) -> BinaryIO:

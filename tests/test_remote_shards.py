@@ -13,7 +13,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -48,46 +48,67 @@ def shards(tmp_path: Path) -> Path:
     return write_toy_shards(tmp_path / "shards")
 
 
-@pytest.fixture(scope="module")
-def s3() -> Iterator[Callable[[Path], str]]:
-    """An S3 endpoint on 127.0.0.1 (moto's server), found by boto through AWS_ENDPOINT_URL as a real
-        bucket's would be through its region; yields `upload(dir) -> s3://bucket/<dir's parent's name>`
-    (each test's tmp_path: a prefix of its own)."""
-    from moto.server import ThreadedMotoServer
-    from s3fs import S3FileSystem
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
+
+class LocalS3:
+    """moto's S3 server on 127.0.0.1, found by boto through AWS_ENDPOINT_URL as a real endpoint is;
+    stop() / start() for outages (the buckets live in this process, so they survive a restart)."""
+
+    def __init__(self, port: int) -> None:
+        from s3fs import S3FileSystem
+
+        self.port = port
+        self.start()
+        self.fs = S3FileSystem(skip_instance_cache=True)
+        self.fs.mkdir("phenoscale-test")
+
+    def start(self) -> None:
+        from moto.server import ThreadedMotoServer
+
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self.server.start()
+
+    def stop(self) -> None:
+        self.server.stop()
+        self.server._server.server_close()  # moto leaves the socket listening: refuse, not queue, connections
+
+    def upload(self, directory: Path) -> str:
+        """`directory`'s files under a prefix named after its parent (each test's tmp_path): the URL."""
+        self.fs.put(f"{directory}/", f"phenoscale-test/{directory.parent.name}/", recursive=True)
+        return f"s3://phenoscale-test/{directory.parent.name}"
+
+
+@pytest.fixture(scope="module")
+def s3() -> Iterator[LocalS3]:
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
     with pytest.MonkeyPatch.context() as env:  # also seen by DataLoader workers and CLI subprocesses
+        port = free_port()
         for name, value in {
-            "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
             "AWS_ACCESS_KEY_ID": "phenoscale-test",
             "AWS_SECRET_ACCESS_KEY": "phenoscale-test",
             "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_MAX_ATTEMPTS": "1",  # botocore's own retries off: an outage reaches ours sooner
         }.items():
             env.setenv(name, value)
-        fs = S3FileSystem(skip_instance_cache=True)
-        fs.mkdir("phenoscale-test")
-
-        def upload(directory: Path) -> str:
-            fs.put(f"{directory}/", f"phenoscale-test/{directory.parent.name}/", recursive=True)
-            return f"s3://phenoscale-test/{directory.parent.name}"
-
-        yield upload
-    server.stop()
+        store = LocalS3(port)
+        yield store
+        store.stop()
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_http_s3_and_pipe_match_the_local_directory(shards: Path, workers: int, s3: Callable[[Path], str]) -> None:
+def test_http_s3_and_pipe_match_the_local_directory(shards: Path, workers: int, s3: LocalS3) -> None:
     local = build_datamodule(config(shards, steps_per_epoch=12, num_workers=workers), seed=3)
     reference, tiles = epoch_batches(local.train_dataloader()), eval_tiles(local)
     assert len(tiles) == local.manifest.height
     with serve_directory(shards) as base:
         sources = {
             "http": (brace_pattern(shards, base), None),
-            "s3": (brace_pattern(shards, s3(shards)), None),
+            "s3": (brace_pattern(shards, s3.upload(shards)), None),
             "pipe": (brace_pattern(shards, f"pipe:cat {shards}"), None),
             "http, data.manifest": (brace_pattern(shards, base), str(shards / "manifest.parquet")),
         }
@@ -170,9 +191,9 @@ def test_remote_input_errors_name_the_location(shards: Path) -> None:
             build_datamodule(config(f"{base}/elsewhere/shard-000000.tar"))
 
 
-def test_a_missing_object_fails_at_once_naming_it(shards: Path, s3: Callable[[Path], str]) -> None:
+def test_a_missing_object_fails_at_once_naming_it(shards: Path, s3: LocalS3) -> None:
     """A store's "no such key / bucket" is an answer, not a network failure: no retries, no backoff."""
-    bucket = s3(shards)
+    bucket = s3.upload(shards)
     transport = Transport(timeout=10, retries=5, read_ahead=2**20, backoff=2.0)  # retrying would take > 60 s
     start = time.monotonic()
     for missing in (f"{bucket}/shard-000099.tar", "s3://no-such-bucket/shard-000000.tar"):
@@ -181,6 +202,55 @@ def test_a_missing_object_fails_at_once_naming_it(shards: Path, s3: Callable[[Pa
     with pytest.raises(ShardUnavailableError, match=r"elsewhere/manifest.parquet: not found"):
         build_datamodule(config(f"{bucket}/elsewhere/shard-000000.tar"))
     assert time.monotonic() - start < 30
+
+
+def test_an_s3_outage_is_retried_and_the_stream_goes_on(
+    shards: Path, s3: LocalS3, caplog: pytest.LogCaptureFixture
+) -> None:
+    """botocore reports a lost endpoint as its own EndpointConnectionError, not an OSError: it must
+    reach the same retries as an HTTP failure (it used to end the run at once, naming no shard)."""
+    url = f"{s3.upload(shards)}/shard-000000.tar"
+    expected = (shards / "shard-000000.tar").read_bytes()
+    transport = Transport(timeout=10, retries=8, read_ahead=0, backoff=0.25)
+    with caplog.at_level(logging.WARNING, logger="datamodules"):
+        stream = transport.open(url)  # opened (s3fs has asked for the object's size)
+        s3.stop()
+        back = threading.Timer(1.5, s3.start)  # down for longer than s3fs's own retries
+        back.start()
+        try:
+            data = stream.read()
+        finally:
+            back.join()
+    assert data == expected
+    assert f"retrying {url} at byte 0" in caplog.text
+
+
+def test_an_s3_store_that_stays_down_is_named(shards: Path, s3: LocalS3) -> None:
+    url = f"{s3.upload(shards)}/shard-000000.tar"
+    stream = Transport(timeout=10, retries=1, read_ahead=0, backoff=0.1).open(url)
+    s3.stop()
+    try:
+        with pytest.raises(ShardUnavailableError, match=rf"{re.escape(url)}: unreachable after 1 retries"):
+            stream.read()
+    finally:
+        s3.start()
+
+
+def test_missing_s3_credentials_fail_at_once(shards: Path, s3: LocalS3, monkeypatch: pytest.MonkeyPatch) -> None:
+    from s3fs import S3FileSystem
+
+    url = f"{s3.upload(shards)}/shard-000000.tar"
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(name)
+    for name in ("AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE"):
+        monkeypatch.setenv(name, "/nonexistent")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance role to find either
+    S3FileSystem.clear_instance_cache()  # the cached client holds the fixture's keys
+    try:
+        with pytest.raises(ShardUnavailableError, match=rf"{re.escape(url)}: no usable credentials"):
+            Transport(timeout=10, retries=5, read_ahead=0, backoff=5.0).open(url)  # retrying: > 2 min
+    finally:
+        S3FileSystem.clear_instance_cache()
 
 
 def test_a_store_without_its_backend_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -297,16 +367,14 @@ def test_the_next_remote_shard_arrives_while_the_current_one_is_still_read(shard
 
 
 @pytest.mark.slow
-def test_tiny_fit_from_http_s3_and_pipe_sees_the_local_batches(
-    screen: Path, tmp_path: Path, s3: Callable[[Path], str]
-) -> None:
+def test_tiny_fit_from_http_s3_and_pipe_sees_the_local_batches(screen: Path, tmp_path: Path, s3: LocalS3) -> None:
     shards = screen / "shards"
     checksums = {}
     with serve_directory(shards) as base:
         for name, source in (
             ("local", shards),
             ("http", brace_pattern(shards, base)),
-            ("s3", brace_pattern(shards, s3(shards))),
+            ("s3", brace_pattern(shards, s3.upload(shards))),
             ("pipe", brace_pattern(shards, f"pipe:cat {shards}")),
         ):
             done = run_cli(train_cmd(*tiny_overrides(source, tmp_path / name, "trainer.max_steps=6")))
