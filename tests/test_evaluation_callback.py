@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -19,6 +18,7 @@ from evaluation import EFAARCallback, EvalConfig, run_efaar
 from evaluation.callback import block_metrics
 from evaluation.embeddings_io import embedding_matrix
 from evaluation.toy import toy_relationships, toy_screen
+from run_helpers import free_port
 
 N_GENES = 60
 
@@ -181,9 +181,7 @@ os._exit(0)
 @pytest.mark.ddp
 @pytest.mark.parametrize("batch_size", [16, 200])  # 200: rank 1 gets no batch at all
 def test_two_process_gloo_ranks_log_identical_metrics(tmp_path, batch_size):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     for rank in range(2):
         (tmp_path / str(rank)).mkdir()
     script = tmp_path / "ddp.py"

@@ -1,7 +1,8 @@
 """Shards from URLs: http:// from 127.0.0.1, s3:// from an S3 server on 127.0.0.1 (moto, read
 through fsspec and s3fs as a bucket would be) and `pipe:` commands give the same training
-batches, resume and evaluation as the local directory; a failing server is retried, then named,
-never a hang; a missing object fails at once; a truncated remote shard is a counted skip."""
+batches, resume and evaluation as the local directory; a failing server (HTTP or S3) is retried,
+then named, never a hang; a missing object or missing credentials fail at once; a truncated
+remote shard is a counted skip."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ import collections
 import http.server
 import logging
 import re
-import socket
 import sys
 import threading
 import time
@@ -22,7 +22,7 @@ from benchmarks.harness import serve_directory
 from datamodules import build_datamodule
 from datamodules.samples import iter_shard, iter_shards, shard_entries
 from datamodules.transport import ReadAhead, ShardUnavailableError, Transport
-from run_helpers import audit, fail_on_bad, run_cli, tiny_overrides, train_cmd
+from run_helpers import audit, fail_on_bad, free_port, run_cli, tiny_overrides, train_cmd
 from test_streaming import config, epoch_batches, same, write_toy_shards
 
 
@@ -46,12 +46,6 @@ def eval_tiles(dm) -> dict[int, list[int]]:
 @pytest.fixture
 def shards(tmp_path: Path) -> Path:
     return write_toy_shards(tmp_path / "shards")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class LocalS3:
@@ -312,9 +306,7 @@ def test_read_ahead_stays_within_its_budget_and_stops_when_dropped() -> None:
 def test_a_closed_reader_stops_retrying_at_once(caplog: pytest.LogCaptureFixture) -> None:
     """A shard dropped by its reader (the epoch ended, another shard failed) must not keep retrying
     and logging behind the run: close() ends the producer's backoff."""
-    with socket.socket() as sock:  # a port nothing listens on: every connect is refused
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()  # a port nothing listens on: every connect is refused
     transport = Transport(timeout=1, retries=5, read_ahead=2**20, backoff=0.5)
     with caplog.at_level(logging.WARNING, logger="datamodules"):
         reader = shard_entries(f"http://127.0.0.1:{port}/shard-000000.tar", transport)
