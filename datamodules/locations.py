@@ -1,10 +1,13 @@
 """Where shards are: a `data.train_shards` / `data.eval_shards` string -> shard locations + manifest.
 
 Accepted: a local directory, a glob, webdataset's brace notation (`shard-{000000..000099}.tar`,
-also mixed with globs for local paths), URLs (http(s)://, s3://, gs://, az://) and `pipe:CMD`
-commands. The manifest is `data.manifest` when set, else `manifest.parquet` beside the shards:
-the first shard's location with its file name replaced, which for a pipe runs the same command
-on the manifest (`pipe:aws s3 cp s3://b/shard-000000.tar -` -> `... s3://b/manifest.parquet -`).
+also mixed with globs), URLs (http(s)://, s3://, gs://, az://) and `pipe:CMD` commands. An
+object-store prefix or glob (`s3://bucket/rpi/`, `s3://bucket/rpi/shard-*.tar`) is listed
+through fsspec, like a local directory; braces are expanded without listing (a role that may
+read objects but not list the bucket still works), as for every other URL. The manifest is
+`data.manifest` when set, else `manifest.parquet` beside the shards: the first shard's location
+with its file name replaced, which for a pipe runs the same command on the manifest
+(`pipe:aws s3 cp s3://b/shard-000000.tar -` -> `... s3://b/manifest.parquet -`).
 """
 
 from __future__ import annotations
@@ -18,13 +21,17 @@ import polars as pl
 from braceexpand import braceexpand
 
 from datamodules.shards import MANIFEST, check_manifest_columns, read_manifest
-from datamodules.transport import Transport, is_remote
+from datamodules.transport import FSSPEC_SCHEMES, ShardUnavailableError, Transport, is_remote
 
 _SHARD_NAME = re.compile(r"[^/\s'\"?#=]+\.tar(?=$|[\s'\"?#])")
+_GLOB = re.compile(r"[*?[]")
 
 
 def shard_locations(pattern: str) -> list[str]:
-    """The shards `pattern` names, in order: expanded braces (remote), or sorted matching files."""
+    """The shards `pattern` names, in order: expanded braces (remote), or sorted matching files
+    (local, or listed in an object store)."""
+    if pattern.startswith(FSSPEC_SCHEMES) and (_GLOB.search(pattern) or not pattern.endswith(".tar")):
+        return _listed_in_store(pattern)
     if is_remote(pattern):
         found = list(braceexpand(pattern))
         for location in found:
@@ -36,6 +43,24 @@ def shard_locations(pattern: str) -> list[str]:
     else:
         files = (Path(p) for part in braceexpand(pattern) for p in glob.glob(part))
     return sorted({str(f) for f in files if f.suffix == ".tar" and f.is_file()})
+
+
+def _listed_in_store(pattern: str) -> list[str]:
+    """The .tar objects under an object-store prefix (`s3://bucket/rpi`) or matching its glob, sorted."""
+    import fsspec  # a dependency of torch and Lightning; the store's backend is the optional part
+
+    found = set()
+    for part in braceexpand(pattern):
+        scheme = part[: part.index("://") + 3]
+        try:
+            fs, path = fsspec.core.url_to_fs(part)
+            matches = fs.glob(path if _GLOB.search(path) else f"{path.rstrip('/')}/*.tar")
+        except ImportError as err:  # the store's backend (s3fs, gcsfs, adlfs)
+            raise ShardUnavailableError(f"{part}: pip install 'phenoscale[remote]' ({err})") from None
+        except Exception as err:  # the SDK's own errors (no bucket, no credentials, no network)
+            raise ShardUnavailableError(f"{part}: cannot list the shards ({type(err).__name__}: {err})") from None
+        found.update(f"{scheme}{match}" for match in matches if match.endswith(".tar"))
+    return sorted(found)
 
 
 def shard_name(location: str) -> str:

@@ -20,6 +20,7 @@ import pytest
 
 from benchmarks.harness import serve_directory
 from datamodules import build_datamodule
+from datamodules.locations import shard_locations
 from datamodules.samples import iter_shard, iter_shards, shard_entries
 from datamodules.transport import ReadAhead, ShardUnavailableError, Transport
 from run_helpers import audit, fail_on_bad, free_port, run_cli, tiny_overrides, train_cmd
@@ -99,10 +100,13 @@ def test_http_s3_and_pipe_match_the_local_directory(shards: Path, workers: int, 
     local = build_datamodule(config(shards, steps_per_epoch=12, num_workers=workers), seed=3)
     reference, tiles = epoch_batches(local.train_dataloader()), eval_tiles(local)
     assert len(tiles) == local.manifest.height
+    bucket = s3.upload(shards)
     with serve_directory(shards) as base:
         sources = {
             "http": (brace_pattern(shards, base), None),
-            "s3": (brace_pattern(shards, s3.upload(shards)), None),
+            "s3": (brace_pattern(shards, bucket), None),
+            "s3 prefix, listed": (bucket, None),
+            "s3 glob, listed": (f"{bucket}/shard-00000*.tar", None),
             "pipe": (brace_pattern(shards, f"pipe:cat {shards}"), None),
             "http, data.manifest": (brace_pattern(shards, base), str(shards / "manifest.parquet")),
         }
@@ -195,6 +199,10 @@ def test_a_missing_object_fails_at_once_naming_it(shards: Path, s3: LocalS3) -> 
             list(iter_shard(missing, 1, fail_on_bad, transport))
     with pytest.raises(ShardUnavailableError, match=r"elsewhere/manifest.parquet: not found"):
         build_datamodule(config(f"{bucket}/elsewhere/shard-000000.tar"))
+    with pytest.raises(ValueError, match=r"matches no .tar files"):
+        build_datamodule(config(f"{bucket}/elsewhere/"))  # an empty prefix
+    with pytest.raises(ValueError, match=r"'s3://no-such-bucket/rpi' matches no .tar files"):
+        build_datamodule(config("s3://no-such-bucket/rpi"))  # s3fs lists a missing bucket as empty
     assert time.monotonic() - start < 30
 
 
@@ -243,6 +251,9 @@ def test_missing_s3_credentials_fail_at_once(shards: Path, s3: LocalS3, monkeypa
     try:
         with pytest.raises(ShardUnavailableError, match=rf"{re.escape(url)}: no usable credentials"):
             Transport(timeout=10, retries=5, read_ahead=0, backoff=5.0).open(url)  # retrying: > 2 min
+        prefix = url.rsplit("/", 1)[0]
+        with pytest.raises(ShardUnavailableError, match=rf"{re.escape(prefix)}: cannot list .*NoCredentialsError"):
+            shard_locations(prefix)
     finally:
         S3FileSystem.clear_instance_cache()
 
