@@ -57,7 +57,7 @@ def _listed_in_store(pattern: str) -> list[str]:
             matches = fs.glob(path if _GLOB.search(path) else f"{path.rstrip('/')}/*.tar")
         except ImportError as err:  # the store's backend (s3fs, gcsfs, adlfs)
             raise ShardUnavailableError(f"{part}: pip install 'phenoscale[remote]' ({err})") from None
-        except Exception as err:  # the SDK's own errors (no bucket, no credentials, no network)
+        except Exception as err:  # the SDK's own errors (no credentials, no network, access denied)
             raise ShardUnavailableError(f"{part}: cannot list the shards ({type(err).__name__}: {err})") from None
         found.update(f"{scheme}{match}" for match in matches if match.endswith(".tar"))
     return sorted(found)
