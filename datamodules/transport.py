@@ -39,6 +39,9 @@ HTTP_SCHEMES = ("http://", "https://")
 REMOTE_PREFIXES = (*HTTP_SCHEMES, *FSSPEC_SCHEMES, "pipe:")
 _DISCARD_CHUNK = 1 << 20
 _ANSWERS = {FileNotFoundError: "not found", PermissionError: "access denied", IsADirectoryError: "not an object"}
+#: HTTP statuses that an SDK's own error carries (gcsfs's HttpError.code, azure's status_code) and
+#: that no retry changes
+_STATUS_ANSWERS = {401: "no usable credentials", 403: "access denied", 404: "not found"}
 #: words in the names of the SDKs' credential errors (botocore's NoCredentialsError,
 #: google.auth's DefaultCredentialsError, azure's ClientAuthenticationError)
 _CREDENTIAL_WORDS = ("Credential", "Authentication")
@@ -274,11 +277,20 @@ class _ReadAheadQueue:
 
 
 def _final_answer(err: Exception) -> str | None:
-    """What a failed open says for good, which no retry changes (fsspec maps a store's 404 / 403 to
-    FileNotFoundError / PermissionError; missing credentials are the SDK's own error), else None."""
+    """What a failed open says for good, which no retry changes, else None.
+
+    s3fs maps a store's 404 / 403 to FileNotFoundError / PermissionError; gcsfs raises a 403 as a
+    plain OSError("Forbidden: ...") and a 401 as its HttpError with the status in `code`; missing
+    credentials are the SDK's own error class (botocore, google.auth, azure).
+    """
     for kind, text in _ANSWERS.items():
         if isinstance(err, kind):
             return text
+    status = next((v for v in (getattr(err, a, None) for a in ("status_code", "code")) if isinstance(v, int)), None)
+    if status in _STATUS_ANSWERS:
+        return _STATUS_ANSWERS[status]
+    if isinstance(err, OSError) and str(err).startswith("Forbidden:"):
+        return "access denied"
     if any(word in cls.__name__ for cls in type(err).__mro__ for word in _CREDENTIAL_WORDS):
         return "no usable credentials"
     return None
