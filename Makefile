@@ -11,13 +11,18 @@ GRID   ?= configs/scaling/cpu.yaml
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml tests/azurite/package-lock.json
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -U pip
 	$(PY) -m pip install -q -e '.[test]'
+	@# Azure's storage emulator (Node.js) for the az:// tests, which are skipped without it
+	@if command -v npm >/dev/null; then \
+		mkdir -p $(VENV)/azurite && cp tests/azurite/package.json tests/azurite/package-lock.json $(VENV)/azurite/ && \
+		npm ci --prefix $(VENV)/azurite --no-audit --no-fund --loglevel=error; \
+	else echo "npm not found: the az:// tests will be skipped (they need Azurite, an npm package)"; fi
 	@touch $(STAMP)
 
-install: $(STAMP)  ## create .venv and install phenoscale with its test extras (quick when nothing changed)
+install: $(STAMP)  ## create .venv and install phenoscale with its test extras and Azurite (quick when nothing changed)
 
 demo: install  ## synthesise the demo screen, train MAE / CA-MAE / WSL, evaluate, print the table (runs/demo/)
 	$(VENV)/bin/phenoscale demo --out runs/demo

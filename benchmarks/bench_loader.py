@@ -35,7 +35,7 @@ import tifffile
 import torch
 from PIL import Image
 
-from benchmarks.harness import Measurement, best_time
+from benchmarks.harness import Measurement, best_time, wait_for_port
 from datamodules import DataConfig, ShardWriter, build_datamodule
 from datamodules.shards import decode_npy
 from datamodules.transforms import dihedral, fill_random_crops
@@ -116,15 +116,7 @@ def http_server(root: Path) -> Iterator[tuple[str, int]]:
         stderr=subprocess.DEVNULL,
     )
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or server.poll() is not None:
-                    raise RuntimeError("the benchmark's http.server did not start") from None
-                time.sleep(0.1)
+        wait_for_port(port, server)
         yield f"http://127.0.0.1:{port}", server.pid
     finally:
         server.terminate()

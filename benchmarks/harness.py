@@ -8,6 +8,7 @@ import http.server
 import json
 import os
 import platform
+import socket
 import subprocess
 import sys
 import threading
@@ -219,6 +220,21 @@ def serve(root: str, port: int) -> None:
     """The loader benchmark's HTTP server process (bench_loader.http_server starts it)."""
     handler = functools.partial(SendfileHandler, directory=root)
     http.server.ThreadingHTTPServer(("127.0.0.1", port), handler).serve_forever()
+
+
+def wait_for_port(port: int, process: subprocess.Popen, seconds: float = 30) -> None:
+    """Return once `process` (a server started on 127.0.0.1:`port`) accepts connections; RuntimeError
+    (the process killed) if it exits or has not started within `seconds`."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline or process.poll() is not None:
+                process.kill()
+                raise RuntimeError(f"{process.args[0]} did not start on port {port}") from None
+            time.sleep(0.1)
 
 
 @contextlib.contextmanager

@@ -1,15 +1,18 @@
-"""Shards from URLs: http:// from 127.0.0.1, s3:// from an S3 server on 127.0.0.1 (moto, read
-through fsspec and s3fs as a bucket would be) and `pipe:` commands give the same training
-batches, resume and evaluation as the local directory; a failing server (HTTP or S3) is retried,
-then named, never a hang; a missing object or missing credentials fail at once; a truncated
-remote shard is a counted skip."""
+"""Shards from URLs: http:// from 127.0.0.1, object stores served on 127.0.0.1 and read through
+fsspec as a real bucket would be (s3:// from moto's S3 server, gs:// from a GCS emulator, az://
+from Azurite) and `pipe:` commands give the same training batches, resume and evaluation as the
+local directory; a failing server (HTTP or S3) is retried, then named, never a hang; a missing
+object, refused access or missing credentials fail at once; a truncated remote shard is a counted
+skip."""
 
 from __future__ import annotations
 
 import collections
 import http.server
+import json
 import logging
 import re
+import subprocess
 import sys
 import threading
 import time
@@ -18,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.harness import serve_directory
+from benchmarks.harness import serve_directory, wait_for_port
 from datamodules import build_datamodule
 from datamodules.locations import shard_locations
 from datamodules.samples import iter_shard, iter_shards, shard_entries
@@ -95,18 +98,114 @@ def s3() -> Iterator[LocalS3]:
         store.stop()
 
 
+class LocalGCS:
+    """A GCS emulator on 127.0.0.1 (gcp-storage-emulator), found by gcsfs through
+    STORAGE_EMULATOR_HOST, the endpoint override Google's own clients read."""
+
+    def __init__(self, port: int) -> None:
+        from gcp_storage_emulator.server import create_server
+        from gcsfs import GCSFileSystem
+
+        self.server = create_server("127.0.0.1", port, in_memory=True)
+        self.server.start()
+        self.fs = GCSFileSystem(token="anon", skip_instance_cache=True)
+        self.fs.mkdir("phenoscale-test")
+
+    def stop(self) -> None:
+        self.server.stop()
+
+    def upload(self, directory: Path) -> str:
+        """`directory`'s files under a prefix named after its parent (each test's tmp_path): the URL."""
+        self.fs.put(f"{directory}/", f"phenoscale-test/{directory.parent.name}/", recursive=True)
+        return f"gs://phenoscale-test/{directory.parent.name}"
+
+
+@pytest.fixture(scope="module")
+def gcs() -> Iterator[LocalGCS]:
+    import fsspec
+
+    with pytest.MonkeyPatch.context() as env:  # also seen by DataLoader workers and CLI subprocesses
+        port = free_port()
+        env.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{port}")
+        # gcsfs otherwise asks each bucket's layout over gRPC first, which an emulator does not serve
+        # (60 s per bucket); read when gcsfs is imported
+        env.setenv("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+        env.setenv("FSSPEC_GCS_TOKEN", "anon")  # no Google login: fsspec's config, from the environment
+        env.setitem(fsspec.config.conf, "gcs", {"token": "anon"})  # ... as fsspec read it at its import
+        import gcsfs
+
+        assert "Extended" not in gcsfs.GCSFileSystem.__name__, "gcsfs was imported before this fixture ran"
+        store = LocalGCS(port)
+        yield store
+        store.stop()
+
+
+AZURITE = Path(sys.prefix) / "azurite/node_modules/.bin/azurite-blob"  # make install puts it there (npm)
+#: the emulator's fixed development account (published in Azure's documentation, not a secret)
+AZURITE_ACCOUNT = (
+    "AccountName=devstoreaccount1;"
+    "AccountKey=Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+)
+
+
+class LocalAzure:
+    """Azurite's blob service on 127.0.0.1 (its own Node.js process, in memory), found by adlfs
+    through AZURE_STORAGE_CONNECTION_STRING as a real account is."""
+
+    def __init__(self, port: int) -> None:
+        from adlfs import AzureBlobFileSystem
+
+        self.connection = (
+            f"DefaultEndpointsProtocol=http;{AZURITE_ACCOUNT};BlobEndpoint=http://127.0.0.1:{port}/devstoreaccount1;"
+        )
+        # --skipApiVersionCheck: the azure SDK may speak a newer API version than the pinned Azurite knows
+        command = [AZURITE, "--blobHost", "127.0.0.1", "--blobPort", str(port), "--inMemoryPersistence"]
+        self.process = subprocess.Popen(
+            [*command, "--silent", "--skipApiVersionCheck"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        wait_for_port(port, self.process)
+        self.fs = AzureBlobFileSystem(connection_string=self.connection, skip_instance_cache=True)
+        self.fs.mkdir("phenoscale-test")
+
+    def stop(self) -> None:
+        self.process.kill()  # in memory: nothing to flush, and Node.js does not always stop on SIGTERM
+        self.process.wait(10)
+
+    def upload(self, directory: Path) -> str:
+        """`directory`'s files under a prefix named after its parent (each test's tmp_path): the URL."""
+        self.fs.put(f"{directory}/", f"phenoscale-test/{directory.parent.name}/", recursive=True)
+        return f"az://phenoscale-test/{directory.parent.name}"
+
+
+@pytest.fixture(scope="module")
+def azure() -> Iterator[LocalAzure]:
+    if not AZURITE.exists():
+        pytest.skip(f"az:// needs Azurite at {AZURITE}: make install puts it there where npm is installed")
+    with pytest.MonkeyPatch.context() as env:  # also seen by DataLoader workers and CLI subprocesses
+        store = LocalAzure(free_port())
+        env.setenv("AZURE_STORAGE_CONNECTION_STRING", store.connection)
+        yield store
+        store.stop()
+
+
 @pytest.mark.parametrize("workers", [0, 2])
-def test_http_s3_and_pipe_match_the_local_directory(shards: Path, workers: int, s3: LocalS3) -> None:
+def test_http_object_stores_and_pipe_match_the_local_directory(
+    shards: Path, workers: int, s3: LocalS3, gcs: LocalGCS, azure: LocalAzure
+) -> None:
     local = build_datamodule(config(shards, steps_per_epoch=12, num_workers=workers), seed=3)
     reference, tiles = epoch_batches(local.train_dataloader()), eval_tiles(local)
     assert len(tiles) == local.manifest.height
-    bucket = s3.upload(shards)
+    bucket, gcs_bucket, container = s3.upload(shards), gcs.upload(shards), azure.upload(shards)
     with serve_directory(shards) as base:
         sources = {
             "http": (brace_pattern(shards, base), None),
             "s3": (brace_pattern(shards, bucket), None),
             "s3 prefix, listed": (bucket, None),
             "s3 glob, listed": (f"{bucket}/shard-00000*.tar", None),
+            "gs": (brace_pattern(shards, gcs_bucket), None),
+            "gs prefix, listed": (gcs_bucket, None),
+            "az": (brace_pattern(shards, container), None),
+            "az glob, listed": (f"{container}/shard-*.tar", None),
             "pipe": (brace_pattern(shards, f"pipe:cat {shards}"), None),
             "http, data.manifest": (brace_pattern(shards, base), str(shards / "manifest.parquet")),
         }
@@ -206,6 +305,61 @@ def test_a_missing_object_fails_at_once_naming_it(shards: Path, s3: LocalS3) -> 
     assert time.monotonic() - start < 30
 
 
+@pytest.mark.parametrize("store", ["gcs", "azure"])
+def test_a_missing_gs_or_az_object_fails_at_once_naming_it(shards: Path, store: str, request) -> None:
+    bucket = request.getfixturevalue(store).upload(shards)
+    scheme = bucket.split("://")[0]
+    transport = Transport(timeout=10, retries=5, read_ahead=2**20, backoff=2.0)  # retrying would take > 60 s
+    start = time.monotonic()
+    for missing in (f"{bucket}/shard-000099.tar", f"{scheme}://no-such-bucket/shard-000000.tar"):
+        with pytest.raises(ShardUnavailableError, match=rf"{re.escape(missing)}: not found"):
+            list(iter_shard(missing, 1, fail_on_bad, transport))
+    with pytest.raises(ShardUnavailableError, match=r"elsewhere/manifest.parquet: not found"):
+        build_datamodule(config(f"{bucket}/elsewhere/shard-000000.tar"))
+    with pytest.raises((ShardUnavailableError, ValueError), match=rf"{scheme}://no-such-bucket/rpi"):
+        build_datamodule(config(f"{scheme}://no-such-bucket/rpi"))  # a missing bucket: listed as empty, or named
+    assert time.monotonic() - start < 30
+
+
+class RefusingGCS(http.server.BaseHTTPRequestHandler):
+    """Answers every request as Cloud Storage answers a caller it refuses, with `status`."""
+
+    status = 403
+
+    def do_GET(self) -> None:
+        body = json.dumps({"error": {"code": self.status, "message": "caller does not have storage.objects.get"}})
+        self.send_response(self.status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body.encode())
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.mark.parametrize(("status", "answer"), [(403, "access denied"), (401, "no usable credentials")])
+def test_a_refused_gcs_caller_fails_at_once(
+    gcs: LocalGCS, status: int, answer: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """gcsfs raises a 403 as a bare OSError and a 401 as its own HttpError: no retry changes either
+    (both used to be retried with backoff, then reported as "unreachable")."""
+    from gcsfs import GCSFileSystem
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), type("Refusing", (RefusingGCS,), {"status": status}))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{server.server_address[1]}")
+    GCSFileSystem.clear_instance_cache()  # a cached client holds the emulator's address
+    url = "gs://phenoscale-test/rpi/shard-000000.tar"
+    try:
+        with pytest.raises(ShardUnavailableError, match=rf"{re.escape(url)}: {answer}"):
+            Transport(timeout=10, retries=5, read_ahead=0, backoff=5.0).open(url)  # retrying: > 2 min
+    finally:
+        server.shutdown()
+        server.server_close()
+        GCSFileSystem.clear_instance_cache()
+
+
 def test_an_s3_outage_is_retried_and_the_stream_goes_on(
     shards: Path, s3: LocalS3, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -259,7 +413,10 @@ def test_missing_s3_credentials_fail_at_once(shards: Path, s3: LocalS3, monkeypa
 
 
 def test_a_store_without_its_backend_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(sys.modules, "adlfs", None)  # as if not installed (an import of it fails)
+    import fsspec  # noqa: F401 (its registry module, which the package's `registry` name hides)
+
+    monkeypatch.setitem(sys.modules, "adlfs", None)  # as if not installed (an import of it fails) ...
+    monkeypatch.delitem(sys.modules["fsspec.registry"]._registry, "az", raising=False)  # ... nor imported yet
     with pytest.raises(ShardUnavailableError, match=r"az://c/shard-000000.tar: .*pip install 'phenoscale\[remote\]'"):
         Transport(timeout=1, retries=0, read_ahead=0).open("az://c/shard-000000.tar")
 
@@ -370,7 +527,9 @@ def test_the_next_remote_shard_arrives_while_the_current_one_is_still_read(shard
 
 
 @pytest.mark.slow
-def test_tiny_fit_from_http_s3_and_pipe_sees_the_local_batches(screen: Path, tmp_path: Path, s3: LocalS3) -> None:
+def test_tiny_fit_from_http_object_stores_and_pipe_sees_the_local_batches(
+    screen: Path, tmp_path: Path, s3: LocalS3, gcs: LocalGCS, azure: LocalAzure
+) -> None:
     shards = screen / "shards"
     checksums = {}
     with serve_directory(shards) as base:
@@ -378,10 +537,12 @@ def test_tiny_fit_from_http_s3_and_pipe_sees_the_local_batches(screen: Path, tmp
             ("local", shards),
             ("http", brace_pattern(shards, base)),
             ("s3", brace_pattern(shards, s3.upload(shards))),
+            ("gs", brace_pattern(shards, gcs.upload(shards))),
+            ("az", brace_pattern(shards, azure.upload(shards))),
             ("pipe", brace_pattern(shards, f"pipe:cat {shards}")),
         ):
             done = run_cli(train_cmd(*tiny_overrides(source, tmp_path / name, "trainer.max_steps=6")))
             assert done.returncode == 0, done.stderr[-3000:]
             checksums[name] = audit(tmp_path / name)["checksum"].to_list()
     assert len(checksums["local"]) == 6
-    assert checksums["http"] == checksums["s3"] == checksums["pipe"] == checksums["local"]
+    assert len({tuple(sums) for sums in checksums.values()}) == 1, checksums  # http, s3, gs, az, pipe = local
