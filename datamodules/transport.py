@@ -38,7 +38,12 @@ FSSPEC_SCHEMES = ("s3://", "gs://", "gcs://", "az://", "abfs://")
 HTTP_SCHEMES = ("http://", "https://")
 REMOTE_PREFIXES = (*HTTP_SCHEMES, *FSSPEC_SCHEMES, "pipe:")
 _DISCARD_CHUNK = 1 << 20
-_ANSWERS = {FileNotFoundError: "not found", PermissionError: "access denied", IsADirectoryError: "not an object"}
+_ANSWERS = {
+    FileNotFoundError: "not found",
+    PermissionError: "access denied",
+    IsADirectoryError: "not an object",
+    ValueError: "cannot be opened as configured",  # e.g. adlfs given no account or connection string
+}
 #: HTTP statuses that an SDK's own error carries (gcsfs's HttpError.code, azure's status_code) and
 #: that no retry changes
 _STATUS_ANSWERS = {401: "no usable credentials", 403: "access denied", 404: "not found"}
@@ -281,7 +286,8 @@ def _final_answer(err: Exception) -> str | None:
 
     s3fs maps a store's 404 / 403 to FileNotFoundError / PermissionError; gcsfs raises a 403 as a
     plain OSError("Forbidden: ...") and a 401 as its HttpError with the status in `code`; missing
-    credentials are the SDK's own error class (botocore, google.auth, azure).
+    credentials are the SDK's own error class (botocore, google.auth, azure); a filesystem that
+    refuses its settings raises ValueError (adlfs without an account, gcsfs's 400 "invalid").
     """
     for kind, text in _ANSWERS.items():
         if isinstance(err, kind):

@@ -412,6 +412,24 @@ def test_missing_s3_credentials_fail_at_once(shards: Path, s3: LocalS3, monkeypa
         S3FileSystem.clear_instance_cache()
 
 
+def test_an_azure_store_without_an_account_fails_at_once(
+    shards: Path, azure: LocalAzure, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """adlfs refuses to start with no account or connection string (a ValueError): it used to be
+    retried with backoff and then reported as "unreachable"."""
+    from adlfs import AzureBlobFileSystem
+
+    url = f"{azure.upload(shards)}/shard-000000.tar"
+    for name in ("AZURE_STORAGE_CONNECTION_STRING", "AZURE_STORAGE_ACCOUNT_NAME"):
+        monkeypatch.delenv(name, raising=False)
+    AzureBlobFileSystem.clear_instance_cache()  # the cached client holds the fixture's account
+    try:
+        with pytest.raises(ShardUnavailableError, match=rf"{re.escape(url)}: cannot be opened as configured"):
+            Transport(timeout=10, retries=5, read_ahead=0, backoff=5.0).open(url)  # retrying: > 2 min
+    finally:
+        AzureBlobFileSystem.clear_instance_cache()
+
+
 def test_a_store_without_its_backend_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
     import fsspec  # noqa: F401 (its registry module, which the package's `registry` name hides)
 
