@@ -104,7 +104,7 @@ class LocalGCS:
 
     def __init__(self, port: int) -> None:
         from gcp_storage_emulator.server import create_server
-        from gcsfs import GCSFileSystem
+        from gcsfs.core import GCSFileSystem
 
         self.server = create_server("127.0.0.1", port, in_memory=True)
         self.server.start()
@@ -123,18 +123,19 @@ class LocalGCS:
 @pytest.fixture(scope="module")
 def gcs() -> Iterator[LocalGCS]:
     import fsspec
+    from gcsfs.core import GCSFileSystem
 
     with pytest.MonkeyPatch.context() as env:  # also seen by DataLoader workers and CLI subprocesses
         port = free_port()
         env.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{port}")
         # gcsfs otherwise asks each bucket's layout over gRPC first, which an emulator does not serve
-        # (60 s per bucket); read when gcsfs is imported
+        # (60 s per bucket): read when gcsfs is imported (CLI subprocesses), so in this process,
+        # where it may be imported already, fsspec is handed the class that setting selects
         env.setenv("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+        for protocol in ("gs", "gcs"):
+            env.setitem(sys.modules["fsspec.registry"]._registry, protocol, GCSFileSystem)
         env.setenv("FSSPEC_GCS_TOKEN", "anon")  # no Google login: fsspec's config, from the environment
         env.setitem(fsspec.config.conf, "gcs", {"token": "anon"})  # ... as fsspec read it at its import
-        import gcsfs
-
-        assert "Extended" not in gcsfs.GCSFileSystem.__name__, "gcsfs was imported before this fixture ran"
         store = LocalGCS(port)
         yield store
         store.stop()
@@ -344,7 +345,7 @@ def test_a_refused_gcs_caller_fails_at_once(
 ) -> None:
     """gcsfs raises a 403 as a bare OSError and a 401 as its own HttpError: no retry changes either
     (both used to be retried with backoff, then reported as "unreachable")."""
-    from gcsfs import GCSFileSystem
+    from gcsfs.core import GCSFileSystem
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), type("Refusing", (RefusingGCS,), {"status": status}))
     threading.Thread(target=server.serve_forever, daemon=True).start()
