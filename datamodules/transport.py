@@ -292,9 +292,10 @@ def _final_answer(err: Exception) -> str | None:
     for kind, text in _ANSWERS.items():
         if isinstance(err, kind):
             return text
-    status = next((v for v in (getattr(err, a, None) for a in ("status_code", "code")) if isinstance(v, int)), None)
-    if status in _STATUS_ANSWERS:
-        return _STATUS_ANSWERS[status]
+    for attribute in ("status_code", "code"):
+        status = getattr(err, attribute, None)
+        if isinstance(status, int) and status in _STATUS_ANSWERS:
+            return _STATUS_ANSWERS[status]
     if isinstance(err, OSError) and str(err).startswith("Forbidden:"):
         return "access denied"
     if any(word in cls.__name__ for cls in type(err).__mro__ for word in _CREDENTIAL_WORDS):
