@@ -8,6 +8,7 @@ skip."""
 from __future__ import annotations
 
 import collections
+import contextlib
 import http.server
 import json
 import logging
@@ -295,6 +296,20 @@ def test_remote_input_errors_name_the_location(shards: Path) -> None:
             build_datamodule(config(f"{base}/elsewhere/shard-000000.tar"))
 
 
+#: a transport whose retries would take over 2 minutes: an answer that fails "at once" is no retry
+PATIENT = Transport(timeout=10, retries=5, read_ahead=0, backoff=5.0)
+
+
+@contextlib.contextmanager
+def fresh_clients(filesystem: type) -> Iterator[None]:
+    """`filesystem`'s cached clients dropped before and after: they hold the fixture's endpoint and keys."""
+    filesystem.clear_instance_cache()
+    try:
+        yield
+    finally:
+        filesystem.clear_instance_cache()
+
+
 #: what building a data module over a prefix in a missing bucket says (s3fs and adlfs list it as empty)
 MISSING_BUCKET_LISTING = {
     "s3": "matches no .tar files",
@@ -350,12 +365,8 @@ def test_a_refused_gcs_caller_fails_at_once(
     url = "gs://phenoscale-test/rpi/shard-000000.tar"
     with serve_directory(tmp_path, type("Refusing", (RefusingGCS,), {"status": status})) as base:
         monkeypatch.setenv("STORAGE_EMULATOR_HOST", base)
-        GCSFileSystem.clear_instance_cache()  # a cached client holds the emulator's address
-        try:
-            with pytest.raises(ShardUnavailableError, match=rf"{re.escape(url)}: {answer}"):
-                Transport(timeout=10, retries=5, read_ahead=0, backoff=5.0).open(url)  # retrying: > 2 min
-        finally:
-            GCSFileSystem.clear_instance_cache()
+        with fresh_clients(GCSFileSystem), pytest.raises(ShardUnavailableError, match=rf"{re.escape(url)}: {answer}"):
+            PATIENT.open(url)
 
 
 def test_an_s3_outage_is_retried_and_the_stream_goes_on(
@@ -399,15 +410,12 @@ def test_missing_s3_credentials_fail_at_once(shards: Path, s3: LocalS3, monkeypa
     for name in ("AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE"):
         monkeypatch.setenv(name, "/nonexistent")
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance role to find either
-    S3FileSystem.clear_instance_cache()  # the cached client holds the fixture's keys
-    try:
+    with fresh_clients(S3FileSystem):
         with pytest.raises(ShardUnavailableError, match=rf"{re.escape(url)}: no usable credentials"):
-            Transport(timeout=10, retries=5, read_ahead=0, backoff=5.0).open(url)  # retrying: > 2 min
+            PATIENT.open(url)
         prefix = url.rsplit("/", 1)[0]
         with pytest.raises(ShardUnavailableError, match=rf"{re.escape(prefix)}: cannot list .*NoCredentialsError"):
             shard_locations(prefix)
-    finally:
-        S3FileSystem.clear_instance_cache()
 
 
 def test_an_azure_store_without_an_account_fails_at_once(
@@ -420,12 +428,9 @@ def test_an_azure_store_without_an_account_fails_at_once(
     url = f"{azure.upload(shards)}/shard-000000.tar"
     for name in ("AZURE_STORAGE_CONNECTION_STRING", "AZURE_STORAGE_ACCOUNT_NAME"):
         monkeypatch.delenv(name, raising=False)
-    AzureBlobFileSystem.clear_instance_cache()  # the cached client holds the fixture's account
-    try:
+    with fresh_clients(AzureBlobFileSystem):
         with pytest.raises(ShardUnavailableError, match=rf"{re.escape(url)}: cannot be opened as configured"):
-            Transport(timeout=10, retries=5, read_ahead=0, backoff=5.0).open(url)  # retrying: > 2 min
-    finally:
-        AzureBlobFileSystem.clear_instance_cache()
+            PATIENT.open(url)
 
 
 def test_a_store_without_its_backend_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
